@@ -1,0 +1,134 @@
+"""The model-facing batch: what the executor hands the model for one forward pass.
+
+Sequences are ragged. Each sequence ``i`` brings ``extend_lens[i]`` new tokens (1 in decode) and
+already has ``seq_lens[i] - extend_lens[i]`` tokens cached in the KV pool. ``kv_indices`` lists,
+in CSR form over ``kv_indptr``, the pool slot of every token of every sequence (cached prefix and
+new tokens); the new tokens' slots are also in ``out_cache_loc``, where their K/V get written
+before attention runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"
+    DECODE = "decode"
+
+
+@dataclass
+class ForwardBatch:
+    """One forward pass over a ragged batch.
+
+    Attributes:
+        mode: EXTEND (any number of new tokens per sequence, causal over prefix + new) or
+            DECODE (exactly one new token per sequence).
+        input_ids: [T] int64 new tokens, sequences concatenated.
+        positions: [T] int64 absolute position of each new token in its sequence.
+        out_cache_loc: [T] int64 pool slot where each new token's K/V is stored.
+        seq_lens: [B] int32 total length of each sequence including its new tokens.
+        extend_lens: [B] int32 new tokens per sequence.
+        qo_indptr: [B+1] int32 offsets of each sequence's new tokens in the T rows.
+        kv_indptr: [B+1] int32 offsets of each sequence's slots in ``kv_indices``.
+        kv_indices: [sum(seq_lens)] int64 pool slots of every token of every sequence.
+        logits_indices: [L] int64 rows of T whose logits the model returns.
+        seq_lens_cpu / extend_lens_cpu: host copies, so no backend needs a device sync.
+    """
+
+    mode: ForwardMode
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    out_cache_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    logits_indices: torch.Tensor
+    seq_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu, default=0)
+
+    @property
+    def max_extend_len(self) -> int:
+        return max(self.extend_lens_cpu, default=0)
+
+    @classmethod
+    def build(
+        cls,
+        new_tokens: list[list[int]],
+        seq_slots: list[list[int]],
+        logits_rows: list[list[int]] | None = None,
+        mode: ForwardMode | None = None,
+        device: torch.device | str = "cpu",
+    ) -> ForwardBatch:
+        """Build from Python lists.
+
+        Args:
+            new_tokens: per sequence, the token ids to run now.
+            seq_slots: per sequence, the pool slots of all its tokens (prefix, then new tokens).
+            logits_rows: per sequence, which of its new tokens (0-based within the sequence's
+                new tokens) need logits; default: the last one.
+            mode: forced mode; default DECODE when every sequence brings exactly one token.
+            device: where the tensors live.
+
+        Returns:
+            The batch, tensors on ``device``.
+        """
+        extend_lens = [len(t) for t in new_tokens]
+        seq_lens = [len(s) for s in seq_slots]
+        if mode is None:
+            mode = ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
+        if logits_rows is None:
+            logits_rows = [[n - 1] for n in extend_lens]
+        positions, out_loc, rows, offset = [], [], [], 0
+        for toks, slots, want, n in zip(new_tokens, seq_slots, logits_rows, extend_lens):
+            start = len(slots) - n
+            positions.extend(range(start, len(slots)))
+            out_loc.extend(slots[start:])
+            rows.extend(offset + r for r in want)
+            offset += n
+        return cls(
+            mode=mode,
+            input_ids=_long([t for toks in new_tokens for t in toks], device),
+            positions=_long(positions, device),
+            out_cache_loc=_long(out_loc, device),
+            seq_lens=_int(seq_lens, device),
+            extend_lens=_int(extend_lens, device),
+            qo_indptr=_int(_cumsum(extend_lens), device),
+            kv_indptr=_int(_cumsum(seq_lens), device),
+            kv_indices=_long([s for slots in seq_slots for s in slots], device),
+            logits_indices=_long(rows, device),
+            seq_lens_cpu=seq_lens,
+            extend_lens_cpu=extend_lens,
+        )
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
+
+
+def _long(values: list[int], device: torch.device | str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _int(values: list[int], device: torch.device | str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)

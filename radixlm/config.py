@@ -1,0 +1,135 @@
+"""Frozen configuration, one dataclass per component.
+
+Every field carries its help text in ``metadata["help"]``; the CLI builds its options from
+these fields, so a new engine option is added in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to load and where to run them."""
+
+    model: str | None = _opt(
+        None, "Local Hugging Face model directory. None serves the embedded demo model."
+    )
+    tokenizer: str | None = _opt(None, "Tokenizer directory; defaults to the model directory.")
+    dtype: str = _opt(
+        "auto",
+        "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = _opt("auto", "cpu, cuda or cuda:N; auto picks cuda when available.")
+    attention_backend: str = _opt(
+        "auto",
+        "Attention implementation; auto = triton on GPU, torch on CPU.",
+        ("auto", "torch", "triton"),
+    )
+    context_length: int | None = _opt(
+        None, "Maximum tokens per sequence; defaults to the model's max_position_embeddings."
+    )
+    random_seed: int = _opt(0, "Seed for requests that do not bring their own.")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool and the radix prefix cache over it."""
+
+    page_size: int = _opt(1, "Tokens per KV page; the radix cache shares whole pages only.")
+    kv_cache_tokens: int | None = _opt(
+        None, "KV pool capacity in tokens; default sized from free memory (mem_fraction)."
+    )
+    mem_fraction: float = _opt(
+        0.85, "Share of free GPU memory (after weights) given to the KV pool when sizing it."
+    )
+    enable_radix_cache: bool = _opt(True, "Reuse cached prefixes across requests.")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the waiting queue is turned into batches."""
+
+    schedule_policy: str = _opt(
+        "lpm",
+        "Queue order: lpm (longest cached prefix first), fcfs, dfs-weight, random.",
+        ("lpm", "fcfs", "dfs-weight", "random"),
+    )
+    max_running_requests: int | None = _opt(
+        None, "Cap on requests decoding at once; default derived from the KV capacity."
+    )
+    chunked_prefill_size: int | None = _opt(
+        None, "Longest extend per request per step; longer prompts are prefilled in chunks."
+    )
+    max_prefill_tokens: int = _opt(16384, "Token budget of one extend batch.")
+    max_queued_requests: int | None = _opt(
+        None, "Reject new requests (HTTP 503) once this many are waiting."
+    )
+    init_new_token_ratio: float = _opt(
+        0.7, "Share of max_new_tokens reserved at admission; decays as requests finish."
+    )
+    enable_jump_forward: bool = _opt(
+        True, "Append forced grammar continuations without running the model."
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, grouped by the component that reads it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    grammar_backend: str = _opt(
+        "outlines", "Constrained-decoding backend.", ("outlines", "llguidance")
+    )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments (``page_size=16``), routing each to its component.
+
+        Raises:
+            TypeError: a keyword that no component defines.
+        """
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _COMPONENTS}
+        top: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            owner = _FIELD_OWNER.get(key)
+            if owner is None:
+                raise TypeError(f"unknown engine option {key!r}")
+            if owner == "":
+                top[key] = value
+            else:
+                parts[owner][key] = value
+        built = {name: klass(**parts[name]) for name, klass in _COMPONENTS.items()}
+        return cls(**built, **top)
+
+    def flat(self) -> dict[str, Any]:
+        """All options as one flat dict (the inverse of :meth:`from_kwargs`)."""
+        out: dict[str, Any] = {}
+        for name in _COMPONENTS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        out["grammar_backend"] = self.grammar_backend
+        return out
+
+
+_COMPONENTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_FIELD_OWNER: dict[str, str] = {
+    f.name: comp for comp, klass in _COMPONENTS.items() for f in dataclasses.fields(klass)
+}
+_FIELD_OWNER["grammar_backend"] = ""
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """Every flat engine option, in component order (for the CLI)."""
+    fields = [f for klass in _COMPONENTS.values() for f in dataclasses.fields(klass)]
+    fields.append(next(f for f in dataclasses.fields(EngineConfig) if f.name == "grammar_backend"))
+    return fields

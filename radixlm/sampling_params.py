@@ -1,0 +1,146 @@
+"""Per-request sampling parameters: the one definition every layer shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling value; ``field`` names the offending parameter."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next tokens and when to stop.
+
+    ``regex``, ``json_schema`` and ``choices`` are mutually exclusive constraints on the output.
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    regex: str | None = None
+    json_schema: str | None = None
+    choices: list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> SamplingParams:
+        """Build and validate from a JSON-like dict.
+
+        Raises:
+            SamplingParamsError: an unknown key or an invalid value, naming the field.
+        """
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise SamplingParamsError(key, "unknown sampling parameter")
+        if isinstance(values.get("stop"), str):
+            values["stop"] = [values["stop"]]
+        if isinstance(values.get("json_schema"), dict):
+            values["json_schema"] = json.dumps(values["json_schema"])
+        if isinstance(values.get("logit_bias"), dict):
+            values["logit_bias"] = _int_keys(values["logit_bias"])
+        params = cls(**values)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        """Raise :class:`SamplingParamsError` for the first invalid field."""
+        _check_int(self, "max_new_tokens", 0)
+        _check_int(self, "min_new_tokens", 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SamplingParamsError("min_new_tokens", "must not exceed max_new_tokens")
+        _check_range(self, "temperature", 0.0, 100.0)
+        _check_range(self, "top_p", 0.0, 1.0, low_open=True)
+        _check_int(self, "top_k", -1)
+        if self.top_k == 0:
+            raise SamplingParamsError("top_k", "must be -1 (disabled) or >= 1")
+        _check_range(self, "min_p", 0.0, 1.0)
+        _check_range(self, "frequency_penalty", -2.0, 2.0)
+        _check_range(self, "presence_penalty", -2.0, 2.0)
+        _check_range(self, "repetition_penalty", 0.0, 10.0, low_open=True)
+        _check_int(self, "n", 1)
+        if self.seed is not None:
+            _check_int(self, "seed", 0)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingParamsError("stop", "must be non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", "must be non-negative integers")
+        self._validate_constraint()
+
+    def _validate_constraint(self) -> None:
+        given = [name for name in ("regex", "json_schema", "choices") if getattr(self, name)]
+        if len(given) > 1:
+            raise SamplingParamsError(given[1], f"cannot be combined with {given[0]}")
+        if self.choices is not None and (
+            not self.choices or not all(isinstance(c, str) and c for c in self.choices)
+        ):
+            raise SamplingParamsError("choices", "must be a non-empty list of non-empty strings")
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except (TypeError, ValueError) as exc:
+                raise SamplingParamsError("json_schema", f"is not valid JSON: {exc}") from None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def constraint(self) -> tuple[str, Any] | None:
+        """``(kind, spec)`` of the output constraint, or None."""
+        for kind in ("regex", "json_schema", "choices"):
+            spec = getattr(self, kind)
+            if spec is not None:
+                return kind, spec
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _int_keys(bias: dict) -> dict[int, float]:
+    try:
+        return {int(k): float(v) for k, v in bias.items()}
+    except (TypeError, ValueError):
+        raise SamplingParamsError("logit_bias", "keys must be token ids, values numbers") from None
+
+
+def _check_int(params: SamplingParams, name: str, minimum: int) -> None:
+    value = getattr(params, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SamplingParamsError(name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_range(
+    params: SamplingParams, name: str, low: float, high: float, low_open: bool = False
+) -> None:
+    value = getattr(params, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise SamplingParamsError(name, f"must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise SamplingParamsError(name, f"must be in {bracket}{low}, {high}], got {value}")
+    setattr(params, name, float(value))

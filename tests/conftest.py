@@ -1,0 +1,38 @@
+"""Shared fixtures: paths to ../shared, tiny random models, the gpu marker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason if it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: tests that need ../shared run beside the project checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir() -> Path:
+    return shared_path("tokenizers", "llama3")
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir() -> Path:
+    return shared_path("tokenizers", "llama2")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
