@@ -72,7 +72,7 @@ class ForwardBatch:
     def build(
         cls,
         new_tokens: list[list[int]],
-        seq_slots: list[list[int]],
+        seq_slots: list[list[int] | torch.Tensor],
         logits_rows: list[list[int]] | None = None,
         mode: ForwardMode | None = None,
         device: torch.device | str = "cpu",
@@ -81,7 +81,8 @@ class ForwardBatch:
 
         Args:
             new_tokens: per sequence, the token ids to run now.
-            seq_slots: per sequence, the pool slots of all its tokens (prefix, then new tokens).
+            seq_slots: per sequence, the pool slots of all its tokens (prefix, then new tokens),
+                as a list or an int64 tensor.
             logits_rows: per sequence, which of its new tokens (0-based within the sequence's
                 new tokens) need logits; default: the last one.
             mode: forced mode; default DECODE when every sequence brings exactly one token.
@@ -96,23 +97,25 @@ class ForwardBatch:
             mode = ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
         if logits_rows is None:
             logits_rows = [[n - 1] for n in extend_lens]
-        positions, out_loc, rows, offset = [], [], [], 0
-        for toks, slots, want, n in zip(new_tokens, seq_slots, logits_rows, extend_lens):
-            start = len(slots) - n
-            positions.extend(range(start, len(slots)))
-            out_loc.extend(slots[start:])
+        slot_tensors = [torch.as_tensor(s, dtype=torch.int64) for s in seq_slots]
+        positions, rows, offset = [], [], 0
+        for want, n, total in zip(logits_rows, extend_lens, seq_lens):
+            positions.extend(range(total - n, total))
             rows.extend(offset + r for r in want)
             offset += n
+        all_slots = torch.cat(slot_tensors) if slot_tensors else torch.zeros(0, dtype=torch.int64)
+        new_slots = [s[len(s) - n :] for s, n in zip(slot_tensors, extend_lens)]
+        out_loc = torch.cat(new_slots) if new_slots else torch.zeros(0, dtype=torch.int64)
         return cls(
             mode=mode,
             input_ids=_long([t for toks in new_tokens for t in toks], device),
             positions=_long(positions, device),
-            out_cache_loc=_long(out_loc, device),
+            out_cache_loc=out_loc.to(device, non_blocking=True),
             seq_lens=_int(seq_lens, device),
             extend_lens=_int(extend_lens, device),
             qo_indptr=_int(_cumsum(extend_lens), device),
             kv_indptr=_int(_cumsum(seq_lens), device),
-            kv_indices=_long([s for slots in seq_slots for s in slots], device),
+            kv_indices=all_slots.to(device, non_blocking=True),
             logits_indices=_long(rows, device),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
