@@ -1,0 +1,473 @@
+"""Radix tree of token ids over KV slots: the prefix cache behind RadixAttention.
+
+Each edge holds a run of token ids (``key``, a list) and the KV slots of those tokens (``slots``,
+an int64 tensor of the same length). The tree knows nothing of requests: callers match a prefix,
+lock the node where the match ends while they use its slots, insert what they computed, and unlock.
+
+Page granularity: with ``page_size > 1`` only whole pages are cached, edges are split only at page
+boundaries and children are keyed by their first page, so a cached prefix always ends on a page
+boundary.
+
+Recency: a logical clock ticks once per ``match_prefix``/``insert``; every node on the touched
+path gets the tick. Eviction pops least-recently-used unlocked leaves from a lazy min-heap: an entry
+whose node was touched after the push is pushed again with the new time instead of being evicted,
+so each live node has at most one heap entry and the heap never needs a scan of the tree.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
+
+
+class TreeNode:
+    """One edge of the tree and the node it leads to.
+
+    Attributes:
+        key: token ids of the edge (empty only for a namespace root).
+        slots: KV slots of those tokens (int64, same length as ``key``).
+        children: child nodes keyed by their first token (``page_size == 1``) or first page tuple.
+        parent: the parent node; None for a root and for a node that has been evicted.
+        lock_ref: number of locks taken on this node or any node below it.
+        last_access: logical time of the last match/insert that went through this node.
+    """
+
+    __slots__ = ("key", "slots", "children", "parent", "lock_ref", "last_access", "in_heap")
+
+    def __init__(self, key: list[int], slots: torch.Tensor, parent: TreeNode | None, now: int):
+        self.key = key
+        self.slots = slots
+        self.children: dict[Any, TreeNode] = {}
+        self.parent = parent
+        self.lock_ref = 0
+        self.last_access = now
+        self.in_heap = False  # whether an eviction-heap entry for this node exists
+
+    def __repr__(self) -> str:
+        return f"TreeNode(len={len(self.key)}, lock_ref={self.lock_ref}, t={self.last_access})"
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """The longest cached prefix of a key.
+
+    Attributes:
+        slots: KV slots of the matched tokens (int64, ``length`` long; a fresh tensor).
+        node: the node where the match ends (the namespace root when nothing matched); pass it
+            to ``lock``/``unlock``.
+        length: matched tokens (a multiple of ``page_size``).
+    """
+
+    slots: torch.Tensor
+    node: TreeNode
+    length: int
+
+
+class RadixCache:
+    """Prefix cache mapping token-id sequences to the KV slots that hold them.
+
+    Args:
+        page_size: tokens per KV page; only whole pages are cached and shared.
+        free_fn: called with the slots of evicted (or reset) nodes, e.g. ``allocator.free``.
+        disabled: never reuse anything: ``match_prefix`` matches nothing, ``insert`` hands every
+            slot it is given straight to ``free_fn`` and returns 0, so nothing is ever held.
+    """
+
+    def __init__(
+        self,
+        page_size: int = 1,
+        free_fn: Callable[[torch.Tensor], None] | None = None,
+        disabled: bool = False,
+    ):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if free_fn is None:
+            raise ValueError("RadixCache needs a free_fn (e.g. allocator.free)")
+        self.page_size = page_size
+        self.free_fn = free_fn
+        self.disabled = disabled
+        self._heap_seq = itertools.count()
+        self.reset_state()
+
+    # ---- sizes ------------------------------------------------------------------------------
+
+    def total_tokens(self) -> int:
+        """Tokens held in the tree."""
+        return self._evictable + self._locked
+
+    def evictable_tokens(self) -> int:
+        """Tokens held in unlocked nodes (all reclaimable by repeated eviction)."""
+        return self._evictable
+
+    def locked_tokens(self) -> int:
+        """Tokens held in locked nodes."""
+        return self._locked
+
+    @property
+    def root(self) -> TreeNode:
+        """The root of the default (``None``) namespace."""
+        return self._roots[None]
+
+    # ---- lookup and insertion ---------------------------------------------------------------
+
+    def match_prefix(self, token_ids: Sequence[int], namespace: str | None = None) -> MatchResult:
+        """Find the longest cached (page-aligned) prefix of ``token_ids``.
+
+        Splits a node when the match ends inside its edge, so that ``node`` ends exactly there,
+        and marks every node on the path as just used.
+
+        Args:
+            token_ids: the key (list of ints, any sequence of ints, or a 1-D tensor).
+            namespace: keys in different namespaces never share anything.
+
+        Returns:
+            MatchResult with the matched slots, the node where the match ends, and its length.
+        """
+        root = self._namespace_root(namespace)
+        if self.disabled:
+            return MatchResult(_EMPTY_SLOTS.clone(), root, 0)
+        ids = _as_list(token_ids)
+        node, length, parts = self._descend(root, ids, len(ids) - len(ids) % self.page_size)
+        return MatchResult(_concat(parts), node, length)
+
+    def insert(
+        self, token_ids: Sequence[int], slots: torch.Tensor, namespace: str | None = None
+    ) -> int:
+        """Cache the first ``floor(len / page_size) * page_size`` tokens of ``token_ids``.
+
+        The tree keeps its own slots for tokens already present and takes ownership of (a copy
+        of) ``slots[present:aligned]``. The caller still owns ``slots[:present]`` (duplicates
+        of cached KV it should free unless they are the tree's own slots it matched earlier) and
+        any unaligned tail ``slots[aligned:]``. In disabled mode ``slots[:aligned]`` are passed
+        to ``free_fn`` at once and 0 is returned.
+
+        Args:
+            token_ids: the key.
+            slots: KV slots of the key's tokens; at least ``aligned`` long.
+            namespace: the key's namespace.
+
+        Returns:
+            ``present``: how many leading tokens were already cached.
+        """
+        ids = _as_list(token_ids)
+        aligned = len(ids) - len(ids) % self.page_size
+        if len(slots) < aligned:
+            raise ValueError(f"insert(): {len(slots)} slots for {aligned} tokens")
+        root = self._namespace_root(namespace)
+        if self.disabled:
+            if aligned:
+                self.free_fn(slots[:aligned])
+            return 0
+        node, present, _ = self._descend(root, ids, aligned)
+        if present < aligned:
+            self._add_leaf(node, ids[present:aligned], slots[present:aligned].clone())
+        return present
+
+    # ---- locking ------------------------------------------------------------------------------
+
+    def lock(self, node: TreeNode) -> None:
+        """Protect ``node`` and its ancestors from eviction (reference counted).
+
+        Args:
+            node: a node returned in a MatchResult; a root is accepted and ignored.
+        """
+        while node.parent is not None:
+            if node.lock_ref == 0:
+                size = len(node.key)
+                self._evictable -= size
+                self._locked += size
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: TreeNode) -> None:
+        """Release one ``lock`` on ``node`` (and its path to the root).
+
+        Args:
+            node: the node previously passed to ``lock``.
+
+        Raises:
+            RuntimeError: the node is not locked.
+        """
+        if node.parent is not None and node.lock_ref <= 0:
+            raise RuntimeError(f"unlock() of an unlocked node {node!r}")
+        while node.parent is not None:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                size = len(node.key)
+                self._locked -= size
+                self._evictable += size
+                if not node.children:
+                    self._push(node)
+            node = node.parent
+
+    # ---- eviction and reset -------------------------------------------------------------------
+
+    def evict(self, num_tokens: int) -> int:
+        """Free at least ``num_tokens`` cached tokens if that many are evictable.
+
+        Takes least-recently-used unlocked leaves first; a parent left childless and unlocked
+        becomes a candidate in turn. Whole nodes are evicted, so slightly more may be freed.
+
+        Args:
+            num_tokens: tokens wanted back.
+
+        Returns:
+            Tokens actually freed (their slots went to ``free_fn``).
+        """
+        freed: list[torch.Tensor] = []
+        count = 0
+        while count < num_tokens and self._heap:
+            queued_at, _, node = heapq.heappop(self._heap)
+            node.in_heap = False
+            if not _is_evictable_leaf(node):
+                continue
+            if node.last_access != queued_at:
+                self._push(node)  # touched since it was pushed: requeue at its real time
+                continue
+            count += len(node.key)
+            freed.append(node.slots)
+            self._remove_leaf(node)
+        if freed:
+            self.free_fn(_concat(freed))
+        return count
+
+    def reset(self) -> None:
+        """Drop every cached prefix, handing all slots to ``free_fn``.
+
+        Raises:
+            RuntimeError: some node is locked (its slots are still in use).
+        """
+        if self._locked:
+            raise RuntimeError(f"reset() with {self._locked} locked tokens in the radix cache")
+        held = [node.slots for node in self._all_nodes()]
+        self.reset_state()
+        if held:
+            self.free_fn(_concat(held))
+
+    def reset_state(self) -> None:
+        """Forget the whole tree without freeing anything (for when the pool itself is reset)."""
+        self._clock = 0
+        self._roots: dict[str | None, TreeNode] = {None: TreeNode([], _EMPTY_SLOTS, None, 0)}
+        self._heap: list[tuple[int, int, TreeNode]] = []
+        self._evictable = 0
+        self._locked = 0
+
+    # ---- invariants -------------------------------------------------------------------------
+
+    def check_invariants(self, allocator: Any, live_slots: Iterable[torch.Tensor] = ()) -> None:
+        """Assert the tree's structure and that every usable slot is in exactly one place.
+
+        Args:
+            allocator: the PageAllocator whose ``free_slots()`` and usable range are checked.
+            live_slots: slots owned by live sequences (not in the tree, not free).
+
+        Raises:
+            AssertionError: with a message naming the broken invariant.
+        """
+        tree_slots: list[torch.Tensor] = []
+        evictable = locked = 0
+        queued = self._check_heap()
+        for node in self._all_nodes():
+            self._check_node(node, queued)
+            tree_slots.append(node.slots)
+            if node.lock_ref:
+                locked += len(node.key)
+            else:
+                evictable += len(node.key)
+        assert (evictable, locked) == (self._evictable, self._locked), (
+            f"counters evictable={self._evictable} locked={self._locked}, "
+            f"tree holds evictable={evictable} locked={locked}"
+        )
+        if hasattr(allocator, "check_invariants"):
+            allocator.check_invariants()
+        _check_slot_partition(allocator, tree_slots, list(live_slots))
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _namespace_root(self, namespace: str | None) -> TreeNode:
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = TreeNode([], _EMPTY_SLOTS, None, 0)
+        return root
+
+    def _child_key(self, ids: list[int], pos: int) -> Any:
+        if self.page_size == 1:
+            return ids[pos]
+        return tuple(ids[pos : pos + self.page_size])
+
+    def _descend(
+        self, root: TreeNode, ids: list[int], end: int
+    ) -> tuple[TreeNode, int, list[torch.Tensor]]:
+        """Walk ``ids[:end]`` from ``root``, touching the path; split where a match ends mid-edge.
+
+        Returns:
+            (node where the match ends, matched length, slot tensors along the path).
+        """
+        self._clock += 1
+        now = self._clock
+        node, pos, parts = root, 0, []
+        while pos < end:
+            child = node.children.get(self._child_key(ids, pos))
+            if child is None:
+                break
+            edge_len = len(child.key)
+            diverged = pos + edge_len > end or ids[pos : pos + edge_len] != child.key
+            if diverged:
+                # The first token/page matched (it is the child's dict key), so this is >= 1 page.
+                edge_len = _common_prefix_len(ids, pos, end, child.key)
+                edge_len -= edge_len % self.page_size
+                child = self._split(child, edge_len)
+            child.last_access = now
+            parts.append(child.slots)
+            pos += edge_len
+            node = child
+            if diverged:
+                break
+        return node, pos, parts
+
+    def _split(self, child: TreeNode, at: int) -> TreeNode:
+        """Cut ``child``'s edge at ``at`` tokens; returns the new upper node (``child`` stays
+        the lower one, so handles to it still denote the same prefix)."""
+        if at >= len(child.key):
+            return child
+        parent = child.parent
+        assert parent is not None
+        upper = TreeNode(child.key[:at], child.slots[:at], parent, child.last_access)
+        upper.lock_ref = child.lock_ref
+        parent.children[self._child_key(upper.key, 0)] = upper
+        child.key = child.key[at:]
+        child.slots = child.slots[at:]
+        child.parent = upper
+        upper.children[self._child_key(child.key, 0)] = child
+        return upper
+
+    def _add_leaf(self, parent: TreeNode, key: list[int], slots: torch.Tensor) -> None:
+        leaf = TreeNode(key, slots, parent, self._clock)
+        parent.children[self._child_key(key, 0)] = leaf
+        self._evictable += len(key)
+        self._push(leaf)
+
+    def _remove_leaf(self, node: TreeNode) -> None:
+        parent = node.parent
+        assert parent is not None
+        del parent.children[self._child_key(node.key, 0)]
+        node.parent = None
+        self._evictable -= len(node.key)
+        if _is_evictable_leaf(parent):
+            self._push(parent)
+
+    def _push(self, node: TreeNode) -> None:
+        """Queue an evictable leaf unless an entry for it is already queued.
+
+        A queued entry may carry an older time than the node's; ``evict`` requeues it then.
+        """
+        if node.in_heap:
+            return
+        node.in_heap = True
+        heapq.heappush(self._heap, (node.last_access, next(self._heap_seq), node))
+
+    def _all_nodes(self) -> Iterable[TreeNode]:
+        """Every non-root node (depth first)."""
+        stack = [child for root in self._roots.values() for child in root.children.values()]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def _check_heap(self) -> set[int]:
+        """Ids of queued nodes; asserts one entry per node and the ``in_heap`` flags."""
+        queued = [id(node) for _, _, node in self._heap]
+        assert len(set(queued)) == len(queued), "a node is queued twice in the eviction heap"
+        for _, _, node in self._heap:
+            assert node.in_heap, f"queued {node!r} is not flagged in_heap"
+        return set(queued)
+
+    def _check_node(self, node: TreeNode, queued: set[int]) -> None:
+        key_len, ps = len(node.key), self.page_size
+        assert key_len > 0 and key_len % ps == 0, f"{node!r}: edge of {key_len} tokens (page {ps})"
+        assert node.slots.dim() == 1 and node.slots.numel() == key_len, (
+            f"{node!r}: key of {key_len} tokens but {tuple(node.slots.shape)} slots"
+        )
+        assert node.parent is not None and node.parent.children.get(
+            self._child_key(node.key, 0)
+        ) is node, f"{node!r}: not reachable from its parent under its first token/page"
+        below = sum(child.lock_ref for child in node.children.values())
+        assert node.lock_ref >= below >= 0, (
+            f"{node!r}: lock_ref {node.lock_ref} < sum of children's lock_ref {below}"
+        )
+        for child in node.children.values():
+            assert child.last_access <= node.last_access, (
+                f"{child!r} was used after its parent {node!r}"
+            )
+        assert node.in_heap == (id(node) in queued), f"{node!r}: in_heap flag is wrong"
+        if _is_evictable_leaf(node):
+            assert node.in_heap, f"evictable leaf {node!r} has no eviction-heap entry"
+
+
+def _is_evictable_leaf(node: TreeNode) -> bool:
+    """A live, unlocked, childless non-root node."""
+    return node.parent is not None and node.lock_ref == 0 and not node.children
+
+
+def _as_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(token_ids, list):
+        return token_ids
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.tolist()
+    return list(token_ids)
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    if not parts:
+        return _EMPTY_SLOTS.clone()
+    return torch.cat(parts)
+
+
+def _common_prefix_len(ids: list[int], start: int, end: int, key: list[int]) -> int:
+    """Length of the common prefix of ``ids[start:end]`` and ``key``.
+
+    Binary search on slice equality: the compared slices halve each step, so the total work is
+    linear and runs inside list comparison (C) rather than a per-token Python loop.
+    """
+    hi = min(end - start, len(key))
+    if ids[start : start + hi] == key[:hi]:
+        return hi
+    lo = 0  # ids/key agree on [0, lo) and differ somewhere in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ids[start + lo : start + mid] == key[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _check_slot_partition(
+    allocator: Any, tree_slots: list[torch.Tensor], live_slots: list[torch.Tensor]
+) -> None:
+    """Every usable slot appears exactly once among free, tree and live slots."""
+    first, capacity = allocator.first_slot, allocator.capacity_tokens
+    groups = {"free": [allocator.free_slots()], "tree": tree_slots, "live": live_slots}
+    counts = torch.zeros(capacity, dtype=torch.int64)
+    for name, tensors in groups.items():
+        if not tensors:
+            continue
+        slots = torch.cat([t.reshape(-1).cpu().to(torch.int64) for t in tensors]) - first
+        outside = slots[(slots < 0) | (slots >= capacity)]
+        assert outside.numel() == 0, (
+            f"{name} slots outside the usable range: {(outside + first)[:8].tolist()}"
+        )
+        counts += torch.bincount(slots, minlength=capacity)
+    twice = (counts > 1).nonzero().flatten()
+    assert twice.numel() == 0, f"slots in more than one place: {(twice + first)[:8].tolist()}"
+    missing = (counts == 0).nonzero().flatten()
+    assert missing.numel() == 0, (
+        f"leaked slots (not free, not live, not cached): {(missing + first)[:8].tolist()}"
+    )
