@@ -135,3 +135,52 @@ def _long(values: list[int], device: torch.device | str) -> torch.Tensor:
 
 def _int(values: list[int], device: torch.device | str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+
+@dataclass
+class ScheduledSeq:
+    """One row of a scheduled batch: everything the executor needs, and no Request.
+
+    Attributes:
+        rid: request id (for logs and results only).
+        new_tokens: tokens to run now.
+        slots: pool slots of every token of the sequence up to and including ``new_tokens``.
+        sample: sample a next token from the last row.
+        logits_from: first row (within ``new_tokens``) whose logits are wanted for input-token
+            logprobs, or None.
+        params: the request's sampling parameters.
+        prompt_ids / output_ids: for penalties; ``len(output_ids)`` is the sampling step.
+        return_logprob / top_logprobs_num: what logprobs to compute.
+        bitmask_row: row of ``ScheduledBatch.bitmask`` constraining this sequence, or None.
+    """
+
+    rid: str
+    new_tokens: list[int]
+    slots: torch.Tensor
+    sample: bool
+    params: object
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logits_from: int | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    bitmask_row: int | None = None
+
+
+@dataclass
+class ScheduledBatch:
+    """The scheduler's output for one step.
+
+    Attributes:
+        mode: EXTEND or DECODE.
+        seqs: the rows.
+        bitmask: packed int32 [rows, ceil(vocab/32)] allowed-token masks for constrained rows.
+    """
+
+    mode: ForwardMode
+    seqs: list[ScheduledSeq]
+    bitmask: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.new_tokens) for s in self.seqs)

@@ -1,0 +1,126 @@
+"""A request as the engine core sees it: token ids in, token ids out, plus its KV bookkeeping."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from radixlm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    """What logprobs a request wants back.
+
+    Attributes:
+        return_logprob: return the sampled tokens' logprobs.
+        top_logprobs_num: also the top-k alternatives at each position.
+        logprob_start_len: first prompt position whose token logprob is returned; -1 for none.
+    """
+
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0
+
+
+class FinishKind(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    kind: FinishKind
+    matched: str | int | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.kind.value, "matched": self.matched}
+        if self.message is not None:
+            out["message"] = self.message
+        return out
+
+
+class RequestStatus(enum.Enum):
+    WAITING_GRAMMAR = "waiting_grammar"
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Scheduler-side state of one sequence.
+
+    The sequence is ``input_ids + output_ids``. The first ``num_computed`` tokens have K/V in the
+    pool at ``kv_slots[:num_computed]``; of those, the first ``tree_len`` slots belong to the radix
+    tree (the request holds a lock on ``tree_node``), the rest to the request.
+    """
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    logprob: LogprobOptions = field(default_factory=LogprobOptions)
+    namespace: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish: FinishReason | None = None
+    # KV bookkeeping (owned by sched.kv_manager)
+    kv_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    spare_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    num_computed: int = 0
+    tree_len: int = 0
+    tree_node: Any = None
+    cached_tokens: int | None = None
+    # constrained decoding: a matcher from radixlm.constrained, or None
+    matcher: Any = None
+    grammar_future: Any = None
+    jump_forward_tokens: int = 0
+    # stop strings are checked on the core side with an incremental detokenizer
+    stop_checker: Any = None
+    num_retractions: int = 0
+    # input-token logprobs gathered over prefill chunks, sent once the prefill completes
+    input_logprobs: list = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+
+    @property
+    def seq(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(self.params.max_new_tokens - len(self.output_ids), 0)
+
+    @property
+    def needs_prefill(self) -> bool:
+        """True unless exactly the newest sampled token is missing from the KV cache."""
+        return not (self.output_ids and self.num_computed == self.seq_len - 1)
+
+    def match_limit(self) -> int:
+        """How many leading tokens may come from the cache.
+
+        At least one token must be computed to produce logits; input logprobs need the logits of
+        every position from ``logprob_start_len - 1`` on, so those must be computed too.
+        """
+        limit = self.seq_len - 1
+        if self.logprob.wants_input_logprobs and not self.output_ids:
+            limit = min(limit, max(self.logprob.logprob_start_len, 1) - 1)
+        return max(limit, 0)

@@ -1,0 +1,156 @@
+"""Per-request KV bookkeeping on top of the page allocator and the radix tree.
+
+The allocator hands out whole pages; a request fills its last page token by token, keeping the
+unused rest as ``spare_slots``. Only page-aligned prefixes enter the radix tree, so the unaligned
+tail of a sequence always stays with the request (and is freed with it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from radixlm.kvcache.allocator import PageAllocator
+from radixlm.kvcache.radix_tree import RadixCache
+from radixlm.request import Request
+
+_EMPTY = torch.zeros(0, dtype=torch.int64)
+
+
+class KVManager:
+    """Matches, allocates, caches and frees the KV slots of requests.
+
+    Args:
+        allocator: the page allocator over the pool's usable slots.
+        tree: the radix cache (its ``free_fn`` must be ``allocator.free``).
+        enable_radix_cache: when False, nothing is matched or inserted; slots are freed.
+    """
+
+    def __init__(self, allocator: PageAllocator, tree: RadixCache, enable_radix_cache: bool):
+        self.allocator = allocator
+        self.tree = tree
+        self.enabled = enable_radix_cache
+        self.page_size = allocator.page_size
+
+    # ---- capacity -------------------------------------------------------------------------
+
+    def available_tokens(self) -> int:
+        """Tokens obtainable now: free slots plus unlocked cache that can be evicted."""
+        return self.allocator.free_tokens + self.tree.evictable_tokens()
+
+    def pages_for(self, req: Request, num_new: int) -> int:
+        """Tokens (whole pages) to allocate so ``req`` can grow by ``num_new`` tokens."""
+        missing = num_new - len(req.spare_slots)
+        if missing <= 0:
+            return 0
+        return -(-missing // self.page_size) * self.page_size
+
+    # ---- prefix matching ------------------------------------------------------------------
+
+    def match(self, req: Request) -> int:
+        """Give ``req`` its longest cached prefix (locked). Returns the prefix length."""
+        if not self.enabled:
+            self._set_tree_prefix(req, _EMPTY, None)
+            return 0
+        limit = req.match_limit()
+        result = self.tree.match_prefix(req.seq[:limit], namespace=req.namespace)
+        self.tree.lock(result.node)
+        self._set_tree_prefix(req, result.slots, result.node)
+        return result.length
+
+    def peek_prefix_len(self, req: Request) -> int:
+        """Cached prefix length without locking (for ordering the queue)."""
+        if not self.enabled:
+            return 0
+        return self.tree.match_prefix(req.seq[: req.match_limit()], namespace=req.namespace).length
+
+    def _set_tree_prefix(self, req: Request, slots: torch.Tensor, node) -> None:
+        req.kv_slots = slots
+        req.spare_slots = _EMPTY
+        req.num_computed = len(slots)
+        req.tree_len = len(slots)
+        req.tree_node = node
+
+    # ---- allocation -----------------------------------------------------------------------
+
+    def allocate(self, req: Request, num_new: int) -> torch.Tensor | None:
+        """Slots for the next ``num_new`` tokens of ``req``, evicting cache if needed.
+
+        Returns:
+            The new tokens' slots (also appended to ``req.kv_slots``), or None when the pool
+            cannot provide them even after eviction (nothing changes then).
+        """
+        need = self.pages_for(req, num_new)
+        if need:
+            if not self.reserve(need):
+                return None
+            fresh = self.allocator.alloc(need)
+            if fresh is None:
+                return None
+            req.spare_slots = torch.cat([req.spare_slots, fresh])
+        slots, req.spare_slots = req.spare_slots[:num_new], req.spare_slots[num_new:]
+        req.kv_slots = torch.cat([req.kv_slots[: req.num_computed], slots])
+        return slots
+
+    def reserve(self, num_tokens: int) -> bool:
+        """Evict unlocked cache until ``num_tokens`` slots are free. False if impossible."""
+        short = num_tokens - self.allocator.free_tokens
+        if short > 0 and self.enabled:
+            self.tree.evict(short)
+        return self.allocator.free_tokens >= num_tokens
+
+    # ---- caching and release --------------------------------------------------------------
+
+    def cache_partial(self, req: Request) -> None:
+        """Insert the computed prefix of an unfinished request and re-lock on the tree's copy."""
+        if not self.enabled:
+            return
+        aligned = self._insert_computed(req)
+        result = self.tree.match_prefix(req.seq[:aligned], namespace=req.namespace)
+        self.tree.lock(result.node)
+        self.tree.unlock(req.tree_node)
+        req.kv_slots = torch.cat([result.slots, req.kv_slots[result.length :]])
+        req.tree_len = result.length
+        req.tree_node = result.node
+
+    def release(self, req: Request) -> None:
+        """Put what ``req`` computed into the cache and free every slot it still owns.
+
+        Used when a request finishes and when it is retracted (it re-matches later).
+        """
+        if self.enabled and req.tree_node is not None:
+            aligned = self._insert_computed(req)
+            self.tree.unlock(req.tree_node)
+        else:
+            aligned = req.tree_len
+        # The unaligned tail and the spare rest of its page make whole pages together.
+        self._free(torch.cat([req.kv_slots[aligned:], req.spare_slots]))
+        self._set_tree_prefix(req, _EMPTY, None)
+        req.num_computed = 0
+
+    def _insert_computed(self, req: Request) -> int:
+        """Insert the page-aligned computed prefix; free duplicates. Returns the aligned length."""
+        aligned = req.num_computed - req.num_computed % self.page_size
+        if aligned <= req.tree_len:
+            return req.tree_len
+        present = self.tree.insert(
+            req.seq[:aligned], req.kv_slots[:aligned], namespace=req.namespace
+        )
+        # Another request inserted some of these tokens meanwhile: ours are duplicates.
+        self._free(req.kv_slots[req.tree_len : max(present, req.tree_len)])
+        return aligned
+
+    def _free(self, slots: torch.Tensor) -> None:
+        if len(slots):
+            self.allocator.free(slots)
+
+    def flush(self) -> None:
+        """Drop the whole radix cache (only valid when no request holds a lock)."""
+        self.tree.reset()
+
+    def live_slots(self, reqs: list[Request]) -> list[torch.Tensor]:
+        """Slots owned by live requests (for invariant checks)."""
+        out = []
+        for req in reqs:
+            out.append(req.kv_slots[req.tree_len : req.num_computed])
+            out.append(req.spare_slots)
+        return out

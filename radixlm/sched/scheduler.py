@@ -1,0 +1,346 @@
+"""The scheduler: turns the waiting queue and the running set into one batch per step.
+
+Each step is either an EXTEND (new requests and prefill chunks, reusing cached prefixes) or a
+DECODE (one token for every running request). When both kinds of work exist they alternate, so
+long prefills never starve decoding. Results come back through :meth:`Scheduler.process`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from radixlm.batch import ForwardMode, ScheduledBatch, ScheduledSeq
+from radixlm.config import SchedulerConfig
+from radixlm.outputs import StepResult, TokenOutput
+from radixlm.request import FinishKind, FinishReason, Request, RequestStatus
+from radixlm.sched.kv_manager import KVManager
+from radixlm.sched.policy import make_policy
+from radixlm.sched.stop import check_finish
+
+# A request deferred because it shares this many uncached tokens with a request already in the
+# batch waits one step and then hits the cache instead of recomputing the shared part.
+MIN_SHARED_TO_DEFER = 32
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """Limits derived from the model and the pool, fixed at start-up."""
+
+    max_running_requests: int
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+
+class Scheduler:
+    """Continuous batching over a KV manager.
+
+    Args:
+        config: scheduling options.
+        limits: capacity and model limits.
+        kv: the KV manager (allocator + radix tree).
+        grammar: constrained-decoding state (builds bitmasks, advances matchers), or None.
+        make_stop_checker: returns a stop-string checker for a request, or None.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        limits: SchedulerLimits,
+        kv: KVManager,
+        grammar=None,
+        make_stop_checker: Callable[[Request], object] | None = None,
+        seed: int = 0,
+    ):
+        self.config = config
+        self.limits = limits
+        self.kv = kv
+        self.grammar = grammar
+        self.make_stop_checker = make_stop_checker
+        self.order = make_policy(config.schedule_policy, seed)
+        self.waiting: list[Request] = []
+        self.prefilling: list[Request] = []
+        self.running: list[Request] = []
+        self.last_mode: ForwardMode | None = None
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
+                      "retractions": 0}
+
+    # ---- queue ----------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        if req.stop_checker is None and self.make_stop_checker is not None:
+            req.stop_checker = self.make_stop_checker(req)
+        if req.grammar_future is not None:
+            req.status = RequestStatus.WAITING_GRAMMAR
+        self.waiting.append(req)
+
+    def abort(self, rid: str, message: str = "aborted") -> TokenOutput | None:
+        """Finish request ``rid`` wherever it is. Returns its final output, or None if unknown."""
+        for queue in (self.waiting, self.prefilling, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    return self._finish(req, FinishReason(FinishKind.ABORT, message=message))
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def all_requests(self) -> list[Request]:
+        return self.waiting + self.prefilling + self.running
+
+    # ---- scheduling -----------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Build the next batch, or None when nothing can run now."""
+        failed = self._poll_grammars()
+        self._pending_outputs = failed
+        want_extend = bool(self.prefilling or self._admissible())
+        if want_extend and (not self.running or self.last_mode is not ForwardMode.EXTEND):
+            batch = self._schedule_extend()
+            if batch is not None:
+                return self._finalize(batch)
+        if self.running:
+            return self._finalize(self._schedule_decode())
+        return None
+
+    def take_pending_outputs(self) -> list[TokenOutput]:
+        """Outputs produced outside a forward pass (failed grammar compiles)."""
+        out, self._pending_outputs = getattr(self, "_pending_outputs", []), []
+        return out
+
+    def _finalize(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
+        if batch is not None:
+            self.last_mode = batch.mode
+            if self.grammar is not None:
+                batch.bitmask = self.grammar.build_bitmask(batch, self._by_rid(batch))
+        return batch
+
+    def _admissible(self) -> bool:
+        return any(r.status is RequestStatus.WAITING for r in self.waiting)
+
+    def _poll_grammars(self) -> list[TokenOutput]:
+        outputs = []
+        for req in [r for r in self.waiting if r.status is RequestStatus.WAITING_GRAMMAR]:
+            error = self.grammar.poll(req)
+            if error is not None:
+                self.waiting.remove(req)
+                outputs.append(self._finish(req, FinishReason(FinishKind.ABORT, message=error)))
+            elif req.matcher is not None:
+                req.status = RequestStatus.WAITING
+        return outputs
+
+    def _active_count(self) -> int:
+        return len(self.running) + len(self.prefilling)
+
+    def _reserved_for_decode(self) -> int:
+        ratio = self.config.init_new_token_ratio
+        return int(sum(r.remaining_new_tokens for r in self.running + self.prefilling) * ratio)
+
+    def _schedule_extend(self) -> ScheduledBatch | None:
+        budget = self.config.max_prefill_tokens
+        rows: list[ScheduledSeq] = []
+        for req in list(self.prefilling):
+            row = self._extend_row(req, budget)
+            if row is None:
+                break
+            rows.append(row)
+            budget -= len(row.new_tokens)
+        admitted = self._admit(budget, rows)
+        self.prefilling.extend(admitted)
+        return ScheduledBatch(ForwardMode.EXTEND, rows) if rows else None
+
+    def _admit(self, budget: int, rows: list[ScheduledSeq]) -> list[Request]:
+        ready = [r for r in self.waiting if r.status is RequestStatus.WAITING]
+        admitted: list[Request] = []
+        for req in self.order(ready, self.kv.peek_prefix_len):
+            if budget <= 0 or self._active_count() + len(admitted) >= self.limits.max_running_requests:
+                break
+            prefix = self.kv.match(req)
+            if self._shares_uncached(req, prefix, admitted):
+                self._unmatch(req)
+                continue
+            nothing_running = not (self.running or self.prefilling or admitted)
+            row = self._extend_row(req, budget, reserve=not nothing_running)
+            if row is None:
+                self._unmatch(req)
+                break
+            self._on_admitted(req, prefix)
+            admitted.append(req)
+            rows.append(row)
+            budget -= len(row.new_tokens)
+        return admitted
+
+    def _on_admitted(self, req: Request, prefix: int) -> None:
+        self.waiting.remove(req)
+        req.status = RequestStatus.RUNNING
+        if req.cached_tokens is None:
+            req.cached_tokens = prefix
+            self.stats["prompt_tokens"] += len(req.input_ids)
+            self.stats["cached_tokens"] += prefix
+
+    def _unmatch(self, req: Request) -> None:
+        self.kv.release(req)
+
+    def _shares_uncached(self, req: Request, prefix: int, admitted: list[Request]) -> bool:
+        """True when ``req`` would recompute a prefix another admitted request computes now."""
+        if not self.kv.enabled or not admitted:
+            return False
+        seq = req.seq
+        for other in admitted:
+            shared = len(os.path.commonprefix([seq, other.seq]))
+            if shared - prefix >= MIN_SHARED_TO_DEFER:
+                return True
+        return False
+
+    def _extend_row(self, req: Request, budget: int, reserve: bool = False) -> ScheduledSeq | None:
+        todo = req.seq_len - req.num_computed
+        chunk = self.config.chunked_prefill_size or todo
+        num_new = min(todo, chunk, budget)
+        if num_new <= 0:
+            return None
+        need = self.kv.pages_for(req, num_new)
+        extra = self._reserved_for_decode() + int(
+            req.remaining_new_tokens * self.config.init_new_token_ratio) if reserve else 0
+        if need + extra > self.kv.available_tokens() and need > 0:
+            return None
+        start = req.num_computed
+        slots = self.kv.allocate(req, num_new)
+        if slots is None:
+            return None
+        return self._row(req, req.seq[start : start + num_new], start)
+
+    def _row(self, req: Request, new_tokens: list[int], start: int) -> ScheduledSeq:
+        end = start + len(new_tokens)
+        completes = end == req.seq_len
+        logits_from = None
+        if req.logprob.wants_input_logprobs and not req.output_ids:
+            first_row = max(req.logprob.logprob_start_len, 1) - 1
+            if end - 1 >= first_row and first_row < len(req.input_ids) - 1:
+                logits_from = max(first_row - start, 0)
+        return ScheduledSeq(
+            rid=req.rid,
+            new_tokens=new_tokens,
+            slots=req.kv_slots[:end],
+            sample=completes and req.remaining_new_tokens > 0,
+            params=req.params,
+            prompt_ids=req.input_ids,
+            output_ids=req.output_ids,
+            logits_from=logits_from,
+            return_logprob=req.logprob.return_logprob,
+            top_logprobs_num=req.logprob.top_logprobs_num,
+        )
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        self._retract_until_fits()
+        rows = []
+        for req in self.running:
+            start = req.num_computed
+            if self.kv.allocate(req, 1) is None:
+                raise RuntimeError("decode allocation failed after retraction made room")
+            rows.append(self._row(req, [req.seq[start]], start))
+        return ScheduledBatch(ForwardMode.DECODE, rows) if rows else None
+
+    def _retract_until_fits(self) -> None:
+        """Retract the newest requests until every remaining one has room for one token."""
+        while self.running:
+            need = sum(self.kv.pages_for(r, 1) for r in self.running)
+            if need <= self.kv.available_tokens():
+                return
+            victim = max(self.running, key=lambda r: r.arrival)
+            self.running.remove(victim)
+            self.kv.release(victim)
+            victim.status = RequestStatus.WAITING
+            victim.num_retractions += 1
+            self.stats["retractions"] += 1
+            self.waiting.insert(0, victim)
+
+    # ---- results --------------------------------------------------------------------------
+
+    def _by_rid(self, batch: ScheduledBatch) -> list[Request]:
+        index = {r.rid: r for r in self.prefilling + self.running}
+        return [index[s.rid] for s in batch.seqs]
+
+    def process(self, batch: ScheduledBatch, result: StepResult) -> list[TokenOutput]:
+        """Apply one step's results: advance requests, finish some, cache what they computed.
+
+        Returns:
+            One output per request that produced tokens or finished this step.
+        """
+        outputs = self.take_pending_outputs()
+        for req, row, res in zip(self._by_rid(batch), batch.seqs, result.seqs):
+            req.num_computed += len(row.new_tokens)
+            if res.input_logprobs:
+                req.input_logprobs.extend(res.input_logprobs)
+                req.input_top_logprobs.extend(res.input_top_logprobs)
+            out = self._advance(req, row, res)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _advance(self, req: Request, row: ScheduledSeq, res) -> TokenOutput | None:
+        in_prefill = req in self.prefilling
+        if req.num_computed < req.seq_len:
+            self.kv.cache_partial(req)
+            return None
+        if in_prefill:
+            self.prefilling.remove(req)
+            self.running.append(req)
+        if res.next_token_id is None:
+            self.running.remove(req)
+            out = self._finish(req, FinishReason(FinishKind.LENGTH))
+            if req.logprob.wants_input_logprobs:
+                out.input_logprobs, out.input_top_logprobs = self._input_logprobs(req)
+            return out
+        new_ids = [res.next_token_id]
+        req.output_ids.append(res.next_token_id)
+        self.stats["generated_tokens"] += 1
+        finish = check_finish(req, res.next_token_id, self.limits)
+        if finish is None and self.grammar is not None and req.matcher is not None:
+            finish, forced = self.grammar.advance(req, res.next_token_id)
+            new_ids.extend(forced)
+        out = self._output(req, new_ids, res)
+        if finish is not None:
+            self.running.remove(req)
+            self._release(req, finish)
+            out.finish = finish
+        return out
+
+    def _output(self, req: Request, new_ids: list[int], res) -> TokenOutput:
+        out = TokenOutput(
+            rid=req.rid, new_token_ids=new_ids, prompt_tokens=len(req.input_ids),
+            cached_tokens=req.cached_tokens or 0, jump_forward_tokens=req.jump_forward_tokens)
+        if req.logprob.return_logprob:
+            out.output_logprobs = [(res.logprob, res.next_token_id)]
+            out.output_logprobs += [(None, t) for t in new_ids[1:]]
+            if req.logprob.top_logprobs_num:
+                out.output_top_logprobs = [res.top_logprobs] + [[] for _ in new_ids[1:]]
+            if len(req.output_ids) == len(new_ids) and req.logprob.wants_input_logprobs:
+                out.input_logprobs, out.input_top_logprobs = self._input_logprobs(req)
+        return out
+
+    def _input_logprobs(self, req: Request):
+        start = max(req.logprob.logprob_start_len, 0)
+        ids = req.input_ids[start:]
+        values = list(req.input_logprobs)
+        tops = list(req.input_top_logprobs) if req.logprob.top_logprobs_num else None
+        if start == 0:
+            values = [None] + values
+            tops = [None] + tops if tops is not None else None
+        pairs = list(zip(values, ids))
+        return pairs, tops
+
+    def _finish(self, req: Request, finish: FinishReason) -> TokenOutput:
+        self._release(req, finish)
+        return TokenOutput(rid=req.rid, new_token_ids=[], finish=finish,
+                           prompt_tokens=len(req.input_ids), cached_tokens=req.cached_tokens or 0,
+                           jump_forward_tokens=req.jump_forward_tokens)
+
+    def _release(self, req: Request, finish: FinishReason) -> None:
+        req.finish = finish
+        req.status = RequestStatus.FINISHED
+        if req.tree_node is not None or req.num_computed or len(req.spare_slots):
+            self.kv.release(req)
+        if self.grammar is not None:
+            self.grammar.forget(req)
