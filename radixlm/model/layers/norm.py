@@ -1,0 +1,44 @@
+"""RMSNorm, with a variant that fuses the residual add that precedes it in every decoder layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension, computed in float32 like HF Llama.
+
+    Args:
+        hidden_size: size of the normalised dimension.
+        eps: added to the mean square before the square root.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalise ``x``, or ``x + residual`` when a residual is given.
+
+        Args:
+            x: [..., hidden_size].
+            residual: the running residual stream, same shape and dtype as ``x``.
+
+        Returns:
+            ``normed`` without a residual; ``(normed, x + residual)`` with one (the sum is the
+            next residual, kept in the activation dtype as HF does).
+        """
+        if residual is None:
+            return self._norm(x)
+        summed = x + residual
+        return self._norm(summed), summed
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(in_dtype)

@@ -1,0 +1,285 @@
+"""Load a local Hugging Face model directory into a ``CausalLM``.
+
+The module is first built on the meta device (no memory), then materialised uninitialised
+directly in the target dtype on the target device, and every checkpoint tensor is streamed from
+its safetensors file into its slot, converted on the way. Host memory never holds more than one
+checkpoint tensor at a time, so an 8B model loads without a full fp32 copy anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from radixlm.model.arch import ModelArch
+from radixlm.model.models.decoder import STACKED_WEIGHTS, CausalLM
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+# Checkpoint tensors that carry no learned state of ours (rotary caches some exporters save).
+_HARMLESS_EXTRA = re.compile(r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+
+_PROJ = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+
+
+class MissingWeightsError(ValueError):
+    """The checkpoint lacks tensors the model needs."""
+
+
+class UnexpectedWeightsError(ValueError):
+    """The checkpoint has tensors the model has no place for (a different architecture or a
+    quantised checkpoint, most likely)."""
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else is parsed by torch.
+
+    Args:
+        name: "auto", "cpu", "cuda", "cuda:N" or a torch.device.
+
+    Returns:
+        The device.
+    """
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(
+    name: str | torch.dtype, device: str | torch.device, config_dtype: str | None = None
+) -> torch.dtype:
+    """The activation/weight dtype to run with.
+
+    ``auto`` is float32 on CPU (bf16 matmuls there are slow and imprecise). On GPU it is
+    float16 when the checkpoint declares float16 (its weights were exported for that range),
+    bfloat16 otherwise, float32 checkpoints included (serving in fp32 wastes half the HBM).
+
+    Args:
+        name: "auto", a dtype name ("float32", "bf16", "half", ...) or a torch.dtype.
+        device: where the model will run.
+        config_dtype: the ``dtype``/``torch_dtype`` string from config.json, if any.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        return torch.float16 if config_dtype == "float16" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_empty_model(arch: ModelArch, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    """A ``CausalLM`` whose parameters are allocated on ``device`` in ``dtype`` but hold
+    garbage; only the rotary cache is computed. Fill it with :func:`load_weights` or random
+    values.
+
+    Args:
+        arch: the architecture.
+        dtype: parameter dtype.
+        device: parameter device.
+
+    Returns:
+        The model in eval mode, gradients off.
+    """
+    with torch.device("meta"):
+        model = CausalLM(arch)
+    model = model.to(dtype=dtype).to_empty(device=resolve_device(device))
+    model.tie_weights()
+    model.model.rotary_emb.rebuild_cache()
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> CausalLM:
+    """Load a Hugging Face model directory.
+
+    Args:
+        path: directory with config.json and model.safetensors (or sharded
+            model-0000X-of-0000N.safetensors with model.safetensors.index.json).
+        dtype: a torch dtype, or a name for :func:`resolve_dtype` ("auto" by default).
+        device: where the weights go ("auto" = cuda when available).
+        progress: show a tqdm bar while tensors load.
+
+    Returns:
+        The model in eval mode, every weight loaded.
+
+    Raises:
+        FileNotFoundError: no config.json or no safetensors files.
+        radixlm.model.arch.UnsupportedModelError: architecture or feature not supported.
+        MissingWeightsError / UnexpectedWeightsError: checkpoint does not match the config.
+    """
+    path = Path(path)
+    arch = ModelArch.from_dir(path)
+    device = resolve_device(device)
+    model = build_empty_model(arch, resolve_dtype(dtype, device, arch.torch_dtype), device)
+    load_weights(model, checkpoint_files(path), progress=progress)
+    return model
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a model directory, in load order.
+
+    Args:
+        path: the model directory.
+
+    Returns:
+        The files named by model.safetensors.index.json, else model.safetensors, else every
+        ``*.safetensors`` in the directory.
+
+    Raises:
+        FileNotFoundError: none found.
+    """
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no safetensors weights in {path} (only the safetensors format is supported)"
+        )
+    return files
+
+
+def load_weights(model: CausalLM, files: list[Path], progress: bool = True) -> None:
+    """Stream every tensor of ``files`` into ``model``, converting dtype and device per tensor.
+
+    Args:
+        model: a model from :func:`build_empty_model`.
+        files: safetensors files.
+        progress: show a tqdm bar.
+
+    Raises:
+        MissingWeightsError: some parameter (or merged block of one) got no tensor.
+        UnexpectedWeightsError: tensors with no place in the model.
+    """
+    plan = _LoadPlan(model)
+    total = sum(len(keys) for _, keys in _file_keys(files))
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        for file, keys in _file_keys(files):
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in keys:
+                    plan.load(name, lambda n=name: handle.get_tensor(n))
+                    bar.update(1)
+    plan.finish()
+
+
+def _file_keys(files: list[Path]) -> Iterator[tuple[Path, list[str]]]:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            yield file, list(handle.keys())
+
+
+class _LoadPlan:
+    """Where each checkpoint tensor goes, and which targets are still missing."""
+
+    def __init__(self, model: CausalLM):
+        arch = model.arch
+        self.params = dict(model.named_parameters())
+        self.tied = arch.tie_word_embeddings
+        self.blocks = {
+            "qkv_proj": [arch.q_size, arch.kv_size, arch.kv_size],
+            "gate_up_proj": [arch.intermediate_size, arch.intermediate_size],
+        }
+        self.missing = {target for name in self.params for target in self._targets_of(name)}
+        self.unexpected: list[str] = []
+
+    def _targets_of(self, param_name: str) -> list[tuple[str, int | None]]:
+        merged = param_name.split(".")[-2]
+        if merged in self.blocks:
+            return [(param_name, i) for i in range(len(self.blocks[merged]))]
+        return [(param_name, None)]
+
+    def load(self, hf_name: str, read) -> None:
+        """Copy checkpoint tensor ``hf_name`` (read lazily by ``read()``) into its slot."""
+        target = self._target(hf_name)
+        if target is None:
+            return
+        if target[0] not in self.params:
+            self.unexpected.append(hf_name)
+            return
+        dst = self._slot(*target)
+        src = read()
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(
+                f"weight {hf_name} has shape {tuple(src.shape)}, the config implies "
+                f"{tuple(dst.shape)}"
+            )
+        dst.copy_(src)
+        self.missing.discard(target)
+
+    def _target(self, hf_name: str) -> tuple[str, int | None] | None:
+        if _HARMLESS_EXTRA.match(hf_name):
+            return None
+        if hf_name == "lm_head.weight" and self.tied:
+            return None  # some exporters save the tied head too; the embedding is the source
+        match = _PROJ.search(hf_name)
+        if match is None:
+            return hf_name, None
+        merged, block = STACKED_WEIGHTS[match.group(1)]
+        return f"{hf_name[: match.start()]}.{merged}.{match.group(2)}", block
+
+    def _slot(self, param_name: str, block: int | None) -> torch.Tensor:
+        data = self.params[param_name].data
+        if block is None:
+            return data
+        sizes = self.blocks[param_name.split(".")[-2]]
+        return data.narrow(0, sum(sizes[:block]), sizes[block])
+
+    def finish(self) -> None:
+        if self.unexpected:
+            raise UnexpectedWeightsError(
+                f"checkpoint has {len(self.unexpected)} unexpected weight(s): "
+                f"{_summary(self.unexpected)}"
+            )
+        if self.missing:
+            names = sorted(_hf_name(name, block) for name, block in self.missing)
+            raise MissingWeightsError(
+                f"checkpoint is missing {len(names)} weight(s): {_summary(names)}"
+            )
+
+
+_UNSTACK = {(merged, block): hf for hf, (merged, block) in STACKED_WEIGHTS.items()}
+
+
+def _hf_name(param_name: str, block: int | None) -> str:
+    """The checkpoint name a (possibly merged) parameter block is loaded from."""
+    if block is None:
+        return param_name
+    prefix, merged, kind = param_name.rsplit(".", 2)
+    return f"{prefix}.{_UNSTACK[(merged, block)]}.{kind}"
+
+
+def _summary(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
