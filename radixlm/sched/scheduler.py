@@ -305,6 +305,10 @@ class Scheduler:
             self.running.remove(req)
             self._release(req, finish)
             out.finish = finish
+        elif len(new_ids) > 1:
+            # Jump-forward appended several tokens: they need an extend, not a decode.
+            self.running.remove(req)
+            self.prefilling.append(req)
         return out
 
     def _output(self, req: Request, new_ids: list[int], res) -> TokenOutput:

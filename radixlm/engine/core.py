@@ -1,0 +1,205 @@
+"""The engine core: the one place where the scheduler and the model runner meet.
+
+``EngineCore`` is usable in-process (tests, benchmarks); ``run_core_loop`` drives it inside the
+core process, talking to the caller only through the messages in :mod:`radixlm.engine.ipc`.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from radixlm.config import EngineConfig
+from radixlm.constrained import GrammarCompiler
+from radixlm.engine import ipc
+from radixlm.executor.model_runner import ModelRunner
+from radixlm.kvcache.allocator import PageAllocator
+from radixlm.kvcache.radix_tree import RadixCache
+from radixlm.outputs import TokenOutput
+from radixlm.request import Request
+from radixlm.sched.grammar_state import GrammarState
+from radixlm.sched.kv_manager import KVManager
+from radixlm.sched.scheduler import Scheduler, SchedulerLimits
+from radixlm.tokenizer.detokenizer import IncrementalDetokenizer
+from radixlm.tokenizer.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# With requests waiting only on grammar compilation the loop polls at this interval (seconds).
+IDLE_POLL_SECONDS = 0.002
+
+
+class EngineCore:
+    """Scheduler + model runner over one KV pool.
+
+    Args:
+        config: the engine configuration; ``config.model.model`` must be a model directory.
+        progress: show a progress bar while weights load.
+    """
+
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        path = config.model.model
+        self.tokenizer = load_tokenizer(config.model.tokenizer or path)
+        eos = frozenset(eos_token_ids(self.tokenizer, path))
+        self.runner = ModelRunner(path, config.model, config.cache, eos, progress=progress)
+        pool = self.runner.pool
+        self.allocator = PageAllocator(pool.num_pages, pool.page_size, pool.first_usable_slot)
+        enable = config.cache.enable_radix_cache
+        tree = RadixCache(pool.page_size, free_fn=self.allocator.free, disabled=not enable)
+        self.kv = KVManager(self.allocator, tree, enable)
+        limits = SchedulerLimits(self._max_running(), self.runner.context_length, eos)
+        compiler = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
+                                   vocab_size=self.runner.vocab_size)
+        self.grammar = GrammarState(compiler, self.tokenizer,
+                                    config.scheduler.enable_jump_forward)
+        self.scheduler = Scheduler(config.scheduler, limits, self.kv, self.grammar,
+                                   self._stop_checker, seed=config.model.random_seed)
+
+    def _max_running(self) -> int:
+        configured = self.config.scheduler.max_running_requests
+        if configured:
+            return configured
+        return max(1, min(512, self.runner.pool.capacity_tokens // 64))
+
+    def _stop_checker(self, req: Request) -> IncrementalDetokenizer | None:
+        if not req.params.stop:
+            return None
+        return IncrementalDetokenizer(
+            self.tokenizer, skip_special_tokens=req.params.skip_special_tokens,
+            stop=req.params.stop, prompt_token_ids=req.input_ids)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, msg: ipc.AddRequest) -> None:
+        req = Request(rid=msg.rid, input_ids=list(msg.input_ids), params=msg.params,
+                      logprob=msg.logprob, namespace=msg.namespace)
+        self.grammar.submit(req)
+        self.scheduler.add(req)
+
+    def abort(self, rid: str, message: str = "aborted") -> TokenOutput | None:
+        return self.scheduler.abort(rid, message)
+
+    def step(self) -> list[TokenOutput]:
+        """Schedule and run one batch. Returns the outputs it produced (maybe none)."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return self.scheduler.take_pending_outputs()
+        try:
+            result = self.runner.forward(batch)
+        except Exception as exc:  # a failing batch must not take the engine down
+            logger.error("forward pass failed:\n%s", traceback.format_exc())
+            return self._abort_batch(batch, f"internal error in the forward pass: {exc}")
+        return self.scheduler.process(batch, result)
+
+    def _abort_batch(self, batch, message: str) -> list[TokenOutput]:
+        outs = self.scheduler.take_pending_outputs()
+        for seq in batch.seqs:
+            out = self.scheduler.abort(seq.rid, message)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- control --------------------------------------------------------------------------
+
+    def flush_cache(self) -> bool:
+        """Empty the radix cache. False (nothing done) while requests are in flight."""
+        if self.scheduler.has_work():
+            return False
+        self.kv.flush()
+        return True
+
+    def server_info(self) -> dict[str, Any]:
+        info = self.runner.info
+        tree = self.kv.tree
+        stats = self.scheduler.stats
+        prompt = stats["prompt_tokens"]
+        return {
+            "model_path": self.config.model.model,
+            "device": info.device,
+            "dtype": info.dtype,
+            "context_length": info.context_length,
+            "vocab_size": info.vocab_size,
+            "page_size": info.page_size,
+            "kv_capacity_tokens": info.kv_capacity_tokens,
+            "kv_free_tokens": self.allocator.free_tokens,
+            "radix_cache_tokens": tree.total_tokens(),
+            "evictable_tokens": tree.evictable_tokens(),
+            "running_requests": len(self.scheduler.running) + len(self.scheduler.prefilling),
+            "waiting_requests": len(self.scheduler.waiting),
+            "max_running_requests": self.scheduler.limits.max_running_requests,
+            "cache_hit_rate": stats["cached_tokens"] / prompt if prompt else 0.0,
+            "num_prompt_tokens": prompt,
+            "num_cached_tokens": stats["cached_tokens"],
+            "num_generated_tokens": stats["generated_tokens"],
+            "num_retractions": stats["retractions"],
+            "config": self.config.flat(),
+        }
+
+    def check_invariants(self) -> None:
+        """Every slot is in exactly one place; raises AssertionError otherwise."""
+        live = self.kv.live_slots(self.scheduler.all_requests())
+        self.kv.tree.check_invariants(self.allocator, live)
+
+    def control(self, command: str) -> Any:
+        if command == "flush_cache":
+            return self.flush_cache()
+        if command == "server_info":
+            return self.server_info()
+        if command == "check_invariants":
+            self.check_invariants()
+            return True
+        raise ValueError(f"unknown control command {command!r}")
+
+
+def run_core_loop(config: EngineConfig, conn) -> None:
+    """The core process's main function: build the core, then serve messages until shutdown."""
+    logging.basicConfig(level=logging.INFO)
+    try:
+        core = EngineCore(config)
+    except Exception as exc:
+        conn.send(ipc.Fatal(f"engine failed to start: {exc!r}\n{traceback.format_exc()}"))
+        return
+    conn.send(ipc.Ready(core.server_info()))
+    while True:
+        if not _drain_messages(core, conn):
+            return
+        outputs = core.step()
+        if outputs:
+            conn.send(ipc.Outputs(outputs))
+
+
+def _drain_messages(core: EngineCore, conn) -> bool:
+    """Handle every pending message; block while idle. False on shutdown."""
+    timeout = None if not core.has_work() else 0
+    if core.has_work() and not core.scheduler.running and not core.scheduler.prefilling:
+        timeout = IDLE_POLL_SECONDS
+    while conn.poll(timeout):
+        msg = conn.recv()
+        if not _handle(core, conn, msg):
+            return False
+        timeout = 0
+    return True
+
+
+def _handle(core: EngineCore, conn, msg) -> bool:
+    if isinstance(msg, ipc.AddRequest):
+        core.add_request(msg)
+    elif isinstance(msg, ipc.AbortRequest):
+        out = core.abort(msg.rid, msg.message)
+        if out is not None:
+            conn.send(ipc.Outputs([out]))
+    elif isinstance(msg, ipc.Control):
+        if msg.command == "shutdown":
+            conn.send(ipc.ControlReply(msg.token, True))
+            return False
+        try:
+            value = core.control(msg.command)
+        except Exception as exc:
+            value = exc
+        conn.send(ipc.ControlReply(msg.token, value))
+    return True

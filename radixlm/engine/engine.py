@@ -1,0 +1,388 @@
+"""The public offline API: ``Engine`` runs the core in its own process and talks to it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+from radixlm.config import EngineConfig
+from radixlm.engine import ipc
+from radixlm.engine.core import run_core_loop
+from radixlm.engine.errors import EngineDeadError, QueueFullError, RequestError
+from radixlm.engine.frontend import RequestState, is_done
+from radixlm.model.demo import DEMO_MODEL_NAME, ensure_demo_model
+from radixlm.request import LogprobOptions
+from radixlm.sampling_params import SamplingParams, SamplingParamsError
+from radixlm.tokenizer.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_SECONDS = 600
+
+
+class Engine:
+    """An LLM engine: continuous batching over a radix-cached paged KV pool.
+
+    Args:
+        config: a full :class:`EngineConfig`; or pass its flat fields as keywords
+            (``Engine(model="dir", page_size=16)``). ``model=None`` serves the demo model.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, **kwargs: Any):
+        config = config or EngineConfig.from_kwargs(**kwargs)
+        path = config.model.model or str(ensure_demo_model())
+        self.model_name = DEMO_MODEL_NAME if config.model.model is None else _dir_name(path)
+        self.config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, model=path))
+        self.tokenizer = load_tokenizer(self.config.model.tokenizer or path)
+        self._states: dict[str, RequestState] = {}
+        self._lock = threading.Lock()
+        self._replies: dict[int, Future] = {}
+        self._tokens = itertools.count()
+        self._dead: str | None = None
+        self._start_core()
+
+    def _start_core(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=run_core_loop, args=(self.config, child), daemon=True,
+                                 name="radixlm-core")
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(START_TIMEOUT_SECONDS):
+            self._proc.kill()
+            raise RuntimeError("engine core did not start in time")
+        msg = self._conn.recv()
+        if isinstance(msg, ipc.Fatal):
+            self._proc.join(5)
+            raise RuntimeError(msg.message)
+        self.startup_info: dict[str, Any] = msg.info
+        self.context_length: int = msg.info["context_length"]
+        self.kv_capacity_tokens: int = msg.info["kv_capacity_tokens"]
+        self.vocab_size: int = msg.info["vocab_size"]
+        self._receiver = threading.Thread(target=self._receive_loop, daemon=True,
+                                          name="radixlm-receiver")
+        self._receiver.start()
+
+    # ---- receiving ------------------------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        try:
+            while True:
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            pass
+        self._mark_dead("the engine core process exited")
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, ipc.Outputs):
+            for out in msg.items:
+                with self._lock:
+                    state = self._states.get(out.rid)
+                    if state is not None and out.finish is not None:
+                        del self._states[out.rid]
+                if state is not None:
+                    state.apply(out)
+        elif isinstance(msg, ipc.ControlReply):
+            future = self._replies.pop(msg.token, None)
+            if future is not None:
+                future.set_result(msg.value)
+
+    def _mark_dead(self, reason: str) -> None:
+        self._dead = reason
+        with self._lock:
+            states, self._states = list(self._states.values()), {}
+        for state in states:
+            state.fail(EngineDeadError(reason))
+        for future in self._replies.values():
+            future.set_exception(EngineDeadError(reason))
+
+    def _send(self, msg: Any) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        with self._lock:
+            self._conn.send(msg)
+
+    # ---- submitting -----------------------------------------------------------------------
+
+    def _submit(self, prompt, sampling_params, input_ids, stream, logprob: LogprobOptions,
+                rid: str | None, loop) -> list[RequestState]:
+        prompts = self._prompt_ids(prompt, input_ids)
+        params_list = self._params_list(sampling_params, len(prompts))
+        self._validate_logprob(logprob, prompts)
+        for ids, params in zip(prompts, params_list):
+            self._validate_length(ids, params)
+        self._check_queue(sum(p.n for p in params_list))
+        rids = self._rids(rid, len(prompts))
+        states = []
+        for base, ids, params in zip(rids, prompts, params_list):
+            for sub_rid, sub_params in _fan_out(base, params):
+                state = RequestState(sub_rid, ids, sub_params, logprob, self.tokenizer, stream,
+                                     loop)
+                with self._lock:
+                    self._states[sub_rid] = state
+                self._send(ipc.AddRequest(sub_rid, ids, sub_params, logprob))
+                states.append(state)
+        return states
+
+    def _prompt_ids(self, prompt, input_ids) -> list[list[int]]:
+        if (prompt is None) == (input_ids is None):
+            raise RequestError("give exactly one of prompt (text) or input_ids", "prompt")
+        if prompt is not None:
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise RequestError("prompt must be a string or a list of strings", "prompt")
+            return [self.tokenizer.encode(t) for t in texts]
+        batch = [input_ids] if input_ids and isinstance(input_ids[0], int) else list(input_ids)
+        for ids in batch:
+            self._validate_ids(ids)
+        return [list(ids) for ids in batch]
+
+    def _validate_ids(self, ids) -> None:
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise RequestError("input_ids must be a non-empty list of token ids", "input_ids")
+        for token in ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not (
+                    0 <= token < self.vocab_size):
+                raise RequestError(
+                    f"input_ids contains {token!r}: token ids must be integers in "
+                    f"[0, {self.vocab_size})", "input_ids")
+
+    def _params_list(self, sampling_params, count: int) -> list[SamplingParams]:
+        items = sampling_params if isinstance(sampling_params, list) else [sampling_params] * count
+        if len(items) != count:
+            raise RequestError(f"{len(items)} sampling_params for {count} prompts",
+                               "sampling_params")
+        try:
+            return [p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p)
+                    for p in items]
+        except SamplingParamsError as exc:
+            raise RequestError(str(exc), exc.field) from None
+        except TypeError as exc:
+            raise RequestError(f"invalid sampling_params: {exc}", "sampling_params") from None
+
+    def _validate_length(self, ids: list[int], params: SamplingParams) -> None:
+        limit = self.context_length
+        if len(ids) > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens; your request has "
+                f"{len(ids)} input tokens.", "prompt")
+        if len(ids) + params.max_new_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens; your request has "
+                f"{len(ids)} input tokens and asks for {params.max_new_tokens} output tokens.",
+                "max_new_tokens")
+        if len(ids) + params.max_new_tokens > self.kv_capacity_tokens:
+            raise RequestError(
+                f"the request needs {len(ids) + params.max_new_tokens} KV slots, more than "
+                f"the KV cache holds ({self.kv_capacity_tokens} tokens)", "max_new_tokens")
+
+    @staticmethod
+    def _validate_logprob(logprob: LogprobOptions, prompts: list[list[int]]) -> None:
+        if logprob.top_logprobs_num < 0:
+            raise RequestError("top_logprobs_num must be >= 0", "top_logprobs_num")
+        shortest = min(len(p) for p in prompts)
+        if logprob.logprob_start_len >= shortest:
+            raise RequestError(
+                f"logprob_start_len ({logprob.logprob_start_len}) must be smaller than the "
+                f"prompt length ({shortest})", "logprob_start_len")
+
+    def _check_queue(self, incoming: int) -> None:
+        limit = self.config.scheduler.max_queued_requests
+        if limit is None:
+            return
+        capacity = limit + self.startup_info.get("max_running_requests", 0)
+        if len(self._states) + incoming > capacity:
+            raise QueueFullError(
+                f"the server is busy: {len(self._states)} requests in flight "
+                f"(limit {capacity}); retry later")
+
+    @staticmethod
+    def _rids(rid, count: int) -> list[str]:
+        if rid is None:
+            return [uuid.uuid4().hex for _ in range(count)]
+        rids = [rid] if isinstance(rid, str) else list(rid)
+        if len(rids) != count:
+            raise RequestError(f"{len(rids)} rids for {count} prompts", "rid")
+        return rids
+
+    # ---- public API -----------------------------------------------------------------------
+
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
+                 return_logprob: bool = False, logprob_start_len: int = -1,
+                 top_logprobs_num: int = 0, rid=None):
+        """Generate for one prompt (a result dict) or a batch (a list of result dicts).
+
+        Args:
+            prompt: a string or a list of strings (tokenized here, BOS as the tokenizer adds).
+            sampling_params: a dict or SamplingParams, or a list of them (one per prompt).
+            input_ids: token ids (a list, or a list of lists) instead of ``prompt``.
+            stream: return an iterator of chunk dicts (single prompt, n == 1 only).
+            return_logprob / logprob_start_len / top_logprobs_num: logprobs to return.
+            rid: request id(s); generated when omitted.
+
+        Returns:
+            A result dict, a list of them (batch or n > 1), or an iterator of chunks.
+
+        Raises:
+            RequestError: invalid input (nothing is queued then).
+        """
+        logprob = LogprobOptions(return_logprob, top_logprobs_num, logprob_start_len)
+        single = _is_single(prompt, input_ids)
+        states = self._submit(prompt, sampling_params, input_ids, stream, logprob, rid, None)
+        if stream:
+            _require_single_stream(states)
+            return self._iterate(states[0])
+        results = [self._wait(s) for s in states]
+        return results[0] if single and len(results) == 1 else results
+
+    def _iterate(self, state: RequestState) -> Iterator[dict[str, Any]]:
+        try:
+            while True:
+                item = state.events.get()
+                if is_done(item):
+                    return
+                yield _raise_if_error(item, state)
+        finally:
+            if not state.finished:
+                self.abort(state.rid)
+
+    def _wait(self, state: RequestState) -> dict[str, Any]:
+        final = None
+        while True:
+            item = state.events.get()
+            if is_done(item):
+                return final
+            final = _raise_if_error(item, state)
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
+                             stream: bool = False, return_logprob: bool = False,
+                             logprob_start_len: int = -1, top_logprobs_num: int = 0, rid=None):
+        """Async :meth:`generate`; with ``stream=True`` returns an async iterator of chunks."""
+        logprob = LogprobOptions(return_logprob, top_logprobs_num, logprob_start_len)
+        single = _is_single(prompt, input_ids)
+        loop = asyncio.get_running_loop()
+        states = self._submit(prompt, sampling_params, input_ids, stream, logprob, rid, loop)
+        if stream:
+            _require_single_stream(states)
+            return self._aiterate(states[0])
+        results = await asyncio.gather(*(self._await(s) for s in states))
+        return results[0] if single and len(results) == 1 else list(results)
+
+    async def _aiterate(self, state: RequestState) -> AsyncIterator[dict[str, Any]]:
+        try:
+            while True:
+                item = await state.events.get()
+                if is_done(item):
+                    return
+                yield _raise_if_error(item, state)
+        finally:
+            if not state.finished:
+                self.abort(state.rid)
+
+    async def _await(self, state: RequestState) -> dict[str, Any]:
+        final = None
+        try:
+            while True:
+                item = await state.events.get()
+                if is_done(item):
+                    return final
+                final = _raise_if_error(item, state)
+        except asyncio.CancelledError:
+            self.abort(state.rid)
+            raise
+
+    def abort(self, rid: str) -> None:
+        """Abort a request (and its ``n`` siblings ``rid-0``, ``rid-1``, ...)."""
+        with self._lock:
+            rids = [r for r in self._states if r == rid or r.startswith(f"{rid}-")]
+        for r in rids:
+            try:
+                self._send(ipc.AbortRequest(r))
+            except EngineDeadError:
+                return
+
+    def _control(self, command: str, timeout: float = 60.0) -> Any:
+        token = next(self._tokens)
+        future: Future = Future()
+        self._replies[token] = future
+        self._send(ipc.Control(token, command))
+        value = future.result(timeout)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def flush_cache(self) -> bool:
+        """Empty the radix cache; False (and nothing done) while requests are running."""
+        return self._control("flush_cache")
+
+    def server_info(self) -> dict[str, Any]:
+        """Capacity, cache and queue figures (see the README for the keys)."""
+        info = self._control("server_info")
+        info["model_name"] = self.model_name
+        return info
+
+    def check_invariants(self) -> bool:
+        """Ask the core to verify that every KV slot is in exactly one place."""
+        return self._control("check_invariants")
+
+    def shutdown(self) -> None:
+        """Stop the core process (in-flight requests fail with EngineDeadError)."""
+        if self._dead is None:
+            try:
+                self._control("shutdown", timeout=30)
+            except Exception:
+                pass
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._conn.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _fan_out(rid: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """``n`` parallel samples become ``n`` requests; the cache shares their prompt."""
+    if params.n == 1:
+        return [(rid, params)]
+    out = []
+    for i in range(params.n):
+        seed = None if params.seed is None else params.seed + i
+        out.append((f"{rid}-{i}", dataclasses.replace(params, n=1, seed=seed)))
+    return out
+
+
+def _is_single(prompt, input_ids) -> bool:
+    if prompt is not None:
+        return isinstance(prompt, str)
+    return bool(input_ids) and isinstance(input_ids[0], int)
+
+
+def _require_single_stream(states: list[RequestState]) -> None:
+    if len(states) != 1:
+        raise RequestError("stream=True takes a single prompt with n == 1", "stream")
+
+
+def _raise_if_error(item: Any, state: RequestState) -> dict[str, Any]:
+    if isinstance(item, BaseException):
+        raise item
+    if state.rejected:
+        raise RequestError(item["meta_info"]["finish_reason"]["message"], "sampling_params")
+    return item
+
+
+def _dir_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
