@@ -13,7 +13,7 @@ from radixlm.constrained.bitmask import apply_token_bitmask
 from radixlm.executor.logits import LogitsLayout, gather_input_logprobs
 from radixlm.kvcache.pool import KVPool
 from radixlm.model.attention import create_attention_backend
-from radixlm.model.loader import load_model, resolve_device, resolve_dtype
+from radixlm.model.loader import load_model, resolve_device
 from radixlm.outputs import SeqStepResult, StepResult
 from radixlm.sampling.sampler import SamplingBatch, sample
 

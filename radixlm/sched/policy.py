@@ -33,7 +33,11 @@ def order_dfs_weight(waiting: list[Request], prefix_len: Callable[[Request], int
     ordered: list[Request] = []
     entries = [(r.seq, r) for r in sorted(waiting, key=lambda r: r.arrival)]
     _dfs(entries, 0, ordered)
-    return ordered
+    if len(ordered) > LPM_MAX_QUEUE:
+        return ordered
+    # Subtrees whose prefix is already cached go first; the sort is stable, so siblings stay
+    # adjacent in depth-first order.
+    return sorted(ordered, key=lambda r: -prefix_len(r))
 
 
 def _dfs(group: list[tuple[list[int], Request]], depth: int, out: list[Request]) -> None:

@@ -155,7 +155,8 @@ class Scheduler:
         ready = [r for r in self.waiting if r.status is RequestStatus.WAITING]
         admitted: list[Request] = []
         for req in self.order(ready, self.kv.peek_prefix_len):
-            if budget <= 0 or self._active_count() + len(admitted) >= self.limits.max_running_requests:
+            full = self._active_count() + len(admitted) >= self.limits.max_running_requests
+            if budget <= 0 or full:
                 break
             prefix = self.kv.match(req)
             if self._shares_uncached(req, prefix, admitted):
@@ -285,6 +286,8 @@ class Scheduler:
             self.kv.cache_partial(req)
             return None
         if in_prefill:
+            # Cache the prefill now, not at finish, so requests sharing it hit it next step.
+            self.kv.cache_partial(req)
             self.prefilling.remove(req)
             self.running.append(req)
         if res.next_token_id is None:
