@@ -76,7 +76,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish: FinishReason | None = None
     # KV bookkeeping (owned by sched.kv_manager)
-    kv_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    _kv_buf: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    _kv_len: int = 0
     spare_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     num_computed: int = 0
     tree_len: int = 0
@@ -92,6 +93,26 @@ class Request:
     # input-token logprobs gathered over prefill chunks, sent once the prefill completes
     input_logprobs: list = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)
+
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        """Slots of the tokens computed or scheduled so far, in sequence order."""
+        return self._kv_buf[: self._kv_len]
+
+    @kv_slots.setter
+    def kv_slots(self, slots: torch.Tensor) -> None:
+        self._kv_buf = slots
+        self._kv_len = len(slots)
+
+    def append_slots(self, slots: torch.Tensor) -> None:
+        """Append slots in amortised O(len(slots)): the buffer grows by doubling."""
+        end = self._kv_len + len(slots)
+        if end > len(self._kv_buf):
+            grown = torch.empty(max(end, 2 * len(self._kv_buf), 64), dtype=torch.int64)
+            grown[: self._kv_len] = self._kv_buf[: self._kv_len]
+            self._kv_buf = grown
+        self._kv_buf[self._kv_len : end] = slots
+        self._kv_len = end
 
     @property
     def seq(self) -> list[int]:

@@ -88,8 +88,27 @@ class KVManager:
                 return None
             req.spare_slots = torch.cat([req.spare_slots, fresh])
         slots, req.spare_slots = req.spare_slots[:num_new], req.spare_slots[num_new:]
-        req.kv_slots = torch.cat([req.kv_slots[: req.num_computed], slots])
+        req.append_slots(slots)
         return slots
+
+    def allocate_decode(self, reqs: list[Request]) -> bool:
+        """One slot for each request, pages for all of them fetched in one allocator call.
+
+        Returns:
+            False (nothing changed) when the pool cannot provide them even after eviction.
+        """
+        needy = [r for r in reqs if len(r.spare_slots) == 0]
+        if needy:
+            need = len(needy) * self.page_size
+            fresh = self.allocator.alloc(need) if self.reserve(need) else None
+            if fresh is None:
+                return False
+            for i, req in enumerate(needy):
+                req.spare_slots = fresh[i * self.page_size : (i + 1) * self.page_size]
+        for req in reqs:
+            req.append_slots(req.spare_slots[:1])
+            req.spare_slots = req.spare_slots[1:]
+        return True
 
     def reserve(self, num_tokens: int) -> bool:
         """Evict unlocked cache until ``num_tokens`` slots are free. False if impossible."""

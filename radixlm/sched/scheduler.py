@@ -235,18 +235,15 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         self._retract_until_fits()
-        rows = []
-        for req in self.running:
-            start = req.num_computed
-            if self.kv.allocate(req, 1) is None:
-                raise RuntimeError("decode allocation failed after retraction made room")
-            rows.append(self._row(req, [req.seq[start]], start))
+        if not self.kv.allocate_decode(self.running):
+            raise RuntimeError("decode allocation failed after retraction made room")
+        rows = [self._row(req, [req.output_ids[-1]], req.num_computed) for req in self.running]
         return ScheduledBatch(ForwardMode.DECODE, rows) if rows else None
 
     def _retract_until_fits(self) -> None:
         """Retract the newest requests until every remaining one has room for one token."""
         while self.running:
-            need = sum(self.kv.pages_for(r, 1) for r in self.running)
+            need = self.kv.page_size * sum(1 for r in self.running if len(r.spare_slots) == 0)
             if need <= self.kv.available_tokens():
                 return
             victim = max(self.running, key=lambda r: r.arrival)
