@@ -1,4 +1,4 @@
-"""IncrementalDetokenizer against tokenizer.decode of the whole sequence, on both real tokenizers."""
+"""IncrementalDetokenizer against tokenizer.decode of the whole sequence, on both tokenizers."""
 
 from __future__ import annotations
 
