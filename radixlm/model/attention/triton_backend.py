@@ -1,0 +1,90 @@
+"""The Triton attention backend: KV store, extend and split-K decode kernels on the paged pool."""
+
+from __future__ import annotations
+
+import torch
+
+from radixlm.batch import ForwardBatch
+from radixlm.kvcache.pool import KVPool
+from radixlm.model.attention.base import AttentionBackend
+from radixlm.model.attention.triton_kernels import (
+    DecodeConfig,
+    DecodeScratch,
+    ExtendConfig,
+    choose_num_splits,
+    decode_attention,
+    default_decode_config,
+    default_extend_config,
+    extend_attention,
+    store_kv,
+)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Attention through Triton kernels; on CPU tensors they run under the Triton interpreter.
+
+    Per-layer calls never synchronize with the device: launch shapes come from tensor shapes and
+    the batch's host-side lengths. Decode's split count depends only on the batch size and the
+    KV head count, so a decode step can be captured in a CUDA graph.
+
+    Args:
+        device: where the batches live (picks the default launch configs).
+        sliding_window: if set, a token at position p sees only positions (p - window, p].
+        extend_config: override of the extend kernel's launch shape.
+        decode_config: override of the decode kernels' launch shape.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cuda",
+        sliding_window: int | None = None,
+        extend_config: ExtendConfig | None = None,
+        decode_config: DecodeConfig | None = None,
+    ):
+        self.device = torch.device(device)
+        self.sliding_window = sliding_window
+        self.extend_config = extend_config or default_extend_config(self.device)
+        self.decode_config = decode_config or default_decode_config(self.device)
+        self._scratch: DecodeScratch | None = None
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Drop the previous batch's decode scratch; the first decode layer allocates anew.
+
+        Args:
+            batch: the batch about to run.
+        """
+        self._scratch = None
+
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, layer_id: int, loc: torch.Tensor, pool: KVPool
+    ) -> None:
+        """Write K/V rows into their pool slots (one kernel for both)."""
+        store_kv(k, v, pool.k(layer_id), pool.v(layer_id), loc)
+
+    def extend(
+        self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, pool: KVPool, scale: float
+    ) -> torch.Tensor:
+        """Causal attention of the new tokens over prefix + themselves."""
+        return extend_attention(
+            q, pool.k(layer_id), pool.v(layer_id), batch.qo_indptr, batch.kv_indptr,
+            batch.kv_indices, batch.max_extend_len, scale, config=self.extend_config,
+            sliding_window=self.sliding_window,
+        )  # fmt: skip
+
+    def decode(
+        self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, pool: KVPool, scale: float
+    ) -> torch.Tensor:
+        """One query per sequence over its whole sequence, split-K."""
+        batch_size, num_q_heads, head_dim = q.shape
+        num_splits = choose_num_splits(batch_size, pool.num_kv_heads, self.decode_config)
+        scratch = self._scratch
+        if scratch is None or not scratch.fits(batch_size, num_q_heads, num_splits, head_dim):
+            scratch = DecodeScratch.allocate(
+                batch_size, num_q_heads, num_splits, head_dim, q.device
+            )
+            self._scratch = scratch
+        return decode_attention(
+            q, pool.k(layer_id), pool.v(layer_id), batch.kv_indptr, batch.kv_indices, scale,
+            num_splits=num_splits, scratch=scratch, config=self.decode_config,
+            sliding_window=self.sliding_window,
+        )  # fmt: skip

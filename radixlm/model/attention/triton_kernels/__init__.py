@@ -1,0 +1,31 @@
+"""Triton kernels over the paged KV pool: KV store, extend attention, split-K decode attention.
+
+Each kernel runs compiled on CUDA tensors and under the Triton interpreter on CPU tensors
+(see ``_dispatch``), whatever ``TRITON_INTERPRET`` was when this package was imported.
+"""
+
+from radixlm.model.attention.triton_kernels.decode import (
+    DecodeConfig,
+    DecodeScratch,
+    choose_num_splits,
+    decode_attention,
+    default_decode_config,
+)
+from radixlm.model.attention.triton_kernels.extend import (
+    ExtendConfig,
+    default_extend_config,
+    extend_attention,
+)
+from radixlm.model.attention.triton_kernels.kv_store import store_kv
+
+__all__ = [
+    "DecodeConfig",
+    "DecodeScratch",
+    "ExtendConfig",
+    "choose_num_splits",
+    "decode_attention",
+    "default_decode_config",
+    "default_extend_config",
+    "extend_attention",
+    "store_kv",
+]
