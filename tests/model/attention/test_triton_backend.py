@@ -1,0 +1,151 @@
+"""TritonAttentionBackend against TorchAttentionBackend through ForwardBatch and KVPool, and the
+backend factory. On CPU the Triton kernels run under the interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.batch import ForwardBatch, ForwardMode
+from radixlm.kvcache.pool import KVPool
+from radixlm.model.attention import (
+    BACKEND_NAMES,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+    create_attention_backend,
+)
+
+KV_HEADS, Q_HEADS, HEAD_DIM, PAGE = 2, 4, 16, 4
+
+
+def make_pool(device: str, dtype: torch.dtype = torch.float32) -> KVPool:
+    return KVPool(2, KV_HEADS, HEAD_DIM, num_pages=40, page_size=PAGE, dtype=dtype, device=device)
+
+
+def shuffled_slots(lengths: list[int], pool: KVPool, gen: torch.Generator) -> list[list[int]]:
+    """Whole pages per sequence, handed out in random order, skipping the scratch page."""
+    pages = (torch.randperm(pool.num_pages, generator=gen) + 1).tolist()
+    slots = []
+    for n in lengths:
+        mine = [pages.pop() for _ in range(-(-n // PAGE))]
+        slots.append([p * PAGE + i for p in mine for i in range(PAGE)][:n])
+    return slots
+
+
+def run_layers(backend, batch, pool, gen, dtype=torch.float32):
+    """Two layers of attention on random q/k/v; returns each layer's output."""
+    backend.prepare(batch)
+    outs = []
+    for layer in range(pool.num_layers):
+        q, k, v = (
+            torch.randn(batch.num_tokens, h, HEAD_DIM, generator=gen).to(pool.device, dtype)
+            for h in (Q_HEADS, KV_HEADS, KV_HEADS)
+        )
+        outs.append(backend.forward(q, k, v, layer, batch, pool, HEAD_DIM**-0.5))
+    return outs
+
+
+def assert_same_step(batch_args, pools, backends, seed, tol=1e-5):
+    device = pools[0].device
+    batch = ForwardBatch.build(*batch_args, device=device)
+    results = [run_layers(b, batch, p, torch.Generator().manual_seed(seed)) for b, p in
+               zip(backends, pools)]  # fmt: skip
+    for ours, ref in zip(*results):
+        assert ((ours - ref).norm() / ref.norm()).item() < tol
+    for layer in range(pools[0].num_layers):
+        assert torch.equal(pools[0].k(layer), pools[1].k(layer))
+        assert torch.equal(pools[0].v(layer), pools[1].v(layer))
+    return batch
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_then_cached_prefix_then_decode_match_torch(window):
+    gen = torch.Generator().manual_seed(0)
+    pools = [make_pool("cpu"), make_pool("cpu")]
+    backends = [TritonAttentionBackend("cpu", sliding_window=window),
+                TorchAttentionBackend(sliding_window=window)]  # fmt: skip
+    prompt_lens, chunk_lens = [9, 1, 17], [6, 11, 1]
+    slots = shuffled_slots([p + c + 2 for p, c in zip(prompt_lens, chunk_lens)], pools[0], gen)
+    toks = lambda n: [1] * n  # noqa: E731 (token ids do not reach attention)
+    prefill = [s[:p] for s, p in zip(slots, prompt_lens)]
+    assert_same_step(([toks(p) for p in prompt_lens], prefill), pools, backends, seed=1)
+    # Second chunk: the prompt's slots are a cached prefix, only the chunk is new.
+    chunk = [s[: p + c] for s, p, c in zip(slots, prompt_lens, chunk_lens)]
+    batch = assert_same_step(([toks(c) for c in chunk_lens], chunk), pools, backends, seed=2)
+    assert batch.mode is ForwardMode.EXTEND
+    for step in (1, 2):
+        full = [s[: p + c + step] for s, p, c in zip(slots, prompt_lens, chunk_lens)]
+        batch = assert_same_step(([[1]] * 3, full), pools, backends, seed=2 + step)
+        assert batch.mode is ForwardMode.DECODE
+
+
+def test_decode_scratch_is_reused_across_layers_and_renewed_per_batch_shape():
+    gen = torch.Generator().manual_seed(5)
+    pool, backend = make_pool("cpu"), TritonAttentionBackend("cpu")
+    slots = shuffled_slots([20, 3], pool, gen)
+    run_layers(backend, ForwardBatch.build([[1], [1]], slots, device="cpu"), pool, gen)
+    first = backend._scratch
+    assert first is not None
+    run_layers(backend, ForwardBatch.build([[1]], slots[:1], device="cpu"), pool, gen)
+    assert backend._scratch is not first and backend._scratch.partial_lse.shape[0] == 1
+
+
+def test_factory_picks_by_name_and_device():
+    assert isinstance(create_attention_backend("auto", torch.device("cpu")), TorchAttentionBackend)
+    assert isinstance(
+        create_attention_backend("auto", torch.device("cuda")), TritonAttentionBackend
+    )
+    assert isinstance(create_attention_backend("torch", "cuda"), TorchAttentionBackend)
+    assert isinstance(create_attention_backend("triton", "cpu"), TritonAttentionBackend)
+    backend = create_attention_backend("triton", "cpu", sliding_window=7)
+    assert backend.sliding_window == 7
+
+
+def test_factory_rejects_unknown_names_listing_the_choices():
+    with pytest.raises(ValueError) as err:
+        create_attention_backend("flashinfer", torch.device("cpu"))
+    assert all(name in str(err.value) for name in BACKEND_NAMES)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_matches_torch_in_bfloat16():
+    gen = torch.Generator().manual_seed(6)
+    pools = [make_pool("cuda", torch.bfloat16), make_pool("cuda", torch.bfloat16)]
+    backends = [TritonAttentionBackend("cuda"), TorchAttentionBackend()]
+    slots = shuffled_slots([30, 50, 7], pools[0], gen)
+    prefill = [s[:-1] for s in slots]
+    batch = ForwardBatch.build([[1] * len(s) for s in prefill], prefill, device="cuda")
+    outs = [run_layers(b, batch, p, torch.Generator().manual_seed(1), torch.bfloat16)
+            for b, p in zip(backends, pools)]  # fmt: skip
+    for ours, ref in zip(*outs):
+        assert ((ours.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_decode_replays_in_a_cuda_graph_for_other_lengths():
+    """The decode launch depends on shapes only: a graph captured at one set of lengths is right
+    when replayed after the lengths (not the batch size) changed."""
+    gen = torch.Generator().manual_seed(7)
+    pool, backend = make_pool("cuda"), TritonAttentionBackend("cuda")
+    for layer in range(pool.num_layers):
+        pool.k(layer).normal_()
+        pool.v(layer).normal_()
+    slots = shuffled_slots([60, 60, 60], pool, gen)
+    batch = ForwardBatch.build([[1]] * 3, [s[:40] for s in slots], device="cuda")
+    q = torch.randn(3, Q_HEADS, HEAD_DIM, device="cuda")
+    kv_indices = torch.zeros(180, dtype=torch.int64, device="cuda")
+    kv_indices[:120] = batch.kv_indices
+    batch.kv_indices = kv_indices
+    backend.prepare(batch)
+    backend.decode(q, 0, batch, pool, 0.25)  # warm-up: compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.decode(q, 0, batch, pool, 0.25)
+    lengths = [60, 2, 33]
+    new = ForwardBatch.build([[1]] * 3, [s[:n] for s, n in zip(slots, lengths)], device="cuda")
+    batch.kv_indptr.copy_(new.kv_indptr)
+    batch.kv_indices[: sum(lengths)].copy_(new.kv_indices)
+    graph.replay()
+    ref = TorchAttentionBackend().decode(q, 0, new, pool, 0.25)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
