@@ -1,0 +1,280 @@
+"""Request models of the HTTP API and their translation into engine sampling parameters.
+
+The pydantic models accept what the official ``openai`` client and SGLang's native API send;
+the functions below turn them into plain ``SamplingParams`` dicts. Everything here is pure, so it
+is tested without a server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from radixlm.server.errors import APIError
+
+# Parameters the OpenAI API defines but radixlm does not implement: rejected loudly rather than
+# silently ignored, because ignoring them would change what the caller gets.
+UNSUPPORTED_OPENAI_FIELDS = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix",
+    "audio", "modalities", "prediction", "web_search_options",
+)
+MAX_N = 64
+MAX_TOP_LOGPROBS = 20
+
+# Engine sampling field -> the OpenAI name a client knows it by (for error messages).
+OPENAI_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+class _Lenient(BaseModel):
+    """Unknown fields are kept (then checked against UNSUPPORTED_OPENAI_FIELDS)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def reject_unsupported(self) -> None:
+        """Raise a 400 naming the first OpenAI field radixlm does not implement."""
+        for name in UNSUPPORTED_OPENAI_FIELDS:
+            if getattr(self, name, None) not in (None, [], {}):
+                raise APIError(400, f"'{name}' is not supported by radixlm", param=name)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema", "regex"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = None
+
+
+class _SamplingFields(_Lenient):
+    """Fields shared by /v1/completions and /v1/chat/completions (with radixlm extensions)."""
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    best_of: int | None = None
+    # radixlm / SGLang extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    regex: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    rid: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate (SGLang's native shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = Field(default=-1, ge=-1)
+    top_logprobs_num: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    rid: str | list[str] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: exactly one of prompt (alias text) or messages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    text: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+    skip_special_tokens: bool = False
+
+
+class AbortRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rid: str | None = None
+    abort_all: bool = False
+
+
+# ---- OpenAI request -> engine sampling params ---------------------------------------------
+
+
+def completion_max_tokens(req: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """The requested output budget; None means "up to the context length" (chat default)."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int,
+                    vocab_size: int) -> dict[str, Any]:
+    """Translate an OpenAI request into a ``SamplingParams`` dict.
+
+    Args:
+        req: the validated request.
+        max_new_tokens: the output budget (already resolved against the context length).
+        vocab_size: the tokenizer's vocabulary size (to check ``logit_bias`` keys).
+
+    Returns:
+        A dict ``SamplingParams.from_dict`` accepts; values the engine validates are passed
+        through unchecked so that its error names the field.
+    """
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    _copy_if_set(req, params, {
+        "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+        "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+        "min_tokens": "min_new_tokens", "ignore_eos": "ignore_eos",
+        "stop_token_ids": "stop_token_ids", "skip_special_tokens": "skip_special_tokens",
+        "regex": "regex", "json_schema": "json_schema",
+    })
+    if req.stop is not None:
+        params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.logit_bias:
+        params["logit_bias"] = logit_bias(req.logit_bias, vocab_size)
+    params.update(response_format_constraint(req.response_format))
+    return params
+
+
+def _copy_if_set(req: BaseModel, params: dict[str, Any], names: dict[str, str]) -> None:
+    for source, target in names.items():
+        value = getattr(req, source)
+        if value is not None:
+            params[target] = value
+
+
+def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """Check and convert OpenAI's ``{"token_id": bias}`` map (bias in [-100, 100])."""
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"logit_bias token id {token} is outside the vocabulary "
+                                f"(size {vocab_size})", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias value {value} for token {token} is outside "
+                                "[-100, 100]", "logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def response_format_constraint(fmt: ResponseFormat | None) -> dict[str, Any]:
+    """``response_format`` as a ``json_schema`` / ``regex`` sampling constraint."""
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"json_schema": json.dumps({"type": "object"})}
+    if fmt.type == "regex":
+        if not fmt.regex:
+            raise APIError(400, "response_format of type regex needs 'regex'", "response_format")
+        return {"regex": fmt.regex}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                       "response_format.json_schema")
+    return {"json_schema": json.dumps(fmt.json_schema.schema_)}
+
+
+def openai_param(param: str | None, chat: bool) -> str | None:
+    """Rename an engine field in an error to the name the OpenAI caller used."""
+    if param == "max_new_tokens" and chat:
+        return "max_completion_tokens"
+    return OPENAI_PARAM_NAMES.get(param or "", param)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as plain dicts for a chat template, with text parts joined into one string.
+
+    Raises:
+        APIError: a content part that is not text (images, audio).
+    """
+    out = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(_text_part(part, index) for part in content)
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def _text_part(part: ContentPart, index: int) -> str:
+    if part.type != "text" or part.text is None:
+        raise APIError(400, f"content parts of type {part.type!r} are not supported (text only)",
+                       f"messages.{index}.content")
+    return part.text

@@ -1,0 +1,259 @@
+"""Runs engine requests for the HTTP handlers: fan-out, streaming merge, aborts, bookkeeping.
+
+Every HTTP request becomes one or more engine requests ("jobs"), each a single prompt with
+``n == 1`` and its own request id, so that any of them can be aborted on its own: when the client
+disconnects, when a sibling is rejected, or when the server drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from radixlm.server.errors import APIError
+from radixlm.server.metrics import ServerMetrics
+
+logger = logging.getLogger("radixlm.server")
+_END = object()
+# After an abort, how long to wait for the engine to deliver the aborted request's final result.
+ABORT_GRACE_S = 5.0
+
+
+def new_rid(prefix: str = "") -> str:
+    """A fresh request id."""
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+@dataclass
+class Job:
+    """One engine request.
+
+    Attributes:
+        rid: engine request id (unique).
+        group: the id the client knows (``/abort`` with it aborts every job of the request).
+        args: keyword arguments for ``engine.async_generate`` besides ``rid`` and ``stream``.
+    """
+
+    rid: str
+    group: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class Inflight:
+    """Engine request ids currently running, grouped by the id the client knows."""
+
+    def __init__(self) -> None:
+        self._group_of: dict[str, str] = {}
+
+    def add(self, job: Job) -> None:
+        self._group_of[job.rid] = job.group
+
+    def discard(self, rid: str) -> None:
+        self._group_of.pop(rid, None)
+
+    def rids(self, group: str | None = None) -> list[str]:
+        """Running engine ids, all of them or those of one client id (or the engine id)."""
+        if group is None:
+            return list(self._group_of)
+        return [rid for rid, g in self._group_of.items() if group in (g, rid)]
+
+    def __len__(self) -> int:
+        return len(self._group_of)
+
+
+class Runner:
+    """Submits jobs to the engine and keeps metrics and the in-flight table current.
+
+    Args:
+        engine: a radixlm Engine (its async API is used; nothing here blocks the event loop).
+        metrics: where finished requests are recorded.
+        inflight: the server's table of running requests.
+    """
+
+    def __init__(self, engine: Any, metrics: ServerMetrics, inflight: Inflight):
+        self.engine = engine
+        self.metrics = metrics
+        self.inflight = inflight
+
+    def abort(self, rids: list[str]) -> None:
+        """Abort engine requests (finished or unknown ids are ignored by the engine)."""
+        for rid in rids:
+            try:
+                self.engine.abort(rid)
+            except Exception:  # an abort must never take the server down with it
+                logger.exception("abort of %s failed", rid)
+
+    # ---- whole results --------------------------------------------------------------------
+
+    async def collect(self, jobs: list[Job], request: Request | None) -> list[dict[str, Any]]:
+        """Run jobs concurrently and return their results in job order.
+
+        If any job is rejected the others are aborted and the error is raised; if the client
+        disconnects first every job is aborted.
+
+        Args:
+            jobs: the engine requests.
+            request: the HTTP request, watched for a client disconnect (None: not watched).
+
+        Returns:
+            One engine result dict per job.
+        """
+        tasks = [asyncio.create_task(self._run_one(job)) for job in jobs]
+        watcher = asyncio.create_task(_wait_disconnect(request))
+        try:
+            await self._wait_all(tasks, watcher, jobs)
+        except asyncio.CancelledError:  # the server gave up on this request (drain timeout)
+            self.abort([job.rid for job in jobs])
+            for task in tasks:
+                task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        return [task.result() for task in tasks]
+
+    async def _wait_all(self, tasks: list[asyncio.Task], watcher: asyncio.Task,
+                        jobs: list[Job]) -> None:
+        pending: set[asyncio.Task] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending | {watcher},
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                pending.discard(watcher)
+                await self._abandon(jobs, pending)
+                raise APIError(499, "client disconnected")
+            pending.discard(watcher)
+            failed = next((t for t in done if t.exception() is not None), None)
+            if failed is not None:
+                await self._abandon(jobs, pending)
+                raise failed.exception()
+
+    async def _abandon(self, jobs: list[Job], pending: set[asyncio.Task]) -> None:
+        self.abort([job.rid for job in jobs])
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=ABORT_GRACE_S)
+            for task in still:
+                task.cancel()
+
+    async def _run_one(self, job: Job) -> dict[str, Any]:
+        self.inflight.add(job)
+        try:
+            result = await self.engine.async_generate(**job.args, rid=job.rid)
+        finally:
+            self.inflight.discard(job.rid)
+        self.metrics.observe_result(result)
+        return result
+
+    # ---- streams --------------------------------------------------------------------------
+
+    async def open_streams(self, jobs: list[Job], request: Request | None
+                           ) -> list[AsyncIterator[dict[str, Any]]]:
+        """Submit every job with ``stream=True`` and wait for each one's first chunk.
+
+        Waiting for the first chunk lets a request the engine rejects late (an invalid grammar)
+        still get a plain HTTP error instead of a stream that fails.
+
+        Returns:
+            One async iterator per job, starting with that first chunk.
+
+        Raises:
+            Exception: the first rejection (RequestError, QueueFullError...), after aborting
+                the jobs already submitted; APIError 499 when the client disconnects first.
+        """
+        streams = await self._submit_streams(jobs)
+        firsts = [asyncio.create_task(_first(stream)) for stream in streams]
+        watcher = asyncio.create_task(_wait_disconnect(request))
+        try:
+            await self._wait_all(firsts, watcher, jobs)
+        except BaseException:
+            for job in jobs:
+                self.inflight.discard(job.rid)
+            raise
+        finally:
+            watcher.cancel()
+        return [_prepend(task.result(), stream) for task, stream in zip(firsts, streams)]
+
+    async def _submit_streams(self, jobs: list[Job]) -> list[AsyncIterator[dict[str, Any]]]:
+        streams: list[AsyncIterator[dict[str, Any]]] = []
+        for index, job in enumerate(jobs):
+            self.inflight.add(job)
+            try:
+                streams.append(await self.engine.async_generate(**job.args, rid=job.rid,
+                                                                stream=True))
+            except BaseException:
+                self.abort([j.rid for j in jobs[:index]])
+                for j in jobs[: index + 1]:
+                    self.inflight.discard(j.rid)
+                raise
+        return streams
+
+    async def merge(self, jobs: list[Job], streams: list[AsyncIterator[dict[str, Any]]]
+                    ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """Interleave the chunks of several streams as ``(job index, chunk)``, in arrival order.
+
+        Closing the returned generator early (a client disconnect) aborts every unfinished job.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
+        unfinished = {i for i in range(len(jobs))}
+        try:
+            while unfinished:
+                index, chunk = await queue.get()
+                if chunk is _END:
+                    unfinished.discard(index)
+                    self.inflight.discard(jobs[index].rid)
+                    continue
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                if chunk["meta_info"].get("finish_reason") is not None:
+                    self.metrics.observe_result(chunk)
+                yield index, chunk
+        finally:
+            self._close_streams(jobs, unfinished, pumps)
+
+    def _close_streams(self, jobs: list[Job], unfinished: set[int],
+                       pumps: list[asyncio.Task]) -> None:
+        self.abort([jobs[i].rid for i in unfinished])
+        for i in unfinished:
+            self.inflight.discard(jobs[i].rid)
+        for pump in pumps:
+            pump.cancel()
+
+
+async def _first(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    return await anext(stream, None)
+
+
+async def _prepend(first: dict[str, Any] | None, stream: AsyncIterator[dict[str, Any]]
+                   ) -> AsyncIterator[dict[str, Any]]:
+    if first is not None:
+        yield first
+    async for chunk in stream:
+        yield chunk
+
+
+async def _pump(index: int, stream: AsyncIterator[dict[str, Any]], queue: asyncio.Queue) -> None:
+    try:
+        async for chunk in stream:
+            queue.put_nowait((index, chunk))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # delivered to the consumer, which re-raises it
+        queue.put_nowait((index, exc))
+    queue.put_nowait((index, _END))
+
+
+async def _wait_disconnect(request: Request | None) -> None:
+    """Return when the client closes the connection (never, for ``None``)."""
+    if request is None:
+        await asyncio.Event().wait()
+        return
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
