@@ -1,0 +1,244 @@
+"""``@function``: a program, and how it is run, batched, traced and compiled."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+from radixlm_lang.api import get_default_backend
+from radixlm_lang.backends.base import Backend
+from radixlm_lang.graph import RequestGraph, common_prefix
+from radixlm_lang.interpreter import ExecutionOptions, StreamExecutor
+from radixlm_lang.sampling import SamplingParams
+from radixlm_lang.state import ProgramState
+from radixlm_lang.tracer import trace_program
+
+
+class Function:
+    """An LM program: a Python function whose first parameter is the state ``s``.
+
+    Args:
+        func: ``def program(s, arg1, arg2, ...)``.
+    """
+
+    def __init__(self, func: Callable[..., Any]):
+        self.func = func
+        self._params = list(inspect.signature(func).parameters.values())[1:]
+        functools.update_wrapper(self, func)
+
+    def __call__(self, state: ProgramState, *args: Any, **kwargs: Any) -> Any:
+        """Run inside another program on its state (composition): ``sub(s, x)``."""
+        if not isinstance(state, ProgramState):
+            raise TypeError(f"call {self.func.__name__}.run(...) to run a program")
+        return self.func(state, *args, **kwargs)
+
+    def run(
+        self, *args: Any, backend: Backend | None = None, stream: bool = False, **kwargs: Any
+    ) -> ProgramState:
+        """Run the program once.
+
+        Args:
+            *args: the program's positional arguments.
+            backend: where to run (default: the one set by ``set_default_backend``).
+            stream: return at once and produce the text in the background (``text_iter``).
+            **kwargs: the program's keyword arguments, and default generation parameters
+                (``temperature=0``, ``max_new_tokens=32``, ...) for every gen in it.
+
+        Returns:
+            The final state (with ``stream``: the state being filled). Errors do not raise:
+            they are in ``state.error()``.
+        """
+        program_kwargs, defaults = self.split_kwargs(kwargs)
+        options = ExecutionOptions(resolve_backend(backend), defaults, stream)
+        return self._start(options, args, program_kwargs)
+
+    def run_batch(
+        self,
+        batch_kwargs: Sequence[dict[str, Any]],
+        backend: Backend | None = None,
+        num_threads: int | str = "auto",
+        progress_bar: bool = True,
+        **default_sampling: Any,
+    ) -> list[ProgramState]:
+        """Run the program once per dict of arguments, concurrently.
+
+        Args:
+            batch_kwargs: one dict of program arguments per run.
+            backend: where to run (default: the default backend).
+            num_threads: concurrent runs; "auto" picks one from the batch size and CPUs.
+            progress_bar: show a tqdm bar.
+            **default_sampling: generation defaults for every run.
+
+        Returns:
+            The states, in the order of ``batch_kwargs``.
+        """
+        backend = resolve_backend(backend)
+        _, defaults = self.split_kwargs(default_sampling)
+        jobs = [self.split_kwargs(dict(kw))[0] for kw in batch_kwargs]
+        options = [ExecutionOptions(backend, defaults) for _ in jobs]
+        return _run_many(self, options, jobs, num_threads, progress_bar)
+
+    def trace(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> RequestGraph:
+        """Run the program symbolically and return its request graph.
+
+        Args:
+            backend: renders role markers with its chat template (default: the default backend,
+                if any; without one they stay symbolic).
+        """
+        program_kwargs, _ = self.split_kwargs(kwargs)
+        backend = backend if backend is not None else get_default_backend()
+        renderer = backend.chat_renderer() if backend is not None else None
+        return trace_program(self.func, args, program_kwargs, renderer)
+
+    def compile(self) -> CompiledFunction:
+        """A version whose runs hoist shared constant prefixes (see :class:`CompiledFunction`)."""
+        return CompiledFunction(self)
+
+    def split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], SamplingParams]:
+        """Separate the program's own arguments from generation defaults.
+
+        Raises:
+            TypeError: a keyword that is neither.
+        """
+        names = {p.name for p in self._params}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in self._params)
+        program, sampling = {}, {}
+        for key, value in kwargs.items():
+            if key in names:
+                program[key] = value
+            elif SamplingParams.accepts(key):
+                sampling[key] = value
+            elif takes_any:
+                program[key] = value
+            else:
+                raise TypeError(f"{self.func.__name__}() got an unexpected argument {key!r}")
+        return program, SamplingParams.from_kwargs(**sampling)
+
+    def _start(self, options: ExecutionOptions, args: tuple, kwargs: dict) -> ProgramState:
+        root = StreamExecutor(options)
+        state = ProgramState(root)
+        if options.stream:
+            worker = threading.Thread(
+                target=self._execute, args=(root, state, args, kwargs), daemon=True
+            )
+            worker.start()
+        else:
+            self._execute(root, state, args, kwargs)
+        return state
+
+    def _execute(self, root: StreamExecutor, state: ProgramState, args: tuple, kwargs: dict):
+        try:
+            self.func(state, *args, **kwargs)
+        except Exception as exc:
+            root.sync()  # the steps queued before the exception still run
+            root.fail(exc)
+        finally:
+            root.end()
+
+
+class CompiledFunction:
+    """A program run through its request graph.
+
+    Before running, each call is traced. For a batch, the longest constant prefix that every
+    call begins with is sent once first, so the whole batch then hits the prefix cache instead
+    of several calls computing it at the same time. At every fork, the constant text that all
+    branches begin with is sent together with the parent's text. Branches and batch items run
+    concurrently; a server using ``--schedule-policy dfs-weight`` keeps sibling requests
+    together. Hoisting only warms the cache: a program whose control flow depends on generated
+    values still runs correctly, it just hoists less.
+    """
+
+    def __init__(self, function: Function):
+        self.function = function
+
+    def run(
+        self, *args: Any, backend: Backend | None = None, stream: bool = False, **kwargs: Any
+    ) -> ProgramState:
+        """Like :meth:`Function.run`, with fork-prefix hoisting."""
+        backend = resolve_backend(backend)
+        program_kwargs, defaults = self.function.split_kwargs(kwargs)
+        graph = self.function.trace(*args, backend=backend, **program_kwargs)
+        options = ExecutionOptions(backend, defaults, stream, graph.fork_prefixes())
+        return self.function._start(options, args, program_kwargs)
+
+    def run_batch(
+        self,
+        batch_kwargs: Sequence[dict[str, Any]],
+        backend: Backend | None = None,
+        num_threads: int | str = "auto",
+        progress_bar: bool = True,
+        **default_sampling: Any,
+    ) -> list[ProgramState]:
+        """Like :meth:`Function.run_batch`; the batch's shared constant prefix is sent first."""
+        backend = resolve_backend(backend)
+        _, defaults = self.function.split_kwargs(default_sampling)
+        jobs = [self.function.split_kwargs(dict(kw))[0] for kw in batch_kwargs]
+        graphs = [self.function.trace(backend=backend, **kw) for kw in jobs]
+        shared = self.shared_prefix(graphs)
+        if shared:
+            backend.cache_prefix(shared)
+        options = [ExecutionOptions(backend, defaults, False, g.fork_prefixes()) for g in graphs]
+        return _run_many(self.function, options, jobs, num_threads, progress_bar)
+
+    @staticmethod
+    def shared_prefix(graphs: Sequence[RequestGraph]) -> str:
+        """The constant text every graph's root begins with ("" for fewer than two graphs)."""
+        if len(graphs) < 2:
+            return ""
+        return common_prefix([g.constant_prefix() for g in graphs])
+
+
+def function(func: Callable[..., Any] | None = None) -> Any:
+    """Decorator: ``@function def program(s, ...): ...`` (also usable as ``@function()``)."""
+    if func is None:
+        return Function
+    return Function(func)
+
+
+def resolve_backend(backend: Backend | None) -> Backend:
+    """``backend``, else the default backend.
+
+    Raises:
+        ValueError: neither is set.
+    """
+    backend = backend if backend is not None else get_default_backend()
+    if backend is None:
+        raise ValueError("no backend: pass backend=... or call set_default_backend(...)")
+    return backend
+
+
+def _run_many(
+    program: Function,
+    options: list[ExecutionOptions],
+    jobs: list[dict[str, Any]],
+    num_threads: int | str,
+    progress_bar: bool,
+) -> list[ProgramState]:
+    from tqdm.auto import tqdm
+
+    workers = _thread_count(num_threads, len(jobs))
+    states: list[ProgramState | None] = [None] * len(jobs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            pool.submit(program._start, opt, (), kwargs): index
+            for index, (opt, kwargs) in enumerate(zip(options, jobs))
+        }
+        bar = tqdm(total=len(jobs), disable=not progress_bar, desc=program.func.__name__)
+        for future in as_completed(futures):
+            states[futures[future]] = future.result()
+            bar.update(1)
+        bar.close()
+    return states  # type: ignore[return-value]
+
+
+def _thread_count(num_threads: int | str, jobs: int) -> int:
+    if num_threads == "auto":
+        return max(1, min(jobs, 16 * (os.cpu_count() or 1), 128))
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be 'auto' or a positive integer, not {num_threads!r}")
+    return num_threads
