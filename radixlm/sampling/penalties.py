@@ -1,0 +1,179 @@
+"""Logit adjustments that come before temperature: logit bias, penalties, min_new_tokens bans.
+
+Each is built on the host as a small sparse structure (only the rows that ask for it) and
+applied on the device in place on a scratch copy of the logits, without host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from radixlm.sampling.transfer import float_tensor, int_tensor, to_device
+from radixlm.sampling_params import SamplingParams
+
+
+@dataclass
+class LogitBias:
+    """``logits[rows[i], cols[i]] += values[i]`` for the requests' logit_bias entries."""
+
+    rows: torch.Tensor  # [N] int64
+    cols: torch.Tensor  # [N] int64
+    values: torch.Tensor  # [N] float32
+
+    @classmethod
+    def build(
+        cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+    ) -> LogitBias | None:
+        """Pack every in-vocabulary entry; None when no row has one."""
+        entries = [
+            (row, token, bias)
+            for row, p in enumerate(params)
+            for token, bias in p.logit_bias.items()
+            if 0 <= token < vocab_size
+        ]
+        if not entries:
+            return None
+        rows, cols, values = zip(*entries, strict=True)
+        return cls(int_tensor(rows, device), int_tensor(cols, device), float_tensor(values, device))
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Add the biases to ``logits`` [B, V] in place."""
+        logits.index_put_((self.rows, self.cols), self.values, accumulate=True)
+
+
+@dataclass
+class TokenBan:
+    """Tokens some rows may not sample yet: EOS and stop_token_ids before min_new_tokens."""
+
+    rows: torch.Tensor  # [N] int64
+    cols: torch.Tensor  # [N] int64
+    banned_rows: torch.Tensor  # [R] int64, the distinct rows
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        steps: Sequence[int],
+        eos_token_ids: Collection[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> TokenBan | None:
+        """Ban EOS (unless ignore_eos) and stop_token_ids in rows below min_new_tokens."""
+        entries = []
+        for row, (p, step) in enumerate(zip(params, steps, strict=True)):
+            if step >= p.min_new_tokens:
+                continue
+            enders = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            entries.extend((row, t) for t in sorted(enders) if 0 <= t < vocab_size)
+        if not entries:
+            return None
+        rows, cols = zip(*entries, strict=True)
+        return cls(
+            int_tensor(rows, device),
+            int_tensor(cols, device),
+            int_tensor(sorted(set(rows)), device),
+        )
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set banned logits to -inf in place, except in a row where that would leave nothing
+        (a grammar that allows only EOS must still be able to end)."""
+        before = logits[self.banned_rows]
+        logits.index_put_((self.rows, self.cols), logits.new_full((), float("-inf")))
+        after = logits[self.banned_rows]
+        nothing_left = torch.isneginf(after.amax(dim=-1, keepdim=True))
+        logits.index_copy_(0, self.banned_rows, torch.where(nothing_left, before, after))
+
+
+@dataclass
+class Penalties:
+    """Repetition (HF), frequency and presence (OpenAI) penalties for the rows that use them."""
+
+    rows: torch.Tensor  # [P] int64, rows of the batch
+    repetition: torch.Tensor | None  # [P, 1]; None when every row's is 1
+    seen: torch.Tensor | None  # [P, V] bool: token occurs in prompt or output
+    frequency: torch.Tensor | None  # [P, 1]; None with presence when both are all 0
+    presence: torch.Tensor | None  # [P, 1]
+    counts: torch.Tensor | None  # [P, V] float32: occurrences in the output
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        output_token_ids: Sequence[Sequence[int]],
+        prompt_token_ids: Sequence[Sequence[int]] | None,
+        vocab_size: int,
+        device: torch.device,
+    ) -> Penalties | None:
+        """Gather the penalised rows; None when no row has a penalty.
+
+        Cost: one host-to-device copy of the prompt and output ids of the penalised rows.
+        """
+        rows = [i for i, p in enumerate(params) if _has_penalty(p)]
+        if not rows:
+            return None
+        chosen = [params[i] for i in rows]
+        outputs = [output_token_ids[i] for i in rows]
+        prompts = [prompt_token_ids[i] if prompt_token_ids else () for i in rows]
+        return cls(
+            int_tensor(rows, device),
+            *_repetition_part(chosen, prompts, outputs, vocab_size, device),
+            *_frequency_part(chosen, outputs, vocab_size, device),
+        )
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Penalise ``logits`` [B, V] in place."""
+        sub = logits[self.rows]
+        if self.seen is not None:
+            # HF: a seen token's logit is divided by the penalty if positive, else multiplied.
+            penalised = torch.where(sub > 0, sub / self.repetition, sub * self.repetition)
+            sub = torch.where(self.seen, penalised, sub)
+        if self.counts is not None:
+            sub = sub - self.frequency * self.counts - self.presence * (self.counts > 0)
+        logits.index_copy_(0, self.rows, sub)
+
+
+def _has_penalty(params: SamplingParams) -> bool:
+    return bool(
+        params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+    )
+
+
+def _repetition_part(chosen, prompts, outputs, vocab_size, device):
+    """(penalty [P, 1], seen [P, V]) or (None, None) when every penalty is 1."""
+    if all(p.repetition_penalty == 1.0 for p in chosen):
+        return None, None
+    context = [[*prompt, *output] for prompt, output in zip(prompts, outputs, strict=True)]
+    seen = _occurrences(context, vocab_size, device).gt(0)
+    return _column([p.repetition_penalty for p in chosen], device), seen
+
+
+def _frequency_part(chosen, outputs, vocab_size, device):
+    """(frequency [P, 1], presence [P, 1], counts [P, V]) or Nones when all are 0."""
+    if not any(p.frequency_penalty or p.presence_penalty for p in chosen):
+        return None, None, None
+    frequency = _column([p.frequency_penalty for p in chosen], device)
+    presence = _column([p.presence_penalty for p in chosen], device)
+    return frequency, presence, _occurrences(outputs, vocab_size, device)
+
+
+def _occurrences(
+    token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """[len(token_lists), V] float32 counts; ids outside the vocabulary are ignored."""
+    rows = [r for r, tokens in enumerate(token_lists) for _ in tokens]
+    cols = [t for tokens in token_lists for t in tokens]
+    counts = torch.zeros(len(token_lists), vocab_size, dtype=torch.float32, device=device)
+    if cols:
+        cols_t = torch.tensor(cols, dtype=torch.int64)
+        keep = (cols_t >= 0) & (cols_t < vocab_size)
+        index = (to_device(torch.tensor(rows)[keep], device), to_device(cols_t[keep], device))
+        ones = torch.ones(index[0].shape[0], dtype=torch.float32, device=device)
+        counts.index_put_(index, ones, accumulate=True)
+    return counts
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return float_tensor(values, device)[:, None]
