@@ -36,3 +36,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory, llama3_tokenizer_dir) -> Path:
+    """A tiny random-weight Llama with the real Llama 3 tokenizer, saved as an HF directory."""
+    from radixlm.model.random_model import make_random_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-llama3")
+    return make_random_model_dir(path, "llama", tokenizer_dir=llama3_tokenizer_dir, seed=0)

@@ -135,13 +135,11 @@ class ModelRunner:
 
     @staticmethod
     def _store_samples(seqs: list[ScheduledSeq], results: list[SeqStepResult], out) -> None:
-        ids = out.next_token_ids.tolist()
-        logprobs = out.logprobs.tolist()
-        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
-        top_vals = out.top_logprob_values.tolist() if top_ids is not None else None
+        host = out.to_host()
         for j, (seq, res) in enumerate(zip(seqs, results)):
-            res.next_token_id = ids[j]
-            res.logprob = logprobs[j]
-            if seq.top_logprobs_num and top_ids is not None:
+            res.next_token_id = host.next_token_ids[j]
+            res.logprob = host.logprobs[j] if host.logprobs is not None else None
+            if seq.top_logprobs_num and host.top_logprob_ids is not None:
                 k = seq.top_logprobs_num
-                res.top_logprobs = list(zip(top_vals[j][:k], top_ids[j][:k]))
+                res.top_logprobs = list(zip(host.top_logprob_values[j][:k],
+                                            host.top_logprob_ids[j][:k]))
