@@ -197,23 +197,31 @@ def completion_response(plan: Plan, results: list[dict[str, Any]], model: str, e
 def completion_logprobs(meta: dict[str, Any], echo: bool, prompt_chars: int,
                         start: int = 0, offset: int | None = None) -> dict[str, Any]:
     """Legacy logprobs: parallel lists ``tokens``, ``token_logprobs``, ``top_logprobs``,
-    ``text_offset`` (characters from the start of the prompt).
+    ``text_offset``.
+
+    Offsets count characters from the start of the prompt: echoed prompt tokens from 0, output
+    tokens from the end of the prompt text.
 
     Args:
         meta: the engine result's ``meta_info``.
         echo: include the prompt's tokens first.
-        prompt_chars: length of the prompt text (output offsets start there without echo).
+        prompt_chars: length of the prompt text.
         start: skip this many output tokens (already sent in earlier stream chunks).
-        offset: text offset of the first entry (streaming); computed when None.
+        offset: text offset of the first output token sent now (streaming); default
+            ``prompt_chars``.
     """
-    entries = list(meta.get("output_token_logprobs", []))[start:]
-    tops = list(meta.get("output_top_logprobs", []))[start:]
-    if echo and start == 0:
-        entries = list(meta.get("input_token_logprobs", [])) + entries
-        tops = list(meta.get("input_top_logprobs", [])) + tops
-    position = offset if offset is not None else (0 if echo else prompt_chars)
     out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                            "text_offset": []}
+    if echo:
+        _append_logprobs(out, meta.get("input_token_logprobs", []),
+                         meta.get("input_top_logprobs", []), 0)
+    _append_logprobs(out, list(meta.get("output_token_logprobs", []))[start:],
+                     list(meta.get("output_top_logprobs", []))[start:],
+                     prompt_chars if offset is None else offset)
+    return out
+
+
+def _append_logprobs(out: dict[str, Any], entries: list, tops: list, position: int) -> None:
     for i, (logprob, _token_id, text) in enumerate(entries):
         out["tokens"].append(text)
         out["token_logprobs"].append(logprob)
@@ -221,7 +229,6 @@ def completion_logprobs(meta: dict[str, Any], echo: bool, prompt_chars: int,
         out["top_logprobs"].append({t: lp for lp, _, t in top} if top else None)
         out["text_offset"].append(position)
         position += len(text)
-    return out
 
 
 def finish_reason(meta: dict[str, Any]) -> str | None:
@@ -277,23 +284,18 @@ def _completion_deltas(plan: Plan, body: CompletionRequest, tracker: _StreamTrac
     logprobs = None
     if body.logprobs is not None:
         if not tracker.started[index]:
-            tracker.offsets[index] = 0 if body.echo else len(prompt_text)
+            tracker.offsets[index] = len(prompt_text)
         logprobs = completion_logprobs(meta, echo_now, len(prompt_text),
                                        start=tracker.sent_tokens[index],
                                        offset=tracker.offsets[index])
-        tracker.offsets[index] = _next_offset(logprobs, tracker.offsets[index])
+        new = list(meta.get("output_token_logprobs", []))[tracker.sent_tokens[index]:]
+        tracker.offsets[index] += sum(len(text) for _, _, text in new)
     tracker.advance(index, chunk)
     reason = finish_reason(meta)
     if not text and not (logprobs and logprobs["tokens"]) and reason is None:
         return []
     return [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason,
              "matched_stop": matched_stop(meta) if reason else None}]
-
-
-def _next_offset(logprobs: dict[str, Any], current: int) -> int:
-    if not logprobs["tokens"]:
-        return current
-    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
 
 
 class _StreamTracker:

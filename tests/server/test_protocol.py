@@ -1,0 +1,137 @@
+"""OpenAI/native request models -> engine sampling params, checked against SamplingParams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from radixlm.sampling_params import SamplingParams
+from radixlm.server.errors import APIError, validation_message
+from radixlm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    completion_max_tokens,
+    logit_bias,
+    message_dicts,
+    openai_param,
+    response_format_constraint,
+    sampling_params,
+)
+
+
+def _chat(**fields) -> ChatCompletionRequest:
+    fields.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return ChatCompletionRequest(**fields)
+
+
+def test_completion_fields_map_onto_engine_names():
+    req = CompletionRequest(prompt="x", temperature=0.5, top_p=0.9, seed=7, stop="END",
+                            presence_penalty=0.25, frequency_penalty=-0.5, top_k=20,
+                            min_tokens=2, logit_bias={"5": 10, "9": -100})
+    params = sampling_params(req, max_new_tokens=16, vocab_size=100)
+    assert params == {"max_new_tokens": 16, "temperature": 0.5, "top_p": 0.9, "seed": 7,
+                      "presence_penalty": 0.25, "frequency_penalty": -0.5, "top_k": 20,
+                      "min_new_tokens": 2, "stop": ["END"], "logit_bias": {5: 10.0, 9: -100.0}}
+    built = SamplingParams.from_dict(params)  # the engine's own validator accepts it
+    assert built.stop == ["END"] and built.logit_bias == {5: 10.0, 9: -100.0}
+
+
+def test_unset_fields_keep_engine_defaults():
+    params = sampling_params(CompletionRequest(prompt="x"), 16, 100)
+    assert params == {"max_new_tokens": 16}
+    assert SamplingParams.from_dict(params).temperature == SamplingParams().temperature
+
+
+def test_max_tokens_precedence():
+    assert completion_max_tokens(CompletionRequest(prompt="x")) == 16  # OpenAI's default
+    assert completion_max_tokens(CompletionRequest(prompt="x", max_tokens=None)) is None
+    assert completion_max_tokens(_chat()) is None  # chat: up to the context
+    assert completion_max_tokens(_chat(max_tokens=5)) == 5
+    assert completion_max_tokens(_chat(max_tokens=5, max_completion_tokens=9)) == 9
+
+
+@pytest.mark.parametrize("bias, message", [
+    ({"abc": 1}, "not a token id"), ({"100": 1}, "outside the vocabulary"),
+    ({"-1": 1}, "outside the vocabulary"), ({"3": 101}, r"outside \[-100, 100\]"),
+])
+def test_logit_bias_rejects_bad_entries(bias, message):
+    with pytest.raises(APIError, match=message) as err:
+        logit_bias(bias, vocab_size=100)
+    assert (err.value.status, err.value.param) == (400, "logit_bias")
+
+
+def test_response_format_becomes_a_constraint():
+    assert response_format_constraint(None) == {}
+    fmt = _chat(response_format={"type": "text"}).response_format
+    assert response_format_constraint(fmt) == {}
+    fmt = _chat(response_format={"type": "json_object"}).response_format
+    assert json.loads(response_format_constraint(fmt)["json_schema"]) == {"type": "object"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = _chat(response_format={"type": "json_schema",
+                                 "json_schema": {"name": "x", "schema": schema}}).response_format
+    assert json.loads(response_format_constraint(fmt)["json_schema"]) == schema
+    fmt = _chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    with pytest.raises(APIError, match="json_schema.schema"):
+        response_format_constraint(fmt.response_format)
+    with pytest.raises(ValidationError):
+        _chat(response_format={"type": "xml"})
+
+
+def test_chat_params_carry_the_constraint():
+    req = _chat(response_format={"type": "json_object"}, temperature=0)
+    params = sampling_params(req, 8, 100)
+    assert SamplingParams.from_dict(params).constraint[0] == "json_schema"
+
+
+def test_unsupported_openai_fields_are_rejected_by_name():
+    with pytest.raises(APIError) as err:
+        _chat(tools=[{"type": "function", "function": {"name": "f"}}]).reject_unsupported()
+    assert err.value.param == "tools"
+    _chat(some_future_field=1).reject_unsupported()  # unknown, harmless fields pass
+
+
+def test_message_parts_are_joined_and_non_text_rejected():
+    req = _chat(messages=[{"role": "system", "content": None},
+                          {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                       {"type": "text", "text": "b"}]}])
+    assert message_dicts(req.messages) == [{"role": "system", "content": ""},
+                                           {"role": "user", "content": "ab"}]
+    req = _chat(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                        "image_url": {"url": "x"}}]}])
+    with pytest.raises(APIError) as err:
+        message_dicts(req.messages)
+    assert err.value.param == "messages.0.content"
+
+
+def test_validation_limits():
+    with pytest.raises(ValidationError):
+        _chat(n=0)
+    with pytest.raises(ValidationError):
+        _chat(top_logprobs=21)
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=[])
+    with pytest.raises(ValidationError):
+        GenerateRequest(text="x", bogus=1)  # the native API is strict
+
+
+def test_engine_param_names_are_translated_for_openai_callers():
+    assert openai_param("max_new_tokens", chat=False) == "max_tokens"
+    assert openai_param("max_new_tokens", chat=True) == "max_completion_tokens"
+    assert openai_param("min_new_tokens", chat=True) == "min_tokens"
+    assert openai_param("temperature", chat=True) == "temperature"
+    assert openai_param(None, chat=True) is None
+
+
+def test_validation_message_names_the_field():
+    try:
+        CompletionRequest.model_validate({"prompt": "x", "n": "many"})
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors())
+    assert param == "n" and "n:" in message
+    message, param = validation_message([{"type": "json_invalid", "loc": ("body", 3),
+                                          "msg": "JSON decode error",
+                                          "ctx": {"error": "Expecting value"}}])
+    assert message == "malformed JSON body: Expecting value" and param is None
