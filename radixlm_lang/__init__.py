@@ -29,6 +29,8 @@ from radixlm_lang.api import (
 )
 from radixlm_lang.backends.base import Backend, BackendError
 from radixlm_lang.backends.engine import EngineBackend
+from radixlm_lang.backends.openai import OpenAI
+from radixlm_lang.backends.runtime_endpoint import Runtime, RuntimeEndpoint
 from radixlm_lang.chat import ChatTemplateError
 from radixlm_lang.choices import (
     ChoicesMethod,
@@ -45,10 +47,10 @@ from radixlm_lang.state import ForkedStates, ProgramState
 
 __all__ = [
     "Backend", "BackendError", "ChatTemplateError", "ChoicesMethod", "CompiledFunction",
-    "ConversionError", "EngineBackend", "ForkedStates", "Function", "ProgramError",
-    "ProgramState", "RequestGraph", "SamplingParams", "assistant", "assistant_begin",
-    "assistant_end", "function", "gen", "gen_int", "gen_string", "get_default_backend",
-    "greedy_token_selection", "select", "set_default_backend", "system", "system_begin",
-    "system_end", "token_length_normalized", "unconditional_likelihood_normalized", "user",
-    "user_begin", "user_end",
+    "ConversionError", "EngineBackend", "ForkedStates", "Function", "OpenAI", "ProgramError",
+    "ProgramState", "RequestGraph", "Runtime", "RuntimeEndpoint", "SamplingParams",
+    "assistant", "assistant_begin", "assistant_end", "function", "gen", "gen_int",
+    "gen_string", "get_default_backend", "greedy_token_selection", "select",
+    "set_default_backend", "system", "system_begin", "system_end", "token_length_normalized",
+    "unconditional_likelihood_normalized", "user", "user_begin", "user_end",
 ]  # fmt: skip

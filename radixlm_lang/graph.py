@@ -86,7 +86,7 @@ class RequestGraph:
                 continue
             ordinal, size = node.attrs["ordinal"], node.attrs["size"]
             branches = [self.constant_prefix(node.stream + ((ordinal, i),)) for i in range(size)]
-            shared = common_prefix(branches)
+            shared = hoistable_prefix(branches)
             if shared:
                 out[(node.stream, ordinal)] = shared
         return out
@@ -151,6 +151,20 @@ def common_prefix(texts: list[str]) -> str:
     while size < min(len(low), len(high)) and low[size] == high[size]:
         size += 1
     return low[:size]
+
+
+def hoistable_prefix(texts: list[str]) -> str:
+    """The common prefix of ``texts``, cut where token boundaries are likely to agree.
+
+    A prefix that ends mid-word or in a space would tokenize differently from the full texts
+    (BPE vocabularies attach the space to the next word), so the cut moves back to the last
+    whitespace and drops trailing spaces: the cached tokens then match the requests' tokens.
+    """
+    shared = common_prefix(texts)
+    if any(len(t) > len(shared) and not t[len(shared)].isspace() for t in texts):
+        cut = max(shared.rfind(" "), shared.rfind("\n"))
+        shared = shared[: cut + 1]
+    return shared.rstrip(" ")
 
 
 def _stream_name(stream: Stream) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from radixlm_lang.api import get_default_backend
 from radixlm_lang.backends.base import Backend
-from radixlm_lang.graph import RequestGraph, common_prefix
+from radixlm_lang.graph import RequestGraph, hoistable_prefix
 from radixlm_lang.interpreter import ExecutionOptions, StreamExecutor
 from radixlm_lang.sampling import SamplingParams
 from radixlm_lang.state import ProgramState
@@ -190,7 +190,7 @@ class CompiledFunction:
         """The constant text every graph's root begins with ("" for fewer than two graphs)."""
         if len(graphs) < 2:
             return ""
-        return common_prefix([g.constant_prefix() for g in graphs])
+        return hoistable_prefix([g.constant_prefix() for g in graphs])
 
 
 def function(func: Callable[..., Any] | None = None) -> Any:
