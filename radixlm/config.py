@@ -38,6 +38,9 @@ class ModelConfig:
         None, "Maximum tokens per sequence; defaults to the model's max_position_embeddings."
     )
     random_seed: int = _opt(0, "Seed for requests that do not bring their own.")
+    cuda_graph_max_batch_size: int = _opt(
+        256, "Replay decode steps from CUDA graphs up to this batch size (0 disables; GPU only)."
+    )
 
 
 @dataclass(frozen=True)

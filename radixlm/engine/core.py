@@ -50,6 +50,9 @@ class EngineCore:
         tree = RadixCache(pool.page_size, free_fn=self.allocator.free, disabled=not enable)
         self.kv = KVManager(self.allocator, tree, enable)
         limits = SchedulerLimits(self._max_running(), self.runner.context_length, eos)
+        graph_bs = min(config.model.cuda_graph_max_batch_size, limits.max_running_requests)
+        if graph_bs > 0:
+            self.runner.capture_cuda_graphs(graph_bs)
         compiler = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
                                    vocab_size=self.runner.vocab_size)
         self.grammar = GrammarState(compiler, self.tokenizer,

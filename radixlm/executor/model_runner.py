@@ -10,9 +10,10 @@ import torch
 from radixlm.batch import ForwardBatch, ScheduledBatch, ScheduledSeq
 from radixlm.config import CacheConfig, ModelConfig
 from radixlm.constrained.bitmask import apply_token_bitmask
+from radixlm.executor.cuda_graph import DecodeGraphRunner
 from radixlm.executor.logits import LogitsLayout, gather_input_logprobs
 from radixlm.kvcache.pool import KVPool
-from radixlm.model.attention import create_attention_backend
+from radixlm.model.attention import TritonAttentionBackend, create_attention_backend
 from radixlm.model.loader import load_model, resolve_device
 from radixlm.outputs import SeqStepResult, StepResult
 from radixlm.sampling.sampler import SamplingBatch, sample
@@ -59,9 +60,18 @@ class ModelRunner:
         self.context_length = model_config.context_length or arch.max_position_embeddings
         self.eos_token_ids = eos_token_ids
         self.pool = self._make_pool(cache_config)
-        self.attn = create_attention_backend(model_config.attention_backend, self.device)
+        self.attn = create_attention_backend(model_config.attention_backend, self.device,
+                                             sliding_window=arch.sliding_window)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(model_config.random_seed)
+        self.graphs: DecodeGraphRunner | None = None
+
+    def capture_cuda_graphs(self, max_batch_size: int) -> None:
+        """Capture decode graphs up to ``max_batch_size`` (CUDA with the Triton backend only)."""
+        if self.device.type != "cuda" or not isinstance(self.attn, TritonAttentionBackend):
+            return
+        self.graphs = DecodeGraphRunner(self.model, self.pool, self.attn, max_batch_size)
+        self.graphs.capture()
 
     def _make_pool(self, cache: CacheConfig) -> KVPool:
         arch = self.model.arch
@@ -98,7 +108,10 @@ class ModelRunner:
         fb = ForwardBatch.build(
             [s.new_tokens for s in batch.seqs], [s.slots for s in batch.seqs],
             logits_rows=layout.rows_per_seq, mode=batch.mode, device=self.device)
-        logits = self.model(fb, self.pool, self.attn)
+        if self.graphs is not None and self.graphs.can_run(fb):
+            logits = self.graphs.run(fb)
+        else:
+            logits = self.model(fb, self.pool, self.attn)
         results = [SeqStepResult() for _ in batch.seqs]
         self._sample(batch, logits, layout, results)
         gather_input_logprobs(batch.seqs, logits, layout, results)
