@@ -30,8 +30,10 @@ class ServerMetrics:
         self._build_gauges()
         self._build_histograms()
 
-    def _counter(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-        return Counter(PREFIX + name, doc, ["model_name", *extra], registry=self.registry)
+    def _counter(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> Any:
+        """A counter; without extra labels, its (zero) series exists from the start."""
+        counter = Counter(PREFIX + name, doc, ["model_name", *extra], registry=self.registry)
+        return counter if extra else counter.labels(**self._labels)
 
     def _gauge(self, name: str, doc: str) -> Any:
         return Gauge(PREFIX + name, doc, ["model_name"], registry=self.registry).labels(
@@ -73,13 +75,12 @@ class ServerMetrics:
     def observe_result(self, result: dict[str, Any]) -> None:
         """Record one finished request (an engine result dict)."""
         meta = result.get("meta_info", {})
-        labels = self._labels
-        self.prompt_tokens.labels(**labels).inc(meta.get("prompt_tokens", 0))
+        self.prompt_tokens.inc(meta.get("prompt_tokens", 0))
         completion = meta.get("completion_tokens", 0)
-        self.generation_tokens.labels(**labels).inc(completion)
-        self.cached_tokens.labels(**labels).inc(meta.get("cached_tokens", 0))
+        self.generation_tokens.inc(completion)
+        self.cached_tokens.inc(meta.get("cached_tokens", 0))
         finish = (meta.get("finish_reason") or {}).get("type", "unknown")
-        self.requests.labels(finish_reason=finish, **labels).inc()
+        self.requests.labels(finish_reason=finish, **self._labels).inc()
         self._observe_latency(meta, completion)
 
     def _observe_latency(self, meta: dict[str, Any], completion: int) -> None:

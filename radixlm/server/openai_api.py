@@ -23,6 +23,7 @@ from radixlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     completion_max_tokens,
+    max_tokens_field,
     message_dicts,
     openai_param,
     sampling_params,
@@ -100,9 +101,10 @@ def _vocab_size(ctx: ServerContext) -> int:
     return getattr(ctx.engine, "vocab_size", None) or len(ctx.tokenizer)
 
 
-def _openai_error(exc: RequestError, chat: bool) -> APIError:
-    param = openai_param(exc.param, chat)
-    if chat and param == "prompt":
+def _openai_error(exc: RequestError, body: CompletionRequest | ChatCompletionRequest
+                  ) -> APIError:
+    param = openai_param(exc.param, max_tokens_field(body))
+    if isinstance(body, ChatCompletionRequest) and param == "prompt":
         param = "messages"
     return APIError(400, exc.message, param)
 
@@ -114,14 +116,14 @@ def _check_common(body: CompletionRequest | ChatCompletionRequest, ctx: ServerCo
         raise APIError(400, "best_of is not supported (only best_of == n)", "best_of")
 
 
-async def _run(ctx: ServerContext, plan: Plan, request: Request, chat: bool,
-               stream: bool) -> Any:
+async def _run(ctx: ServerContext, plan: Plan, request: Request,
+               body: CompletionRequest | ChatCompletionRequest) -> Any:
     try:
-        if stream:
+        if body.stream:
             return await ctx.runner.open_streams(plan.jobs, request)
         return await ctx.runner.collect(plan.jobs, request)
     except RequestError as exc:
-        raise _openai_error(exc, chat) from None
+        raise _openai_error(exc, body) from None
 
 
 # ---- /v1/completions --------------------------------------------------------------------------
@@ -133,7 +135,7 @@ async def completions(body: CompletionRequest, request: Request,
     """OpenAI text completions (batch prompts, n, echo, logprobs, streaming)."""
     _check_common(body, ctx)
     plan = completion_plan(body, ctx)
-    outcome = await _run(ctx, plan, request, chat=False, stream=body.stream)
+    outcome = await _run(ctx, plan, request, body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _completion_events(ctx, plan, body, outcome, include_usage)
@@ -327,7 +329,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     """OpenAI chat completions (chat template, n, logprobs, response_format, streaming)."""
     _check_common(body, ctx)
     plan = chat_plan(body, ctx)
-    outcome = await _run(ctx, plan, request, chat=True, stream=body.stream)
+    outcome = await _run(ctx, plan, request, body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _chat_events(ctx, plan, body, outcome, include_usage)

@@ -248,11 +248,23 @@ def response_format_constraint(fmt: ResponseFormat | None) -> dict[str, Any]:
     return {"json_schema": json.dumps(fmt.json_schema.schema_)}
 
 
-def openai_param(param: str | None, chat: bool) -> str | None:
-    """Rename an engine field in an error to the name the OpenAI caller used."""
-    if param == "max_new_tokens" and chat:
-        return "max_completion_tokens"
+def openai_param(param: str | None, max_field: str = "max_tokens") -> str | None:
+    """Rename an engine field in an error to the name the OpenAI caller used.
+
+    Args:
+        param: the engine's field name (``max_new_tokens``...), or None.
+        max_field: which of ``max_tokens`` / ``max_completion_tokens`` the caller sent.
+    """
+    if param == "max_new_tokens":
+        return max_field
     return OPENAI_PARAM_NAMES.get(param or "", param)
+
+
+def max_tokens_field(req: CompletionRequest | ChatCompletionRequest) -> str:
+    """The name under which the caller gave the output budget."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:

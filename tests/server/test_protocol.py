@@ -15,6 +15,7 @@ from radixlm.server.protocol import (
     GenerateRequest,
     completion_max_tokens,
     logit_bias,
+    max_tokens_field,
     message_dicts,
     openai_param,
     response_format_constraint,
@@ -118,11 +119,13 @@ def test_validation_limits():
 
 
 def test_engine_param_names_are_translated_for_openai_callers():
-    assert openai_param("max_new_tokens", chat=False) == "max_tokens"
-    assert openai_param("max_new_tokens", chat=True) == "max_completion_tokens"
-    assert openai_param("min_new_tokens", chat=True) == "min_tokens"
-    assert openai_param("temperature", chat=True) == "temperature"
-    assert openai_param(None, chat=True) is None
+    assert openai_param("max_new_tokens") == "max_tokens"
+    assert openai_param("max_new_tokens", max_tokens_field(_chat(max_completion_tokens=3))) == (
+        "max_completion_tokens")
+    assert max_tokens_field(_chat(max_tokens=3)) == "max_tokens"
+    assert openai_param("min_new_tokens") == "min_tokens"
+    assert openai_param("temperature") == "temperature"
+    assert openai_param(None) is None
 
 
 def test_validation_message_names_the_field():
