@@ -110,3 +110,56 @@ def make_scripted(llama3_tokenizer):
         return ScriptedBackend(**kwargs)
 
     return make
+
+
+# ---- real models: the in-process engine and a real server ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """A random-weight Llama (hidden 64, 2 layers) with the Llama 3 tokenizer and template."""
+    from radixlm.model.random_model import make_random_model_dir
+
+    path = make_random_model_dir(
+        tmp_path_factory.mktemp("lang_tiny_llama"), "llama", tokenizer_dir=llama3_tokenizer_dir
+    )
+    # The Llama 3 template trims message contents; without the trim a conversation's text is
+    # exactly apply_chat_template(messages), which the chat tests compare against.
+    template = path / "chat_template.jinja"
+    template.write_text(template.read_text().replace(" | trim", ""))
+    return path
+
+
+ENGINE_OPTIONS = {"kv_cache_tokens": 16384}
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    from radixlm import Engine
+
+    with Engine(model=str(tiny_model_dir), **ENGINE_OPTIONS) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="session")
+def engine_backend(engine):
+    import radixlm_lang as rl
+
+    return rl.EngineBackend(engine)
+
+
+@pytest.fixture(scope="session")
+def server_runtime(tiny_model_dir):
+    import radixlm_lang as rl
+
+    runtime = rl.Runtime(model=str(tiny_model_dir), **ENGINE_OPTIONS)
+    yield runtime
+    runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir):
+    """The same weights in transformers: the independent reference for logprobs."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
