@@ -18,7 +18,7 @@ class AttentionBackend(ABC):
     ``h // (num_q_heads // num_kv_heads)``.
     """
 
-    def prepare(self, batch: ForwardBatch) -> None:
+    def prepare(self, batch: ForwardBatch) -> None:  # noqa: B027 (optional hook)
         """Per-batch metadata, computed once before the layers run. Default: nothing."""
 
     def forward(
