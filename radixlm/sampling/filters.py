@@ -33,12 +33,13 @@ def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor, k_max: int) -> torch.T
     return filters & (logits < kth_value)
 
 
-def top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def top_p_mask(logits: torch.Tensor, tail_mass: torch.Tensor) -> torch.Tensor:
     """Tokens to remove: outside the smallest most-likely set with probability mass >= top_p.
 
     Args:
         logits: [B, V] float32 (removed tokens already -inf).
-        top_p: [B] float32; rows with 1.0 keep everything.
+        tail_mass: [B] float32 ``1 - top_p`` computed in float64 (as HF does), or a negative
+            number in rows that keep everything.
 
     Returns:
         [B, V] bool mask of removed tokens; the most likely token is never removed.
@@ -46,9 +47,8 @@ def top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     ascending_mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     # Ascending cumulative mass <= 1 - top_p is exactly the tail outside the nucleus.
-    remove_sorted = ascending_mass <= (1.0 - top_p)[:, None]
+    remove_sorted = ascending_mass <= tail_mass[:, None]
     remove_sorted[:, -1] = False
-    remove_sorted &= (top_p < 1.0)[:, None]
     return remove_sorted.scatter(1, order, remove_sorted)
 
 

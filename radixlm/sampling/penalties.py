@@ -6,9 +6,11 @@ applied on the device in place on a scratch copy of the logits, without host syn
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from radixlm.sampling.transfer import float_tensor, int_tensor, to_device
@@ -145,9 +147,9 @@ def _repetition_part(chosen, prompts, outputs, vocab_size, device):
     """(penalty [P, 1], seen [P, V]) or (None, None) when every penalty is 1."""
     if all(p.repetition_penalty == 1.0 for p in chosen):
         return None, None
-    context = [[*prompt, *output] for prompt, output in zip(prompts, outputs, strict=True)]
-    seen = _occurrences(context, vocab_size, device).gt(0)
-    return _column([p.repetition_penalty for p in chosen], device), seen
+    seen = _occurrences(prompts, vocab_size, device)
+    _count_into(seen, outputs)
+    return _column([p.repetition_penalty for p in chosen], device), seen.gt(0)
 
 
 def _frequency_part(chosen, outputs, vocab_size, device):
@@ -162,17 +164,28 @@ def _frequency_part(chosen, outputs, vocab_size, device):
 def _occurrences(
     token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
 ) -> torch.Tensor:
-    """[len(token_lists), V] float32 counts; ids outside the vocabulary are ignored."""
-    rows = [r for r, tokens in enumerate(token_lists) for _ in tokens]
-    cols = [t for tokens in token_lists for t in tokens]
+    """[len(token_lists), V] float32 counts of each row's tokens."""
     counts = torch.zeros(len(token_lists), vocab_size, dtype=torch.float32, device=device)
-    if cols:
-        cols_t = torch.tensor(cols, dtype=torch.int64)
-        keep = (cols_t >= 0) & (cols_t < vocab_size)
-        index = (to_device(torch.tensor(rows)[keep], device), to_device(cols_t[keep], device))
-        ones = torch.ones(index[0].shape[0], dtype=torch.float32, device=device)
-        counts.index_put_(index, ones, accumulate=True)
+    _count_into(counts, token_lists)
     return counts
+
+
+def _count_into(counts: torch.Tensor, token_lists: Sequence[Sequence[int]]) -> None:
+    """Add each row's token occurrences to ``counts`` [R, V]; ids outside [0, V) are ignored.
+
+    The per-step cost is one pass over the ids in numpy and one copy to the device.
+    """
+    lengths = np.fromiter((len(tokens) for tokens in token_lists), dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return
+    cols = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=total)
+    rows = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
+    keep = (cols >= 0) & (cols < counts.shape[1])
+    index = torch.from_numpy(np.stack([rows[keep], cols[keep]]))
+    rows_t, cols_t = to_device(index, counts.device)
+    ones = torch.ones(rows_t.shape[0], dtype=torch.float32, device=counts.device)
+    counts.index_put_((rows_t, cols_t), ones, accumulate=True)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from radixlm.sampling.filters import NEG_INF, min_p_mask, top_k_mask, top_p_mask
-from radixlm.sampling.logprobs import input_token_logprobs, token_logprobs, top_logprobs
+from radixlm.sampling.logprobs import input_token_logprobs, top_logprobs
 from radixlm.sampling.sampling_batch import SamplingBatch, check_vocab, step_seed
+from radixlm.sampling.seeded_noise import fill_seeded_noise
 
 __all__ = [
     "HostSampleOutput",
@@ -94,10 +95,14 @@ def sample(
         next_ids = _draw(sampling_logits(adjusted, batch, adjusted=True), batch)
         if batch.greedy is not None:
             next_ids = torch.where(batch.greedy, adjusted.argmax(dim=-1), next_ids)
-    top_values = top_ids = None
-    if top_logprobs_num > 0:
-        top_values, top_ids = top_logprobs(raw, top_logprobs_num)
-    logprobs = token_logprobs(raw, next_ids) if return_logprob else None
+    logprobs = top_values = top_ids = None
+    if return_logprob or top_logprobs_num > 0:
+        all_logprobs = torch.log_softmax(raw, dim=-1)
+        if return_logprob:
+            logprobs = all_logprobs.gather(1, next_ids[:, None])[:, 0]
+        if top_logprobs_num > 0:
+            k = min(top_logprobs_num, raw.shape[-1])
+            top_values, top_ids = all_logprobs.topk(k, dim=-1)
     return SampleOutput(next_ids, logprobs, top_ids, top_values)
 
 
@@ -138,8 +143,8 @@ def sampling_logits(
     scaled = logits / batch.temperature
     if batch.top_k is not None:
         scaled = scaled.masked_fill(top_k_mask(scaled, batch.top_k, batch.top_k_max), NEG_INF)
-    if batch.top_p is not None:
-        scaled = scaled.masked_fill(top_p_mask(scaled, batch.top_p), NEG_INF)
+    if batch.top_p_tail is not None:
+        scaled = scaled.masked_fill(top_p_mask(scaled, batch.top_p_tail), NEG_INF)
     if batch.min_p is not None:
         scaled = scaled.masked_fill(min_p_mask(scaled, batch.min_p), NEG_INF)
     return scaled
@@ -157,8 +162,5 @@ def _exponential_noise(shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
     noise = torch.empty(shape, dtype=torch.float32, device=batch.device)
     if len(batch.row_seeds) < batch.size:
         noise.exponential_(generator=batch.generator)
-    for row, seed in batch.row_seeds:
-        row_generator = torch.Generator(device=batch.device)
-        row_generator.manual_seed(seed)
-        noise[row].exponential_(generator=row_generator)
+    fill_seeded_noise(noise, batch.row_seeds)
     return noise

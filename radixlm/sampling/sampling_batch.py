@@ -30,7 +30,7 @@ class SamplingBatch:
     temperature: torch.Tensor | None  # [B, 1]; 1.0 in greedy rows; None when all greedy
     top_k: torch.Tensor | None  # [B] int64, vocab_size where disabled; None if no row filters
     top_k_max: int
-    top_p: torch.Tensor | None  # [B]; 1.0 where disabled; None if no row filters
+    top_p_tail: torch.Tensor | None  # [B] 1 - top_p; -1.0 where disabled; None if no row filters
     min_p: torch.Tensor | None  # [B]; 0.0 where disabled; None if no row filters
     logit_bias: LogitBias | None
     penalties: Penalties | None
@@ -100,7 +100,7 @@ def _sampling_fields(params, greedy, steps, vocab_size, device) -> dict:
             temperature=None,
             top_k=None,
             top_k_max=0,
-            top_p=None,
+            top_p_tail=None,
             min_p=None,
             row_seeds=[],
         )
@@ -108,7 +108,7 @@ def _sampling_fields(params, greedy, steps, vocab_size, device) -> dict:
     top_ks = [_effective_top_k(p, g, vocab_size) for p, g in zip(params, greedy, strict=True)]
     packed = torch.tensor(
         [
-            [1.0 if g else p.temperature, 1.0 if g else p.top_p, 0.0 if g else p.min_p, float(g)]
+            [1.0 if g else p.temperature, _top_p_tail(p, g), 0.0 if g else p.min_p, float(g)]
             for p, g in zip(params, greedy, strict=True)
         ],
         dtype=torch.float32,
@@ -120,7 +120,7 @@ def _sampling_fields(params, greedy, steps, vocab_size, device) -> dict:
         temperature=packed[:, 0:1],
         top_k=int_tensor(top_ks, device) if filters_k else None,
         top_k_max=max((k for k in top_ks if k < vocab_size), default=0),
-        top_p=packed[:, 1] if any(p.top_p < 1.0 for p in sampled) else None,
+        top_p_tail=packed[:, 1] if any(p.top_p < 1.0 for p in sampled) else None,
         min_p=packed[:, 2] if any(p.min_p > 0.0 for p in sampled) else None,
         row_seeds=[
             (row, step_seed(p.seed, step))
@@ -128,6 +128,11 @@ def _sampling_fields(params, greedy, steps, vocab_size, device) -> dict:
             if p.seed is not None and not g
         ],
     )
+
+
+def _top_p_tail(params: SamplingParams, greedy: bool) -> float:
+    """1 - top_p in float64, the exact threshold HF's TopPLogitsWarper compares against."""
+    return -1.0 if greedy or params.top_p >= 1.0 else 1.0 - params.top_p
 
 
 def _effective_top_k(params: SamplingParams, greedy: bool, vocab_size: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -19,9 +20,8 @@ from radixlm.sampling import SamplingBatch, adjusted_logits, sample, sampling_lo
 from radixlm.sampling_params import SamplingParams
 
 VOCAB = 64
-# Powers of two keep ``1 - top_p`` and ``min_p * max`` exact, so masks can be compared exactly.
-TOP_PS = [1.0, 0.5, 0.75, 0.875, 0.25]
-MIN_PS = [0.0, 0.125, 0.0625, 0.25]
+TOP_PS = [1.0, 0.5, 0.75, 0.9, 0.95, 0.3]
+MIN_PS = [0.0, 0.125, 0.05, 0.1, 0.25]
 
 
 def build(params, outputs=None, prompts=None, steps=None, eos=(), generator=None, vocab=VOCAB):
@@ -166,29 +166,47 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(temperature=1.0),
-        SamplingParams(temperature=0.6, top_k=4),
-        SamplingParams(temperature=1.4, top_p=0.75),
-        SamplingParams(min_p=0.125, frequency_penalty=0.5),
-    ],
-)
-def test_draws_follow_the_filtered_distribution(params):
-    """20,000 rows with the same logits: token counts fit softmax(sampling_logits)."""
+DRAW_CASES = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.6, top_k=4),
+    SamplingParams(temperature=1.4, top_p=0.75),
+    SamplingParams(min_p=0.125, frequency_penalty=0.5),
+]
+
+
+def assert_draws_fit(params: SamplingParams, seeded: bool, device: str = "cpu") -> None:
+    """20,000 rows with the same logits (each with its own seed if ``seeded``): token counts
+    fit softmax(sampling_logits), and filtered tokens are never drawn."""
     rows, vocab = 20_000, 8
-    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
-    batch = build(
-        [params] * rows, [[1, 1]] * rows, vocab=vocab, generator=torch.Generator().manual_seed(0)
-    )
-    logits = base[None].expand(rows, vocab).contiguous()
-    probs = sampling_logits(logits[:1], build([params], [[1, 1]], vocab=vocab)).softmax(-1)[0]
-    tokens = sample(logits, batch).next_token_ids
-    counts = torch.bincount(tokens, minlength=vocab).float()
-    assert counts[probs == 0].sum() == 0  # filtered tokens never drawn
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], device=device)
+    all_params = [dataclasses.replace(params, seed=i) if seeded else params for i in range(rows)]
+    batch = SamplingBatch.build(
+        all_params, [[1, 1]] * rows, vocab_size=vocab, device=device,
+        generator=torch.Generator(device=device).manual_seed(0),
+    )  # fmt: skip
+    one = SamplingBatch.build([params], [[1, 1]], vocab_size=vocab, device=device)
+    probs = sampling_logits(base[None], one).softmax(-1)[0].cpu()
+    tokens = sample(base[None].expand(rows, vocab).contiguous(), batch).next_token_ids
+    counts = torch.bincount(tokens.cpu(), minlength=vocab).float()
+    assert counts[probs == 0].sum() == 0
     # 99.99th percentile of chi-square with <= 7 degrees of freedom is about 29.9.
     assert chi_square(counts, probs) < 29.9
+
+
+@pytest.mark.parametrize("params", DRAW_CASES)
+def test_draws_follow_the_filtered_distribution(params):
+    assert_draws_fit(params, seeded=False)
+
+
+def test_seeded_draws_follow_the_filtered_distribution():
+    assert_draws_fit(DRAW_CASES[2], seeded=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.parametrize("params", DRAW_CASES)
+def test_cuda_draws_follow_the_filtered_distribution(params, seeded):
+    assert_draws_fit(params, seeded=seeded, device="cuda")
 
 
 def test_mixed_greedy_and_sampled_rows():
