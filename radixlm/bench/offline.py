@@ -1,0 +1,366 @@
+"""Offline throughput: N requests through the engine at once, as fast as it can go.
+
+Requests are token ids (no tokenizer cost) with ``ignore_eos``, so each produces exactly its
+output length. Datasets:
+- ``random``: prompts of ``--input-len`` random ids and ``--output-len`` outputs; with
+  ``--range-ratio r < 1`` each length is drawn uniformly from [r x len, len].
+- ``shared-prefix``: ``--groups`` G x ``--prompts-per-group`` P prompts; the prompts of a group
+  share a ``--system-len`` token prefix, followed by a ``--question-len`` token question of
+  their own. ``--disable-radix-cache`` gives the baseline that recomputes every prefix.
+
+By default the engine core runs in this process (``EngineCore``: no IPC in the timings); with
+``--engine-process`` the requests go through ``Engine`` (core in its own process, results over a
+pipe), as a user of the Python API would see it. A few warm-up requests run first (then the
+cache is flushed), so Triton compilation is not timed.
+
+The roofline printed beside the result is that workload's floor (radixlm.bench.common): the
+uncached prompt tokens' FLOPs at the measured matmul rate, plus decode steps at the measured HBM
+bandwidth with as many requests decoding at once as the KV pool and the engine's cap allow. With
+the radix cache on, each group's shared prefix counts as computed once.
+
+``--baseline hf`` runs (a subset of, with ``--hf-requests``) the same requests through HF
+``generate`` in batches of ``--hf-batch-size`` and prints radixlm's speed-up in output tok/s.
+
+Usage: radixlm bench offline --random-model llama3-8b --dataset random --num-requests 1000
+       --input-len 1024 --output-len 256 [--out offline.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radixlm.bench import hf_baseline
+from radixlm.bench.common import (
+    Ceilings,
+    ModelCost,
+    WorkItem,
+    add_model_args,
+    engine_options,
+    format_table,
+    measure_ceilings,
+    percentile,
+    resolve_model_dir,
+    run_header,
+    synchronize,
+    workload_roofline,
+    write_json,
+)
+from radixlm.model.arch import ModelArch
+from radixlm.model.loader import resolve_device, resolve_dtype
+
+WARMUP_OUTPUT_LEN = 8
+COLUMNS = [
+    ("backend", "backend"), ("requests", "requests"), ("wall_s", "wall s"),
+    ("request_per_s", "req/s"), ("input_tok_s", "in tok/s"), ("output_tok_s", "out tok/s"),
+    ("cache_hit_rate", "cache hit"), ("roof_output_tok_s", "roof out tok/s"),
+    ("roof_pct", "% roof"), ("ttft_p50_s", "TTFT p50 s"), ("e2e_p50_s", "e2e p50 s"),
+]
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request of a workload; ``group`` is its shared-prefix group (-1: none)."""
+
+    input_ids: list[int]
+    output_len: int
+    group: int = -1
+    shared_len: int = 0
+
+
+def random_dataset(rng: random.Random, num: int, input_len: int, output_len: int,
+                   range_ratio: float, vocab: int) -> list[BenchRequest]:
+    """``num`` prompts of random ids; lengths uniform in [range_ratio x len, len]."""
+    def length(full: int) -> int:
+        return max(1, rng.randint(int(full * range_ratio), full)) if range_ratio < 1 else full
+
+    return [BenchRequest([rng.randrange(vocab) for _ in range(length(input_len))],
+                         max(1, length(output_len))) for _ in range(num)]
+
+
+def shared_prefix_dataset(rng: random.Random, groups: int, per_group: int, system_len: int,
+                          question_len: int, output_len: int, vocab: int
+                          ) -> list[BenchRequest]:
+    """``groups`` x ``per_group`` prompts: a group's shared prefix, then a question of its own.
+    Returned group-interleaved (as they would arrive), not group after group."""
+    systems = [[rng.randrange(vocab) for _ in range(system_len)] for _ in range(groups)]
+    out = []
+    for _ in range(per_group):
+        for g, system in enumerate(systems):
+            question = [rng.randrange(vocab) for _ in range(question_len)]
+            out.append(BenchRequest(system + question, output_len, g, system_len))
+    return out
+
+
+def make_dataset(args: argparse.Namespace, vocab: int, seed_offset: int = 0
+                 ) -> list[BenchRequest]:
+    rng = random.Random(args.seed + seed_offset)
+    if args.dataset == "random":
+        return random_dataset(rng, args.num_requests, args.input_len, args.output_len,
+                              args.range_ratio, vocab)
+    return shared_prefix_dataset(rng, args.groups, args.prompts_per_group, args.system_len,
+                                 args.question_len, args.output_len, vocab)
+
+
+def work_items(requests: list[BenchRequest], radix: bool) -> list[WorkItem]:
+    """The roofline's view: with the radix cache each group's prefix is computed once."""
+    seen: set[int] = set()
+    items = []
+    for r in requests:
+        cached = r.shared_len if radix and r.group >= 0 and r.group in seen else 0
+        seen.add(r.group)
+        items.append(WorkItem(len(r.input_ids), cached, r.output_len))
+    return items
+
+
+def roofline_concurrency(items: list[WorkItem], kv_capacity: int, max_running: int) -> int:
+    """Requests that fit in the KV pool at once (shared prefixes held once), engine cap too."""
+    unique = sum(i.prompt_len - i.cached_len + i.output_len for i in items)
+    per_request = max(unique / len(items), 1.0)
+    return max(1, min(len(items), max_running, int(kv_capacity // per_request)))
+
+
+# ---------------------------------------------------------------------------- radixlm runs
+
+
+@dataclass
+class RunResult:
+    """Wall time and per-request latencies of one engine run."""
+
+    wall_s: float
+    ttft_s: list[float]
+    e2e_s: list[float]
+    output_tokens: int
+    cached_tokens: int
+    prompt_tokens: int
+    info: dict[str, Any]
+
+
+def engine_config(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    opts = {"model": str(model_dir), **engine_options(args),
+            "enable_radix_cache": not args.disable_radix_cache}
+    for name in ("kv_cache_tokens", "max_running_requests", "chunked_prefill_size",
+                 "max_prefill_tokens", "schedule_policy", "mem_fraction"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    return opts
+
+
+def run_in_process(opts: dict[str, Any], requests: list[BenchRequest],
+                   warmup: list[BenchRequest], device: torch.device) -> RunResult:
+    """Drive an in-process EngineCore: warm up, flush, then every request at once."""
+    from radixlm.config import EngineConfig
+    from radixlm.engine.core import EngineCore
+
+    core = EngineCore(EngineConfig.from_kwargs(**opts), progress=False)
+    if warmup:
+        _drive(core, warmup, "warm", device)
+        core.flush_cache()
+    result = _drive(core, requests, "req", device)
+    result.info = core.server_info()
+    del core
+    return result
+
+
+def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -> RunResult:
+    from radixlm.engine import ipc
+    from radixlm.request import LogprobOptions
+    from radixlm.sampling_params import SamplingParams
+
+    synchronize(device)
+    start = time.perf_counter()
+    for i, r in enumerate(requests):
+        params = SamplingParams(max_new_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+        core.add_request(ipc.AddRequest(f"{tag}-{i}", r.input_ids, params, LogprobOptions()))
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    tokens = cached = 0
+    while core.has_work():
+        outputs = core.step()
+        now = time.perf_counter() - start
+        for out in outputs:
+            tokens += len(out.new_token_ids)
+            if out.new_token_ids:
+                first.setdefault(out.rid, now)
+            if out.finish is not None:
+                done[out.rid] = now
+                cached += out.cached_tokens
+    synchronize(device)
+    wall = time.perf_counter() - start
+    prompt = sum(len(r.input_ids) for r in requests)
+    return RunResult(wall, list(first.values()), list(done.values()), tokens, cached, prompt, {})
+
+
+def run_engine_process(opts: dict[str, Any], requests: list[BenchRequest],
+                       warmup: list[BenchRequest]) -> RunResult:
+    """The same through ``Engine`` (core process + IPC), one batched ``generate`` call."""
+    from radixlm.engine.engine import Engine
+
+    with Engine(**opts) as engine:
+        if warmup:
+            _engine_generate(engine, warmup)
+            engine.flush_cache()
+        start = time.perf_counter()
+        results = _engine_generate(engine, requests)
+        wall = time.perf_counter() - start
+        info = engine.server_info()
+    metas = [r["meta_info"] for r in results]
+    return RunResult(wall, [m["ttft"] for m in metas], [m["e2e_latency"] for m in metas],
+                     sum(m["completion_tokens"] for m in metas),
+                     sum(m["cached_tokens"] for m in metas),
+                     sum(m["prompt_tokens"] for m in metas), info)
+
+
+def _engine_generate(engine, requests: list[BenchRequest]) -> list[dict[str, Any]]:
+    params = [{"max_new_tokens": r.output_len, "temperature": 0.0, "ignore_eos": True}
+              for r in requests]
+    return engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
+
+
+def result_row(name: str, run: RunResult, roof_s: float, items: list[WorkItem]
+               ) -> dict[str, Any]:
+    wanted_out = sum(i.output_len for i in items)
+    return {
+        "backend": name, "requests": len(items), "wall_s": run.wall_s,
+        "request_per_s": len(items) / run.wall_s,
+        "input_tok_s": run.prompt_tokens / run.wall_s,
+        "output_tok_s": run.output_tokens / run.wall_s,
+        "total_tok_s": (run.prompt_tokens + run.output_tokens) / run.wall_s,
+        "output_tokens": run.output_tokens, "prompt_tokens": run.prompt_tokens,
+        "cached_tokens": run.cached_tokens,
+        "cache_hit_rate": run.cached_tokens / max(run.prompt_tokens, 1),
+        "roof_s": roof_s, "roof_output_tok_s": wanted_out / roof_s,
+        "roof_pct": 100 * roof_s / run.wall_s,
+        "ttft_p50_s": percentile(run.ttft_s, 50), "ttft_p99_s": percentile(run.ttft_s, 99),
+        "e2e_p50_s": percentile(run.e2e_s, 50), "e2e_p99_s": percentile(run.e2e_s, 99),
+    }
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="radixlm bench offline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    data = parser.add_argument_group("workload")
+    data.add_argument("--dataset", choices=["random", "shared-prefix"], default="random")
+    data.add_argument("--num-requests", type=int, default=1000)
+    data.add_argument("--input-len", type=int, default=1024)
+    data.add_argument("--output-len", type=int, default=256)
+    data.add_argument("--range-ratio", type=float, default=1.0)
+    data.add_argument("--groups", type=int, default=64)
+    data.add_argument("--prompts-per-group", type=int, default=16)
+    data.add_argument("--system-len", type=int, default=2048)
+    data.add_argument("--question-len", type=int, default=128)
+    data.add_argument("--warmup-requests", type=int, default=4)
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--disable-radix-cache", action="store_true")
+    eng.add_argument("--engine-process", action="store_true",
+                     help="go through Engine (core in its own process) instead of EngineCore")
+    eng.add_argument("--kv-cache-tokens", type=int, default=None)
+    eng.add_argument("--mem-fraction", type=float, default=None)
+    eng.add_argument("--max-running-requests", type=int, default=None)
+    eng.add_argument("--chunked-prefill-size", type=int, default=None)
+    eng.add_argument("--max-prefill-tokens", type=int, default=None)
+    eng.add_argument("--schedule-policy", default=None,
+                     choices=["lpm", "fcfs", "dfs-weight", "random"])
+    hf = parser.add_argument_group("HF baseline")
+    hf.add_argument("--baseline", choices=["hf"], default=None)
+    hf.add_argument("--hf-variants", nargs="+", default=["default"],
+                    choices=hf_baseline.HF_VARIANTS)
+    hf.add_argument("--hf-batch-size", type=int, default=64)
+    hf.add_argument("--hf-requests", type=int, default=None,
+                    help="run only the first N requests through HF (its tok/s is a rate)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table; write JSON with --out."""
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    model_dir = resolve_model_dir(args, device)
+    arch = ModelArch.from_dir(model_dir)
+    dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
+    ceil = measure_ceilings(device, args.hbm_gbps, args.tflops)
+    requests = make_dataset(args, arch.vocab_size)
+    warmup = _warmup_requests(args, arch.vocab_size)
+    opts = engine_config(model_dir, args)
+    if args.engine_process:
+        run = run_engine_process(opts, requests, warmup)
+    else:
+        run = run_in_process(opts, requests, warmup, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows = [_radixlm_row(args, run, requests, ModelCost.of(arch, dtype), ceil)]
+    if args.baseline == "hf":
+        rows += _hf_rows(model_dir, requests, rows[0], args, device, dtype)
+    report(args, device, ceil, model_dir, rows)
+    return 0
+
+
+def _warmup_requests(args: argparse.Namespace, vocab: int) -> list[BenchRequest]:
+    rng = random.Random(args.seed + 1)
+    length = args.input_len if args.dataset == "random" else args.system_len + args.question_len
+    return [BenchRequest([rng.randrange(vocab) for _ in range(length)], WARMUP_OUTPUT_LEN)
+            for _ in range(args.warmup_requests)]
+
+
+def _radixlm_row(args: argparse.Namespace, run: RunResult, requests: list[BenchRequest],
+                 cost: ModelCost, ceil: Ceilings) -> dict[str, Any]:
+    radix = not args.disable_radix_cache
+    items = work_items(requests, radix)
+    concurrency = roofline_concurrency(items, run.info["kv_capacity_tokens"],
+                                       run.info["max_running_requests"])
+    roof_s = workload_roofline(cost, ceil, items, concurrency)
+    name = "radixlm" + ("" if radix else " (no radix)") + (" [Engine]" if args.engine_process
+                                                          else "")
+    row = result_row(name, run, roof_s, items)
+    row.update({"roof_concurrency": concurrency,
+                "kv_capacity_tokens": run.info["kv_capacity_tokens"],
+                "max_running_requests": run.info["max_running_requests"],
+                "num_retractions": run.info.get("num_retractions")})
+    return row
+
+
+def _hf_rows(model_dir: Path, requests: list[BenchRequest], ours: dict[str, Any],
+             args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+             ) -> list[dict[str, Any]]:
+    subset = requests[: args.hf_requests] if args.hf_requests else requests
+    model = hf_baseline.load_hf_model(model_dir, dtype, device)
+    rows = []
+    for variant in args.hf_variants:
+        timing = hf_baseline.time_workload(
+            model, [(r.input_ids, r.output_len) for r in subset], args.hf_batch_size, variant)
+        prompt = sum(len(r.input_ids) for r in subset)
+        rows.append({"backend": f"HF {variant} (batch {args.hf_batch_size})",
+                     "requests": len(subset), "wall_s": timing.total_s,
+                     "request_per_s": len(subset) / timing.total_s,
+                     "input_tok_s": prompt / timing.total_s,
+                     "output_tok_s": timing.output_tok_s,
+                     "radixlm_speedup": ours["output_tok_s"] / timing.output_tok_s})
+    hf_baseline.release(model)
+    return rows
+
+
+def report(args: argparse.Namespace, device: torch.device, ceil: Ceilings, model_dir: Path,
+           rows: list[dict[str, Any]]) -> None:
+    header = run_header(device, ceil, model_dir)
+    print(f"offline {args.dataset} on {header['device']}: HBM {ceil.hbm_gbps:.4g} GB/s, "
+          f"matmul {ceil.matmul_tflops:.3g} TFLOP/s; roofline concurrency "
+          f"{rows[0]['roof_concurrency']} (KV {rows[0]['kv_capacity_tokens']} tokens)")
+    columns = COLUMNS + ([("radixlm_speedup", "radixlm x")] if len(rows) > 1 else [])
+    print(format_table(rows, columns))
+    write_json(args.out, {**header, "bench": "offline", "args": vars(args), "results": rows})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

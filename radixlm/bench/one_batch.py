@@ -1,0 +1,223 @@
+"""Static-batch latency through the engine core: one prefill, then decode steps.
+
+For every batch size x input length, B random prompts go into an in-process ``EngineCore`` at
+once (radix cache off, every prompt admitted in one extend step); each ``step()`` is timed with
+the host clock after a device sync (a step returns only once its sampled tokens are on the host).
+The prefill is the step that produces the first tokens, the decode steps are the rest. A warm-up
+run of the same shape (other token ids) comes first, so Triton compilation is not timed.
+
+Beside each result the roofline of that batch (see radixlm.bench.common): the prefill floor and
+the median decode-step floor, from the HBM bandwidth and matmul rate measured in the same run.
+
+``--baseline hf`` then loads the same weights into HF transformers and times ``generate`` on the
+same prompts (default, and static cache + torch.compile), and prints radixlm's speed-up.
+
+Usage: radixlm bench one-batch --random-model llama3-8b --batch-sizes 1 64 --input-lens 512
+       --output-len 128 [--baseline hf] [--out one_batch.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radixlm.bench import hf_baseline
+from radixlm.bench.common import (
+    Ceilings,
+    ModelCost,
+    add_model_args,
+    engine_options,
+    format_table,
+    measure_ceilings,
+    resolve_model_dir,
+    run_header,
+    static_batch_roofline,
+    synchronize,
+    write_json,
+)
+from radixlm.model.arch import ModelArch
+from radixlm.model.loader import resolve_device, resolve_dtype
+
+RESULT_COLUMNS = [
+    ("batch", "batch"), ("input_len", "in"), ("output_len", "out"),
+    ("prefill_ms", "prefill ms"), ("prefill_roof_ms", "roof ms"),
+    ("decode_ms", "decode ms/step"), ("decode_roof_ms", "roof ms"),
+    ("decode_tok_s", "decode tok/s"), ("decode_roof_pct", "% roof"),
+    ("output_tok_s", "out tok/s"), ("roof_tok_s", "roof tok/s"), ("roof_pct", "% roof"),
+]
+HF_COLUMNS = [
+    ("variant", "HF variant"), ("batch", "batch"), ("input_len", "in"), ("output_len", "out"),
+    ("prefill_ms", "prefill ms"), ("decode_ms", "decode ms/step"),
+    ("output_tok_s", "out tok/s"), ("radixlm_speedup", "radixlm x"),
+]
+
+
+@dataclass
+class StepLog:
+    """Wall time of each engine step and whether it was part of the prefill."""
+
+    seconds: list[float] = field(default_factory=list)
+    prefill: list[bool] = field(default_factory=list)
+
+    def prefill_s(self) -> float:
+        return sum(s for s, p in zip(self.seconds, self.prefill) if p)
+
+    def decode_steps(self) -> list[float]:
+        return [s for s, p in zip(self.seconds, self.prefill) if not p]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="radixlm bench one-batch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--input-lens", type=int, nargs="+", default=[512])
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the warm-up run of each shape")
+    parser.add_argument("--baseline", choices=["hf"], default=None,
+                        help="also time HF transformers generate on the same prompts")
+    parser.add_argument("--hf-variants", nargs="+", default=list(hf_baseline.HF_VARIANTS),
+                        choices=hf_baseline.HF_VARIANTS)
+    return parser.parse_args(argv)
+
+
+def build_core(model_dir: Path, args: argparse.Namespace):
+    """An EngineCore sized for the largest case: exact KV pool, one extend step per batch."""
+    from radixlm.config import EngineConfig
+    from radixlm.engine.core import EngineCore
+
+    biggest = max(args.batch_sizes)
+    longest = max(args.input_lens) + args.output_len
+    config = EngineConfig.from_kwargs(
+        model=str(model_dir), **engine_options(args),
+        kv_cache_tokens=biggest * (longest + args.page_size) + 4 * args.page_size,
+        max_running_requests=biggest, enable_radix_cache=False, schedule_policy="fcfs",
+        max_prefill_tokens=biggest * max(args.input_lens), chunked_prefill_size=None)
+    return EngineCore(config, progress=False)
+
+
+def random_prompts(rng: random.Random, batch: int, length: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(batch)]
+
+
+def run_batch(core, prompts: list[list[int]], output_len: int, tag: str,
+              device: torch.device) -> StepLog:
+    """Put every prompt in, step until all finish; time each step."""
+    from radixlm.engine import ipc
+    from radixlm.request import LogprobOptions
+    from radixlm.sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        core.add_request(ipc.AddRequest(f"{tag}-{i}", ids, params, LogprobOptions()))
+    log, started = StepLog(), set()
+    while core.has_work():
+        in_prefill = len(started) < len(prompts)
+        synchronize(device)
+        start = time.perf_counter()
+        outputs = core.step()
+        synchronize(device)
+        log.seconds.append(time.perf_counter() - start)
+        log.prefill.append(in_prefill)
+        started.update(o.rid for o in outputs if o.new_token_ids)
+    return log
+
+
+def measure_case(core, cost: ModelCost, ceil: Ceilings, batch: int, input_len: int,
+                 args: argparse.Namespace, rng: random.Random, device: torch.device
+                 ) -> tuple[dict[str, Any], list[list[int]]]:
+    """Warm up, then time one (batch, input_len) case. Returns the row and the prompts."""
+    vocab = core.runner.vocab_size
+    if args.warmup:
+        run_batch(core, random_prompts(rng, batch, input_len, vocab), args.output_len,
+                  f"warm-{batch}-{input_len}", device)
+    prompts = random_prompts(rng, batch, input_len, vocab)
+    log = run_batch(core, prompts, args.output_len, f"run-{batch}-{input_len}", device)
+    roof = static_batch_roofline(cost, ceil, batch, input_len, args.output_len)
+    return result_row(log, roof, batch, input_len, args.output_len), prompts
+
+
+def result_row(log: StepLog, roof, batch: int, input_len: int, output_len: int
+               ) -> dict[str, Any]:
+    """The table row of one case: measured times beside their floors."""
+    steps = log.decode_steps()
+    decode = statistics.median(steps) if steps else float("nan")
+    total = sum(log.seconds)
+    out_tok_s = batch * output_len / total
+    roof_tok_s = batch * output_len / roof.total_s
+    row = {"batch": batch, "input_len": input_len, "output_len": output_len,
+           "prefill_ms": log.prefill_s() * 1e3, "prefill_roof_ms": roof.prefill_s * 1e3,
+           "decode_ms": decode * 1e3, "decode_roof_ms": roof.decode_step_median_s * 1e3,
+           "decode_steps": len(steps), "total_s": total, "roof_total_s": roof.total_s,
+           "output_tok_s": out_tok_s, "roof_tok_s": roof_tok_s,
+           "roof_pct": 100 * out_tok_s / roof_tok_s, "step_seconds": log.seconds}
+    row["decode_tok_s"] = batch / decode if steps else float("nan")
+    row["decode_roof_pct"] = 100 * roof.decode_step_median_s / decode if steps else float("nan")
+    return row
+
+
+def run_hf(model_dir: Path, cases: list[tuple[dict[str, Any], list[list[int]]]],
+           args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+           ) -> list[dict[str, Any]]:
+    """Time HF generate on every case's prompts, for each variant."""
+    model = hf_baseline.load_hf_model(model_dir, dtype, device)
+    rows = []
+    for variant in args.hf_variants:
+        for row, prompts in cases:
+            timing = hf_baseline.time_static_batch(model, prompts, args.output_len, variant,
+                                                   warmup=args.warmup)
+            rows.append({"variant": variant, "batch": row["batch"],
+                         "input_len": row["input_len"], "output_len": args.output_len,
+                         "prefill_ms": timing.prefill_s * 1e3,
+                         "decode_ms": timing.decode_step_s(args.output_len) * 1e3,
+                         "output_tok_s": timing.output_tok_s,
+                         "radixlm_speedup": row["output_tok_s"] / timing.output_tok_s})
+    hf_baseline.release(model)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the tables; write JSON with --out."""
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    model_dir = resolve_model_dir(args, device)
+    arch = ModelArch.from_dir(model_dir)
+    dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
+    ceil = measure_ceilings(device, args.hbm_gbps, args.tflops)
+    cost = ModelCost.of(arch, dtype)
+    rng = random.Random(args.seed)
+    core = build_core(model_dir, args)
+    cases = [measure_case(core, cost, ceil, b, n, args, rng, device)
+             for b in args.batch_sizes for n in args.input_lens]
+    del core
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    hf_rows = run_hf(model_dir, cases, args, device, dtype) if args.baseline == "hf" else []
+    report(args, device, ceil, model_dir, [row for row, _ in cases], hf_rows)
+    return 0
+
+
+def report(args: argparse.Namespace, device: torch.device, ceil: Ceilings, model_dir: Path,
+           rows: list[dict[str, Any]], hf_rows: list[dict[str, Any]]) -> None:
+    header = run_header(device, ceil, model_dir)
+    print(f"one-batch on {header['device']}: HBM {ceil.hbm_gbps:.4g} GB/s, "
+          f"matmul {ceil.matmul_tflops:.3g} TFLOP/s ({'measured' if ceil.measured else 'given'})")
+    print(format_table(rows, RESULT_COLUMNS))
+    if hf_rows:
+        print(format_table(hf_rows, HF_COLUMNS))
+    write_json(args.out, {**header, "bench": "one-batch", "args": vars(args),
+                          "results": rows, "hf_baseline": hf_rows})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

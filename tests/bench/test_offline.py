@@ -1,0 +1,93 @@
+"""`radixlm bench offline`: datasets, the roofline's view of them, and runs on a tiny CPU model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from radixlm.bench import offline
+from radixlm.bench.offline import (
+    BenchRequest,
+    random_dataset,
+    roofline_concurrency,
+    shared_prefix_dataset,
+    work_items,
+)
+
+
+def test_random_dataset_lengths():
+    fixed = random_dataset(random.Random(0), 20, 30, 7, 1.0, vocab=100)
+    assert all(len(r.input_ids) == 30 and r.output_len == 7 for r in fixed)
+    assert all(0 <= t < 100 for r in fixed for t in r.input_ids)
+    ranged = random_dataset(random.Random(0), 200, 40, 10, 0.5, vocab=100)
+    assert {len(r.input_ids) for r in ranged} <= set(range(20, 41))
+    assert {r.output_len for r in ranged} <= set(range(5, 11))
+    assert len({len(r.input_ids) for r in ranged}) > 5
+
+
+def test_shared_prefix_dataset_groups_share_exactly_the_system_prompt():
+    reqs = shared_prefix_dataset(random.Random(0), groups=3, per_group=4, system_len=10,
+                                 question_len=5, output_len=2, vocab=1000)
+    assert len(reqs) == 12
+    assert [r.group for r in reqs[:6]] == [0, 1, 2, 0, 1, 2]  # arrivals interleave groups
+    for g in range(3):
+        members = [r.input_ids for r in reqs if r.group == g]
+        assert len({tuple(m[:10]) for m in members}) == 1
+        assert len({tuple(m[10:]) for m in members}) == 4
+        assert all(len(m) == 15 for m in members)
+    assert len({tuple(r.input_ids[:10]) for r in reqs}) == 3
+
+
+def test_work_items_count_each_shared_prefix_once_with_radix():
+    reqs = [BenchRequest([0] * 12, 3, group=g, shared_len=10) for g in (0, 1, 0, 0, 1)]
+    on = work_items(reqs, radix=True)
+    assert [i.cached_len for i in on] == [0, 0, 10, 10, 10]
+    assert all(i.cached_len == 0 for i in work_items(reqs, radix=False))
+    # unique KV per request: (2 x 12 + 3 x 2 + 5 x 3) / 5 = 9 tokens
+    assert roofline_concurrency(on, kv_capacity=45, max_running=100) == 5
+    assert roofline_concurrency(on, kv_capacity=27, max_running=100) == 3
+    assert roofline_concurrency(on, kv_capacity=10**6, max_running=2) == 2
+
+
+def _run(args: list[str], out, ceilings: list[str]) -> dict:
+    assert offline.main([*args, "--out", str(out), *ceilings]) == 0
+    return json.loads(out.read_text())["results"]
+
+
+def test_offline_random_counts_every_token_and_runs_hf(bench_model_dir, tmp_path, ceilings):
+    rows = _run(["--model", str(bench_model_dir), "--num-requests", "6", "--input-len", "12",
+                 "--output-len", "5", "--range-ratio", "0.5", "--warmup-requests", "1",
+                 "--baseline", "hf", "--hf-batch-size", "4"], tmp_path / "r.json", ceilings)
+    reqs = random_dataset(random.Random(0), 6, 12, 5, 0.5, vocab=512)
+    ours, hf = rows
+    assert ours["output_tokens"] == sum(r.output_len for r in reqs)
+    assert ours["prompt_tokens"] == sum(len(r.input_ids) for r in reqs)
+    assert ours["output_tok_s"] == pytest.approx(ours["output_tokens"] / ours["wall_s"])
+    assert 0 < ours["roof_s"] < ours["wall_s"]
+    assert hf["requests"] == 6
+    assert hf["radixlm_speedup"] == pytest.approx(ours["output_tok_s"] / hf["output_tok_s"])
+
+
+@pytest.mark.parametrize("radix", [True, False])
+def test_offline_shared_prefix_hits_the_cache_only_with_radix(bench_model_dir, tmp_path, radix,
+                                                        ceilings):
+    args = ["--model", str(bench_model_dir), "--dataset", "shared-prefix", "--groups", "2",
+            "--prompts-per-group", "3", "--system-len", "40", "--question-len", "6",
+            "--output-len", "3", "--warmup-requests", "1"]
+    extra = [] if radix else ["--disable-radix-cache"]
+    row = _run(args + extra, tmp_path / "s.json", ceilings)[0]
+    assert row["output_tokens"] == 6 * 3
+    if radix:  # every prompt but the first of its group reuses the 40 shared tokens
+        assert 2 * 2 * 40 <= row["cached_tokens"] < 2 * 2 * 46
+    else:
+        assert row["cached_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_offline_through_the_engine_process(bench_model_dir, tmp_path, ceilings):
+    rows = _run(["--model", str(bench_model_dir), "--num-requests", "4", "--input-len", "10",
+                 "--output-len", "4", "--warmup-requests", "1", "--engine-process"],
+                tmp_path / "e.json", ceilings)
+    assert rows[0]["output_tokens"] == 16 and rows[0]["backend"].endswith("[Engine]")
