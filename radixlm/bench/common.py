@@ -409,6 +409,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cpu, cuda or auto")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     group.add_argument("--page-size", type=int, default=1)
+    group.add_argument("--cuda-graph-max-batch-size", type=int, default=None,
+                       help="decode CUDA graphs up to this batch (0 disables; engine default)")
     roof = parser.add_argument_group("roofline")
     roof.add_argument("--hbm-gbps", type=float, default=None,
                       help="HBM bandwidth (GB/s, read + write); measured when absent")
@@ -428,9 +430,12 @@ def resolve_model_dir(args: argparse.Namespace, device: torch.device) -> Path:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine options every benchmark passes through."""
-    return {"dtype": args.dtype, "device": args.device,
+    opts = {"dtype": args.dtype, "device": args.device,
             "attention_backend": args.attention_backend, "page_size": args.page_size,
             "random_seed": args.seed}
+    if args.cuda_graph_max_batch_size is not None:
+        opts["cuda_graph_max_batch_size"] = args.cuda_graph_max_batch_size
+    return opts
 
 
 # ---------------------------------------------------------------------------- output

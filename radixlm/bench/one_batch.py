@@ -193,7 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     arch = ModelArch.from_dir(model_dir)
     dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
     ceil = measure_ceilings(device, args.hbm_gbps, args.tflops)
-    cost = ModelCost.of(arch, dtype)
+    cases = run_engine(model_dir, args, ModelCost.of(arch, dtype), ceil, device)
+    rows = [row for row, _ in cases]
+    header = run_header(device, ceil, model_dir)
+    print(f"one-batch on {header['device']}: HBM {ceil.hbm_gbps:.4g} GB/s, "
+          f"matmul {ceil.matmul_tflops:.3g} TFLOP/s ({'measured' if ceil.measured else 'given'})")
+    print(format_table(rows, RESULT_COLUMNS), flush=True)
+    save(args, header, rows, [])  # the engine's figures survive a baseline that fails
+    if args.baseline == "hf":
+        hf_rows = run_hf(model_dir, cases, args, device, dtype)
+        print(format_table(hf_rows, HF_COLUMNS))
+        save(args, header, rows, hf_rows)
+    return 0
+
+
+def run_engine(model_dir: Path, args: argparse.Namespace, cost: ModelCost, ceil: Ceilings,
+               device: torch.device) -> list[tuple[dict[str, Any], list[list[int]]]]:
+    """Every case through one EngineCore, which is released afterwards (memory for HF)."""
     rng = random.Random(args.seed)
     core = build_core(model_dir, args)
     cases = [measure_case(core, cost, ceil, b, n, args, rng, device)
@@ -202,19 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    hf_rows = run_hf(model_dir, cases, args, device, dtype) if args.baseline == "hf" else []
-    report(args, device, ceil, model_dir, [row for row, _ in cases], hf_rows)
-    return 0
+    return cases
 
 
-def report(args: argparse.Namespace, device: torch.device, ceil: Ceilings, model_dir: Path,
-           rows: list[dict[str, Any]], hf_rows: list[dict[str, Any]]) -> None:
-    header = run_header(device, ceil, model_dir)
-    print(f"one-batch on {header['device']}: HBM {ceil.hbm_gbps:.4g} GB/s, "
-          f"matmul {ceil.matmul_tflops:.3g} TFLOP/s ({'measured' if ceil.measured else 'given'})")
-    print(format_table(rows, RESULT_COLUMNS))
-    if hf_rows:
-        print(format_table(hf_rows, HF_COLUMNS))
+def save(args: argparse.Namespace, header: dict[str, Any], rows: list[dict[str, Any]],
+         hf_rows: list[dict[str, Any]]) -> None:
     write_json(args.out, {**header, "bench": "one-batch", "args": vars(args),
                           "results": rows, "hf_baseline": hf_rows})
 
