@@ -194,15 +194,12 @@ async def flush_cache(ctx: ServerContext = Depends(get_context)) -> dict[str, An
 async def server_info(ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
     """Engine figures (KV capacity/free, cache, queue) plus the server's own settings."""
     info = dict(await _engine_call(ctx.engine.server_info, HEALTH_TIMEOUT_S))
-    info.update({
-        "served_model_name": ctx.served_model_name,
-        "model_path": ctx.engine.config.model.model,
-        "context_length": ctx.engine.context_length,
-        "engine_config": ctx.engine.config.flat(),
-        "inflight_requests": len(ctx.inflight),
-        "draining": ctx.draining,
-        "version": _version(),
-    })
+    info.setdefault("model_path", ctx.engine.config.model.model)
+    info.setdefault("context_length", ctx.engine.context_length)
+    info.setdefault("config", ctx.engine.config.flat())
+    info.update({"served_model_name": ctx.served_model_name,
+                 "inflight_requests": len(ctx.inflight), "draining": ctx.draining,
+                 "version": _version()})
     return info
 
 

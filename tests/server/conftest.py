@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from radixlm.model.demo import ensure_demo_model
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300
 
@@ -80,6 +82,9 @@ def launch_server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("radixlm-cache")
 
     def launch(args: list[str]) -> ServerProcess:
+        # the build itself is covered by tests/model/test_demo.py; doing it here, where
+        # transformers is already imported, keeps server start-up short
+        ensure_demo_model(cache)
         env = {**os.environ, "RADIXLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
         server = ServerProcess(args, env)
         started.append(server)
