@@ -113,31 +113,25 @@ def make_scripted(llama3_tokenizer):
 
 
 # ---- real models: the in-process engine and a real server ----------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, llama3_tokenizer_dir):
-    """A random-weight Llama (hidden 64, 2 layers) with the Llama 3 tokenizer and template."""
-    from radixlm.model.random_model import make_random_model_dir
-
-    path = make_random_model_dir(
-        tmp_path_factory.mktemp("lang_tiny_llama"), "llama", tokenizer_dir=llama3_tokenizer_dir
-    )
-    # The Llama 3 template trims message contents; without the trim a conversation's text is
-    # exactly apply_chat_template(messages), which the chat tests compare against.
-    template = path / "chat_template.jinja"
-    template.write_text(template.read_text().replace(" | trim", ""))
-    return path
-
+# Both serve the embedded demo model (a small random-weight Llama with its own byte-level BPE
+# tokenizer and chat template, built once and cached on disk), so one server is shared by the
+# acceptance tests and the examples.
 
 ENGINE_OPTIONS = {"kv_cache_tokens": 16384}
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_model_dir):
+def demo_model_dir():
+    from radixlm.model.demo import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def engine(demo_model_dir):
     from radixlm import Engine
 
-    with Engine(model=str(tiny_model_dir), **ENGINE_OPTIONS) as eng:
+    with Engine(**ENGINE_OPTIONS) as eng:
         yield eng
 
 
@@ -149,17 +143,18 @@ def engine_backend(engine):
 
 
 @pytest.fixture(scope="session")
-def server_runtime(tiny_model_dir):
+def server_runtime(demo_model_dir):
+    """``radixlm serve`` (demo model) in a subprocess on a free port of 127.0.0.1."""
     import radixlm_lang as rl
 
-    runtime = rl.Runtime(model=str(tiny_model_dir), **ENGINE_OPTIONS)
+    runtime = rl.Runtime(**ENGINE_OPTIONS)
     yield runtime
     runtime.shutdown()
 
 
 @pytest.fixture(scope="session")
-def hf_model(tiny_model_dir):
+def hf_model(demo_model_dir):
     """The same weights in transformers: the independent reference for logprobs."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(demo_model_dir)).eval()

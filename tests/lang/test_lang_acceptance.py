@@ -1,5 +1,5 @@
-"""Acceptance: real programs on a tiny random Llama, in process (EngineBackend) and through a
-real server on 127.0.0.1 (rl.Runtime, marked slow).
+"""Acceptance: real programs on the demo model (a small random-weight Llama), in process
+(EngineBackend) and through a real server on 127.0.0.1 (rl.Runtime, marked slow).
 
 References are computed without the frontend: greedy outputs with ``Engine.generate`` on the
 exact prompt, select decisions from transformers' logprobs of the same weights.

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import radixlm_lang as rl
-
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -21,10 +19,9 @@ def load(name: str):
 
 
 @pytest.fixture(scope="module")
-def demo_server():
-    runtime = rl.Runtime()  # no model: the embedded demo model
-    yield runtime
-    runtime.shutdown()
+def demo_server(server_runtime):
+    """The session's ``radixlm serve`` of the demo model (see conftest)."""
+    return server_runtime
 
 
 pytestmark = pytest.mark.slow
