@@ -24,7 +24,8 @@ MAX_N = 64
 MAX_TOP_LOGPROBS = 20
 
 # Engine sampling field -> the OpenAI name a client knows it by (for error messages).
-OPENAI_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+OPENAI_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                      "input_ids": "prompt"}
 
 
 class _Lenient(BaseModel):

@@ -124,6 +124,7 @@ def test_engine_param_names_are_translated_for_openai_callers():
         "max_completion_tokens")
     assert max_tokens_field(_chat(max_tokens=3)) == "max_tokens"
     assert openai_param("min_new_tokens") == "min_tokens"
+    assert openai_param("input_ids") == "prompt"
     assert openai_param("temperature") == "temperature"
     assert openai_param(None) is None
 

@@ -366,6 +366,16 @@ def test_invalid_sampling_values_name_the_field(client, field, value, param):
     assert err.value.body["type"] == "invalid_request_error"
 
 
+def test_bad_token_ids_and_budget_name_the_field_the_caller_used(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=[999999], max_tokens=1)
+    assert err.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       max_completion_tokens=-1)
+    assert err.value.body["param"] == "max_completion_tokens"
+
+
 def test_unknown_model(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="gpt-17", prompt="x", max_tokens=1)
