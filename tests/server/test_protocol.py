@@ -139,3 +139,16 @@ def test_validation_message_names_the_field():
                                           "msg": "JSON decode error",
                                           "ctx": {"error": "Expecting value"}}])
     assert message == "malformed JSON body: Expecting value" and param is None
+
+
+def test_engine_errors_map_to_statuses():
+    from radixlm.engine.errors import EngineDeadError, QueueFullError, RequestError
+    from radixlm.server.errors import from_exception
+
+    err = from_exception(RequestError("bad value", "temperature"))
+    assert (err.status, err.param, err.message) == (400, "temperature", "bad value")
+    err = from_exception(QueueFullError("the server is busy"))
+    assert (err.status, err.code) == (503, "queue_full") and "busy" in err.message
+    assert from_exception(EngineDeadError("core exited")).status == 503
+    with pytest.raises(KeyError):  # anything else is a bug, re-raised for the 500 handler
+        from_exception(KeyError("x"))
