@@ -92,13 +92,8 @@ def _build_jobs(group: str, prompt_ids: list[list[int]], params: list[dict[str, 
 
 def _default_budget(ctx: ServerContext, prompt_len: int) -> int:
     """Output budget when the client sets none: whatever fits the context and the KV pool."""
-    limit = min(ctx.engine.context_length, getattr(ctx.engine, "kv_capacity_tokens",
-                                                   ctx.engine.context_length))
+    limit = min(ctx.engine.context_length, ctx.engine.kv_capacity_tokens)
     return max(limit - prompt_len, 1)
-
-
-def _vocab_size(ctx: ServerContext) -> int:
-    return getattr(ctx.engine, "vocab_size", None) or len(ctx.tokenizer)
 
 
 def _openai_error(exc: RequestError, body: CompletionRequest | ChatCompletionRequest
@@ -114,6 +109,8 @@ def _check_common(body: CompletionRequest | ChatCompletionRequest, ctx: ServerCo
     check_model(ctx, body.model)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported (only best_of == n)", "best_of")
+    if body.rid is not None and ctx.inflight.rids(body.rid):
+        raise APIError(400, f"request id {body.rid!r} is already in use", "rid")
 
 
 async def _run(ctx: ServerContext, plan: Plan, request: Request,
@@ -147,7 +144,7 @@ def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
     """Tokenize the prompt(s) and build one job per choice."""
     prompt_ids, texts = _completion_prompts(body.prompt, ctx.tokenizer)
     max_tokens = completion_max_tokens(body)
-    vocab = _vocab_size(ctx)
+    vocab = ctx.engine.vocab_size
     params = [sampling_params(body, max_tokens if max_tokens is not None
                               else _default_budget(ctx, len(ids)), vocab) for ids in prompt_ids]
     want = body.logprobs is not None
@@ -345,7 +342,7 @@ def chat_plan(body: ChatCompletionRequest, ctx: ServerContext) -> Plan:
                           body.continue_final_message)
     max_tokens = completion_max_tokens(body)
     budget = max_tokens if max_tokens is not None else _default_budget(ctx, len(ids))
-    params = sampling_params(body, budget, _vocab_size(ctx))
+    params = sampling_params(body, budget, ctx.engine.vocab_size)
     logprob = {"return_logprob": body.logprobs, "top_logprobs_num": body.top_logprobs or 0,
                "logprob_start_len": -1}
     group = body.rid or new_rid("chatcmpl-")
