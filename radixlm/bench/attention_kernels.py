@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -256,11 +256,8 @@ def run_cases(args, backend, roof: Roofline, gen: torch.Generator) -> list[Case]
         for tokens in sorted({batch, batch * args.extend_new}):
             cases.append(time_store(backend, tokens, gen))
         for context in args.contexts:
-            setup = build_setup(batch, context, 1, args.page_size, gen)
-            us = time_decode(backend, setup)
-            cases.append(Case("decode", batch, context, 1, attention_bytes(batch, context, 1),
-                              extend_flops(batch, context, 1), us))  # fmt: skip
-            del setup
+            first = len(cases)
+            cases.extend(decode_cases(args, backend, batch, context, gen))
             new = min(context, args.extend_new)
             setup = build_setup(batch, context, new, args.page_size, gen)
             us = time_extend(backend, setup)
@@ -268,14 +265,25 @@ def run_cases(args, backend, roof: Roofline, gen: torch.Generator) -> list[Case]
                               extend_flops(batch, context, new), us))  # fmt: skip
             del setup
             torch.cuda.empty_cache()
-            _print_case(cases[-2], roof)
-            _print_case(cases[-1], roof)
+            for case in cases[first:]:
+                _print_case(case, roof)
     return cases
 
 
+def decode_cases(args, backend, batch: int, context: int, gen: torch.Generator) -> list[Case]:
+    setup = build_setup(batch, context, 1, args.page_size, gen)
+    case = Case("decode", batch, context, 1, attention_bytes(batch, context, 1),
+                extend_flops(batch, context, 1), time_decode(backend, setup))  # fmt: skip
+    if not args.compare_fused:
+        return [case]
+    fused = not backend.decode_config.fused_merge
+    config = replace(backend.decode_config, fused_merge=fused)
+    other = TritonAttentionBackend(backend.device, decode_config=config)
+    return [case, replace(case, kernel=f"decode fused_merge={fused}", us=time_decode(other, setup))]
+
+
 def _print_case(case: Case, roof: Roofline) -> None:
-    print(f"  {case.kernel:6s} b={case.batch:<3d} ctx={case.context:<5d} {case.us:9.1f} us",
-          flush=True)  # fmt: skip
+    print(f"  {case.kernel} b={case.batch} ctx={case.context} {case.us:.1f} us", flush=True)
 
 
 def format_table(cases: list[Case], roof: Roofline) -> str:
@@ -296,8 +304,8 @@ def format_table(cases: list[Case], roof: Roofline) -> str:
 
 # ------------------------------------------------------------------------------ tuning sweep
 
-DECODE_SWEEP_SHAPES = [(1, 8192), (8, 2048), (64, 2048)]
-EXTEND_SWEEP_SHAPES = [(1, 8192), (8, 2048)]
+DECODE_SWEEP_SHAPES = [(1, 512), (1, 8192), (8, 2048), (64, 2048)]
+EXTEND_SWEEP_SHAPES = [(1, 8192), (8, 2048), (8, 512)]
 
 
 def sweep(args, gen: torch.Generator) -> dict:
@@ -306,41 +314,69 @@ def sweep(args, gen: torch.Generator) -> dict:
     base = DecodeConfig()
     setups = {s: build_setup(*s, 1, args.page_size, gen) for s in DECODE_SWEEP_SHAPES}
     for block_n in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (1, 2, 3, 4):
-                cfg = DecodeConfig(block_n, base.min_split_len, warps, stages,
-                                   base.target_programs, base.max_splits)  # fmt: skip
-                found["decode_kernel"].append(_sweep_point(cfg, setups, time_decode, "decode"))
+        for warps in (1, 2, 4):
+            for stages in (2, 3):
+                for fused in (False, True):
+                    cfg = replace(base, block_n=block_n, num_warps=warps, num_stages=stages,
+                                  fused_merge=fused)  # fmt: skip
+                    found["decode_kernel"].append(_sweep_point(cfg, setups, time_decode))
     best = min(found["decode_kernel"], key=lambda r: r["geomean_us"])["config"]
-    for target in (264, 528, 1056, 2112):
-        for min_len in (64, 128, 256, 512):
+    for target in (132, 264, 528, 1056):
+        for min_len in (64, 128, 256):
             cfg = DecodeConfig(**{**best, "target_programs": target, "min_split_len": min_len})
-            found["decode_splits"].append(_sweep_point(cfg, setups, time_decode, "decode"))
+            found["decode_splits"].append(_sweep_point(cfg, setups, time_decode))
     del setups
     setups = {s: build_setup(s[0], s[1], 512, args.page_size, gen) for s in EXTEND_SWEEP_SHAPES}
-    for rows in (64, 128):
-        for block_n in (32, 64, 128):
+    for rows in (128, 256):
+        for block_n in (64, 128):
             for warps in (4, 8):
-                for stages in (1, 2, 3):
+                for stages in (2, 3, 4):
                     cfg = ExtendConfig(rows, block_n, warps, stages)
-                    found["extend"].append(_sweep_point(cfg, setups, time_extend, "extend"))
+                    found["extend"].append(_sweep_point(cfg, setups, time_extend))
     for key, rows in found.items():
         rows.sort(key=lambda r: r["geomean_us"])
-        print(f"sweep {key}: best 5 of {len(rows)}")
-        for r in rows[:5]:
+        print(f"sweep {key}: best 6 of {len(rows)}")
+        for r in rows[:6]:
             print(f"  {r['geomean_us']:9.1f} us geomean  {r['us']}  {r['config']}")
     return found
+
+
+def profile_decode(args, gen: torch.Generator) -> None:
+    """Per-kernel device time of eager decode calls (stage 1 vs merge), from the profiler."""
+    for fused in (False, True):
+        config = replace(DecodeConfig(), fused_merge=fused)
+        backend = TritonAttentionBackend("cuda", decode_config=config)
+        for batch, context in ((1, 512), (1, 8192), (64, 8192)):
+            setup = build_setup(batch, context, 1, args.page_size, gen)
+            _profile_calls(backend, setup, f"fused={fused} b={batch} ctx={context}")
+
+
+def _profile_calls(backend, setup: Setup, label: str, calls: int = 20) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    def call():
+        backend.decode(setup.q, 0, setup.batch, setup.pool, SCALE)
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    for evt in prof.key_averages():
+        if evt.device_time_total > 0 and evt.count:
+            avg = evt.device_time_total / evt.count
+            print(f"profile {label} {evt.key[:40]}: {avg:.1f} us x{evt.count}")
 
 
 def args_device(setups: dict) -> torch.device:
     return next(iter(setups.values())).q.device
 
 
-def _sweep_point(cfg, setups: dict, timer, kind: str) -> dict:
-    backend = TritonAttentionBackend(
-        args_device(setups),
-        **({"decode_config": cfg} if kind == "decode" else {"extend_config": cfg}),
-    )
+def _sweep_point(cfg, setups: dict, timer) -> dict:
+    kind = {"decode_config": cfg} if isinstance(cfg, DecodeConfig) else {"extend_config": cfg}
+    backend = TritonAttentionBackend(args_device(setups), **kind)
     try:
         us = {f"{b}x{c}": timer(backend, s, 80.0) for (b, c), s in setups.items()}
     except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
@@ -366,6 +402,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--sweep", action="store_true", help="also rank launch configs")
+    parser.add_argument("--profile", action="store_true", help="per-kernel decode times")
+    parser.add_argument(
+        "--compare-fused",
+        action="store_true",
+        help="also time decode with the other fused_merge setting",
+    )
     parser.add_argument("--out", help="write results as JSON here")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     return parser.parse_args(argv)  # fmt: skip
@@ -391,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     roof = measure_roofline() if args.device == "cuda" else Roofline(1.0, 1.0)
     print(f"HBM copy {roof.hbm_gbps:.0f} GB/s, bf16 matmul {roof.matmul_tflops:.0f} TFLOP/s")
     tuned = sweep(args, gen) if args.sweep else None
+    if args.profile:
+        profile_decode(args, gen)
     backend = TritonAttentionBackend(args.device)
     cases = run_cases(args, backend, roof, gen)
     print(f"\nconfigs: extend {backend.extend_config}, decode {backend.decode_config}")

@@ -25,7 +25,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     Per-layer calls never synchronize with the device: launch shapes come from tensor shapes and
     the batch's host-side lengths. Decode's split count depends only on the batch size and the
-    KV head count, so a decode step can be captured in a CUDA graph.
+    KV head count, and its scratch buffers only grow, so a decode step can be captured in a CUDA
+    graph (capture the largest batch first: see ``DecodeScratch``).
 
     Args:
         device: where the batches live (picks the default launch configs).
@@ -45,15 +46,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.sliding_window = sliding_window
         self.extend_config = extend_config or default_extend_config(self.device)
         self.decode_config = decode_config or default_decode_config(self.device)
-        self._scratch: DecodeScratch | None = None
-
-    def prepare(self, batch: ForwardBatch) -> None:
-        """Drop the previous batch's decode scratch; the first decode layer allocates anew.
-
-        Args:
-            batch: the batch about to run.
-        """
-        self._scratch = None
+        self.decode_scratch = DecodeScratch(self.device)
 
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, layer_id: int, loc: torch.Tensor, pool: KVPool
@@ -75,16 +68,9 @@ class TritonAttentionBackend(AttentionBackend):
         self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, pool: KVPool, scale: float
     ) -> torch.Tensor:
         """One query per sequence over its whole sequence, split-K."""
-        batch_size, num_q_heads, head_dim = q.shape
-        num_splits = choose_num_splits(batch_size, pool.num_kv_heads, self.decode_config)
-        scratch = self._scratch
-        if scratch is None or not scratch.fits(batch_size, num_q_heads, num_splits, head_dim):
-            scratch = DecodeScratch.allocate(
-                batch_size, num_q_heads, num_splits, head_dim, q.device
-            )
-            self._scratch = scratch
+        num_splits = choose_num_splits(q.shape[0], pool.num_kv_heads, self.decode_config)
         return decode_attention(
             q, pool.k(layer_id), pool.v(layer_id), batch.kv_indptr, batch.kv_indices, scale,
-            num_splits=num_splits, scratch=scratch, config=self.decode_config,
+            num_splits=num_splits, scratch=self.decode_scratch, config=self.decode_config,
             sliding_window=self.sliding_window,
         )  # fmt: skip

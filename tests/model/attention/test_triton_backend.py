@@ -79,15 +79,19 @@ def test_prefill_then_cached_prefix_then_decode_match_torch(window):
         assert batch.mode is ForwardMode.DECODE
 
 
-def test_decode_scratch_is_reused_across_layers_and_renewed_per_batch_shape():
+def test_decode_scratch_is_shared_by_layers_and_batches():
     gen = torch.Generator().manual_seed(5)
     pool, backend = make_pool("cpu"), TritonAttentionBackend("cpu")
     slots = shuffled_slots([20, 3], pool, gen)
-    run_layers(backend, ForwardBatch.build([[1], [1]], slots, device="cpu"), pool, gen)
-    first = backend._scratch
-    assert first is not None
-    run_layers(backend, ForwardBatch.build([[1]], slots[:1], device="cpu"), pool, gen)
-    assert backend._scratch is not first and backend._scratch.partial_lse.shape[0] == 1
+    buffers = backend.decode_scratch.views(2, Q_HEADS, KV_HEADS, 8, HEAD_DIM)
+    ptrs = [t.data_ptr() for t in buffers]
+    for seqs in (slots, slots[:1]):
+        batch = ForwardBatch.build([[1]] * len(seqs), seqs, device="cpu")
+        ref = run_layers(TorchAttentionBackend(), batch, pool, torch.Generator().manual_seed(1))
+        ours = run_layers(backend, batch, pool, torch.Generator().manual_seed(1))
+        assert all(((o - r).norm() / r.norm()).item() < 1e-5 for o, r in zip(ours, ref))
+    again = backend.decode_scratch.views(2, Q_HEADS, KV_HEADS, 8, HEAD_DIM)
+    assert [t.data_ptr() for t in again] == ptrs
 
 
 def test_factory_picks_by_name_and_device():

@@ -8,7 +8,7 @@ The tests marked ``gpu`` run the compiled kernels at a Llama-3-8B attention shap
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -16,8 +16,10 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from radixlm.model.attention.triton_kernels import (
     DecodeConfig,
+    DecodeScratch,
     ExtendConfig,
     decode_attention,
+    default_decode_config,
     extend_attention,
     store_kv,
 )
@@ -237,11 +239,42 @@ def test_decode_matches_reference(page_size, group, head_dim):
     assert rel_err(out, ref) < 1e-5
 
 
+CPU_FUSED = replace(default_decode_config(torch.device("cpu")), fused_merge=True)
+CPU_TWO_LAUNCHES = replace(CPU_FUSED, fused_merge=False)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 8, None])
-def test_decode_any_split_count(num_splits):
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_any_split_count(num_splits, fused):
     gen = torch.Generator().manual_seed(300 + (num_splits or 0))
-    out, ref = run_decode(DECODE_LENS, 4, 2, 16, torch.float32, "cpu", gen, num_splits=num_splits)
+    config = CPU_FUSED if fused else CPU_TWO_LAUNCHES
+    out, ref = run_decode(DECODE_LENS, 4, 2, 16, torch.float32, "cpu", gen, num_splits=num_splits,
+                          config=config)  # fmt: skip
     assert rel_err(out, ref) < 1e-5
+
+
+def test_fused_merge_leaves_its_counters_at_zero_for_the_next_launch():
+    gen = torch.Generator().manual_seed(301)
+    layout = make_layout(DECODE_LENS, [1] * len(DECODE_LENS), 4, gen)
+    k_buf, v_buf = random_pool(layout.num_slots, 16, torch.float32, "cpu", gen)
+    scratch = DecodeScratch("cpu")
+    for _ in range(2):
+        q = torch.randn(len(DECODE_LENS), 4, 16, generator=gen)
+        out = decode_attention(q, k_buf, v_buf, layout.kv_indptr("cpu"), layout.kv_indices("cpu"),
+                               0.25, num_splits=4, scratch=scratch, config=CPU_FUSED)  # fmt: skip
+        assert rel_err(out, reference_attention(q, k_buf, v_buf, layout, 0.25)) < 1e-5
+        counters = scratch.views(len(DECODE_LENS), 4, NUM_KV_HEADS, 4, 16)[2]
+        assert not counters.any()
+
+
+def test_decode_scratch_grows_and_keeps_its_buffers_for_smaller_shapes():
+    scratch = DecodeScratch("cpu")
+    big = scratch.views(8, 4, 2, 4, 16)
+    small = scratch.views(2, 4, 2, 1, 16)
+    assert [t.shape for t in small] == [(2, 4, 1, 16), (2, 4, 1), (2, 2)]
+    assert all(s.data_ptr() == b.data_ptr() for s, b in zip(small, big))
+    bigger = scratch.views(16, 4, 2, 4, 16)
+    assert bigger[0].data_ptr() != big[0].data_ptr()
 
 
 def test_decode_many_short_splits():
@@ -273,12 +306,15 @@ def test_decode_with_a_sliding_window(window):
     assert rel_err(out, ref) < 1e-5
 
 
-def test_decode_of_an_empty_padded_row_writes_zeros():
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_of_an_empty_padded_row_writes_zeros(fused):
     gen = torch.Generator().manual_seed(15)
     k_buf, v_buf = random_pool(8, 16, torch.float32, "cpu", gen)
     q = torch.randn(2, 2, 16, generator=gen)
     kv_indptr = torch.tensor([0, 3, 3], dtype=torch.int32)
-    out = decode_attention(q, k_buf, v_buf, kv_indptr, torch.tensor([4, 5, 6]), 0.25, num_splits=2)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_buf, v_buf, kv_indptr, torch.tensor([4, 5, 6]), 0.25, num_splits=2,
+                     out=out, config=CPU_FUSED if fused else CPU_TWO_LAUNCHES)  # fmt: skip
     assert torch.equal(out[1], torch.zeros(2, 16))
 
 
@@ -316,13 +352,18 @@ def test_gpu_extend_sliding_window():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_gpu_decode_realistic(page_size):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_decode_realistic(page_size, fused):
     gen = torch.Generator().manual_seed(24 + page_size)
     lens = [1, 7, 64, 255, 256, 257, 1000, 4097, 8192, 3]
-    out, ref = run_decode(lens, page_size, LLAMA3_GROUP, LLAMA3_HEAD_DIM, torch.bfloat16, "cuda",
-                          gen)  # fmt: skip
-    assert not out.isnan().any()
-    assert rel_err(out, ref) < 2e-2
+    config = replace(default_decode_config(torch.device("cuda")), fused_merge=fused)
+    scratch = DecodeScratch("cuda")
+    # Repeated launches on one scratch: a race in the fused merge would show as a moving error.
+    for _ in range(3):
+        out, ref = run_decode(lens, page_size, LLAMA3_GROUP, LLAMA3_HEAD_DIM, torch.bfloat16,
+                              "cuda", gen, scratch=scratch, config=config)  # fmt: skip
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < 2e-2
 
 
 @pytest.mark.gpu

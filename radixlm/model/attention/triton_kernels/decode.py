@@ -10,6 +10,7 @@ replayed for any sequence lengths. Stage 2, on a grid of (batch, q_heads), merge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ def _decode_split_kernel(
     V_buf,
     Mid_O,
     Mid_LSE,
+    Counters,
+    Out,
     kv_indptr,
     kv_indices,
     qk_scale,
@@ -40,16 +43,20 @@ def _decode_split_kernel(
     stride_kh,
     stride_vs,
     stride_vh,
+    stride_ob,
+    stride_oh,
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -59,19 +66,25 @@ def _decode_split_kernel(
     lo = 0
     if SLIDING_WINDOW > 0:
         lo = tl.maximum(seq_len - SLIDING_WINDOW, 0)
-    split_len = (seq_len - lo + NUM_SPLITS - 1) // NUM_SPLITS
+    span = seq_len - lo
+    split_len = (span + NUM_SPLITS - 1) // NUM_SPLITS
     split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     split_len = tl.maximum(split_len, MIN_SPLIT_LEN)
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    if start >= end:
-        return
-
     rows = tl.arange(0, ROWS)
     row_ok = rows < GROUP
     head = kv_head * GROUP + rows
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
+    if start >= end:
+        if FUSED_MERGE and span <= 0 and split == 0:
+            # An empty (padded) row has no split to merge: write zeros, not garbage.
+            o_ptrs = Out + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + dims[None, :]
+            zeros = tl.full([ROWS, BLOCK_D], 0.0, tl.float32).to(Out.dtype.element_ty)
+            tl.store(o_ptrs, zeros, mask=row_ok[:, None] & dim_ok[None, :])
+        return
+
     q_ptrs = Q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if UPCAST:
@@ -117,6 +130,32 @@ def _decode_split_kernel(
         mask=row_ok[:, None],
     )
     tl.store(Mid_LSE + mid_row, m_i + tl.log2(l_safe), mask=row_ok)
+
+    if FUSED_MERGE:
+        # The last split of this (sequence, KV head) to finish merges all of them, saving the
+        # second launch. The barrier orders every thread's stores before the release.
+        tl.debug_barrier()
+        counter = Counters + b * tl.num_programs(1) + kv_head
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+        used = (span + split_len - 1) // split_len
+        if ticket == used - 1:
+            tl.store(counter, 0)  # ready for the next launch (CUDA-graph replays)
+            splits = tl.arange(0, SPLITS_PAD)
+            split_ok = splits < used
+            first_row = (b * GROUP * tl.num_programs(1) + kv_head * GROUP).to(tl.int64)
+            for g in range(GROUP):
+                base = (first_row + g) * NUM_SPLITS
+                # .cg: read what the other programs wrote from L2, never a stale L1 line.
+                lse = tl.load(Mid_LSE + base + splits, mask=split_ok, other=float("-inf"),
+                              cache_modifier=".cg")  # fmt: skip
+                weight = tl.exp2(lse - tl.reduce(lse, 0, tl.standard._elementwise_max))
+                weight = tl.where(split_ok, weight, 0.0)
+                part = tl.load(Mid_O + (base + splits)[:, None] * BLOCK_D + dims[None, :],
+                               mask=split_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                total = tl.reduce(weight, 0, tl.standard._sum_combine)
+                out = tl.reduce(part * weight[:, None], 0, tl.standard._sum_combine) / total
+                o_ptrs = Out + b.to(tl.int64) * stride_ob + (kv_head * GROUP + g) * stride_oh
+                tl.store(o_ptrs + dims, out.to(Out.dtype.element_ty), mask=dim_ok)
 
 
 def _decode_merge_kernel(
@@ -180,38 +219,69 @@ class DecodeConfig:
         num_stages: software-pipelining depth of the stage-1 KV loop.
         target_programs: stage-1 programs to aim for when choosing the split count.
         max_splits: upper bound on the split count.
+        fused_merge: the last stage-1 program of each (sequence, KV head) merges the splits
+            (found through an atomic counter) instead of a second launch.
     """
 
     block_n: int = 64
-    min_split_len: int = 256
-    num_warps: int = 4
+    min_split_len: int = 128
+    num_warps: int = 2
     num_stages: int = 2
-    target_programs: int = 1024
+    target_programs: int = 264
     max_splits: int = 64
+    fused_merge: bool = True
 
 
-@dataclass
 class DecodeScratch:
-    """Stage-1 partial results, reusable across layers of one batch."""
+    """Stage-1 partial results and merge counters, shared by every layer and every batch.
 
-    partial_out: torch.Tensor
-    partial_lse: torch.Tensor
+    The buffers only grow (to the largest decode shape asked for) and are never replaced
+    otherwise, so a CUDA graph captured at one batch size keeps valid pointers while other batch
+    sizes run; capture the largest batch first (or ``views`` it once) so no capture sees a
+    buffer that a later one replaces. The counters start at zero and every fused merge leaves
+    them at zero again.
 
-    @classmethod
-    def allocate(
-        cls, batch: int, num_q_heads: int, num_splits: int, head_dim: int, device: torch.device
-    ) -> DecodeScratch:
-        """Scratch for ``batch`` sequences of ``num_q_heads`` heads split ``num_splits`` ways."""
-        block_d = max(16, next_pow2(head_dim))
-        shape = (batch, num_q_heads, num_splits)
-        return cls(
-            partial_out=torch.empty((*shape, block_d), dtype=torch.float32, device=device),
-            partial_lse=torch.empty(shape, dtype=torch.float32, device=device),
+    Args:
+        device: where the buffers live.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        # Nothing is allocated until the first decode (a backend may be built before CUDA is up).
+        self._partial_out: torch.Tensor | None = None
+        self._partial_lse: torch.Tensor | None = None
+        self._counters: torch.Tensor | None = None
+
+    def views(
+        self, batch: int, q_heads: int, kv_heads: int, num_splits: int, head_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Contiguous views for one decode shape, growing the buffers if they are too small.
+
+        Returns:
+            partial_out [batch, q_heads, num_splits, padded head_dim] float32,
+            partial_lse [batch, q_heads, num_splits] float32,
+            counters [batch, kv_heads] int32.
+        """
+        out_shape = (batch, q_heads, num_splits, _block_d(head_dim))
+        lse_shape, counter_shape = out_shape[:3], (batch, kv_heads)
+        self._partial_out = self._grown(self._partial_out, out_shape, torch.float32)
+        self._partial_lse = self._grown(self._partial_lse, lse_shape, torch.float32)
+        self._counters = self._grown(self._counters, counter_shape, torch.int32)
+        return (
+            self._partial_out[: math.prod(out_shape)].view(out_shape),
+            self._partial_lse[: math.prod(lse_shape)].view(lse_shape),
+            self._counters[: math.prod(counter_shape)].view(counter_shape),
         )
 
-    def fits(self, batch: int, num_q_heads: int, num_splits: int, head_dim: int) -> bool:
-        block_d = max(16, next_pow2(head_dim))
-        return tuple(self.partial_out.shape) == (batch, num_q_heads, num_splits, block_d)
+    def _grown(self, buf: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        if buf is not None and buf.numel() >= math.prod(shape):
+            return buf
+        # Zeros: the counters must start at zero (the float buffers are always written first).
+        return torch.zeros(math.prod(shape), dtype=dtype, device=self.device)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, config: DecodeConfig) -> int:
@@ -252,8 +322,7 @@ def decode_attention(
         kv_indices: int64 slots of every token of every sequence.
         scale: softmax scale.
         num_splits: split count; default from the batch shape (``choose_num_splits``).
-        scratch: stage-1 buffers matching (B, num_q_heads, num_splits, head_dim); allocated if
-            missing.
+        scratch: stage-1 buffers to reuse (grown if too small); allocated if missing.
         out: optional [B, num_q_heads, head_dim] output tensor.
         config: launch shape; default suits the device.
         sliding_window: if set, the query at position p sees only positions (p - window, p].
@@ -268,28 +337,31 @@ def decode_attention(
         return out
     config = config or default_decode_config(q.device)
     num_splits = num_splits or choose_num_splits(batch, num_kv_heads, config)
-    if scratch is None or not scratch.fits(batch, num_q_heads, num_splits, head_dim):
-        scratch = DecodeScratch.allocate(batch, num_q_heads, num_splits, head_dim, q.device)
+    scratch = scratch or DecodeScratch(q.device)
+    partial_out, partial_lse, counters = scratch.views(
+        batch, num_q_heads, num_kv_heads, num_splits, head_dim
+    )
     group = num_q_heads // num_kv_heads
-    block_d = max(16, next_pow2(head_dim))
+    block_d = _block_d(head_dim)
     # The merge recomputes each split's range, so both stages must agree on these.
     shared = dict(
-        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, MIN_SPLIT_LEN=config.min_split_len,
-        SLIDING_WINDOW=sliding_window or 0,
+        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits),
+        MIN_SPLIT_LEN=config.min_split_len, SLIDING_WINDOW=sliding_window or 0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
     )  # fmt: skip
     DECODE_SPLIT_KERNEL.on(q.device)[(batch, num_kv_heads, num_splits)](
-        q, k_buffer, v_buffer, scratch.partial_out, scratch.partial_lse, kv_indptr, kv_indices,
-        scale * LOG2_E, q.stride(0), q.stride(1),
+        q, k_buffer, v_buffer, partial_out, partial_lse, counters, out,
+        kv_indptr, kv_indices, scale * LOG2_E, q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        GROUP=group, ROWS=max(16, next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        **_dot_flags(q.dtype, q.device), num_warps=config.num_warps, num_stages=config.num_stages,
-        **shared,
+        out.stride(0), out.stride(1), GROUP=group, ROWS=max(16, next_pow2(group)),
+        FUSED_MERGE=config.fused_merge, **_dot_flags(q.dtype, q.device),
+        num_warps=config.num_warps, num_stages=config.num_stages, **shared,
     )  # fmt: skip
-    DECODE_MERGE_KERNEL.on(q.device)[(batch, num_q_heads)](
-        scratch.partial_out, scratch.partial_lse, out, kv_indptr, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=next_pow2(num_splits),
-        num_warps=_merge_warps(block_d), **shared,
-    )  # fmt: skip
+    if not config.fused_merge:
+        DECODE_MERGE_KERNEL.on(q.device)[(batch, num_q_heads)](
+            partial_out, partial_lse, out, kv_indptr, out.stride(0),
+            out.stride(1), num_warps=_merge_warps(block_d), **shared,
+        )  # fmt: skip
     return out
 
 

@@ -168,9 +168,9 @@ class ExtendConfig:
     """
 
     block_rows: int = 128
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def extend_attention(
