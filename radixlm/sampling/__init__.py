@@ -1,6 +1,7 @@
 """Batched sampling: temperature, top-k/top-p/min-p, penalties, logit bias, seeds, logprobs."""
 
 from radixlm.sampling.logprobs import input_token_logprobs, token_logprobs, top_logprobs
+from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.sampler import (
     HostSampleOutput,
     SampleOutput,
@@ -12,6 +13,7 @@ from radixlm.sampling.sampling_batch import SamplingBatch, check_vocab, step_see
 
 __all__ = [
     "HostSampleOutput",
+    "PenaltyCache",
     "SampleOutput",
     "SamplingBatch",
     "adjusted_logits",

@@ -2,8 +2,8 @@
 
 ``python -m radixlm.sampling.benchmark --device cuda`` prints a markdown table: host time to
 build and launch one step (no synchronisation) and wall time per step (synchronised after many
-steps), at Llama 3's vocabulary size. Penalty rows carry a 512-token prompt and 256 generated
-tokens, the cost that grows with context.
+steps), at Llama 3's vocabulary size. Rows carry a 512-token prompt and 256+ generated tokens
+(one more per step), the context that penalties without a PenaltyCache re-send every step.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
+from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.sampler import SamplingBatch, sample
 from radixlm.sampling_params import SamplingParams
 
@@ -23,6 +25,7 @@ MIXES = {
     "top_k+top_p+min_p": lambda i: SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05),
     "top_p+seed": lambda i: SamplingParams(temperature=0.8, top_p=0.9, seed=i),
     "penalties": lambda i: SamplingParams(repetition_penalty=1.1, frequency_penalty=0.5),
+    "penalties+cache": lambda i: SamplingParams(repetition_penalty=1.1, frequency_penalty=0.5),
 }
 
 
@@ -51,21 +54,42 @@ def run(device: torch.device, batch_sizes: list[int], vocab: int, iters: int) ->
     rows = []
     for size in batch_sizes:
         logits = torch.randn(size, vocab, device=device, generator=generator) * 3
-        outputs = [[rng.randrange(vocab) for _ in range(256)] for _ in range(size)]
-        prompts = [[rng.randrange(vocab) for _ in range(512)] for _ in range(size)]
+        context = DecodeContext(
+            rids=[f"req{i}" for i in range(size)],
+            prompts=[[rng.randrange(vocab) for _ in range(512)] for _ in range(size)],
+            outputs=[[rng.randrange(vocab) for _ in range(256)] for _ in range(size)],
+            rng=rng,
+        )
         for name, make in MIXES.items():
             params = [make(i) for i in range(size)]
+            cache = PenaltyCache(vocab, device) if name.endswith("cache") else None
 
-            def step(params=params, logits=logits, outputs=outputs, prompts=prompts):
+            def step(params=params, logits=logits, cache=cache, context=context):
+                context.advance(vocab)
                 batch = SamplingBatch.build(
-                    params, outputs, prompts, vocab_size=vocab, device=device,
-                    eos_token_ids={2}, generator=generator,
+                    params, context.outputs, context.prompts, vocab_size=vocab, device=device,
+                    eos_token_ids={2}, generator=generator, request_ids=context.rids,
+                    penalty_cache=cache,
                 )  # fmt: skip
                 return sample(logits, batch)
 
             host, wall = time_step(step, device, iters)
             rows.append(f"| {size} | {name} | {host:.3f} | {wall:.3f} |")
     return rows
+
+
+@dataclass
+class DecodeContext:
+    """Requests in decode: every step appends one token to each output."""
+
+    rids: list[str]
+    prompts: list[list[int]]
+    outputs: list[list[int]]
+    rng: random.Random
+
+    def advance(self, vocab: int) -> None:
+        for output in self.outputs:
+            output.append(self.rng.randrange(vocab))
 
 
 def main() -> None:

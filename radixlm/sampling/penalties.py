@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.transfer import float_tensor, int_tensor, to_device
 from radixlm.sampling_params import SamplingParams
 
@@ -94,11 +95,11 @@ class Penalties:
     """Repetition (HF), frequency and presence (OpenAI) penalties for the rows that use them."""
 
     rows: torch.Tensor  # [P] int64, rows of the batch
-    repetition: torch.Tensor | None  # [P, 1]; None when every row's is 1
-    seen: torch.Tensor | None  # [P, V] bool: token occurs in prompt or output
-    frequency: torch.Tensor | None  # [P, 1]; None with presence when both are all 0
-    presence: torch.Tensor | None  # [P, 1]
-    counts: torch.Tensor | None  # [P, V] float32: occurrences in the output
+    repetition: torch.Tensor  # [P, 1]; 1.0 in rows without it
+    frequency: torch.Tensor  # [P, 1]
+    presence: torch.Tensor  # [P, 1]
+    seen: torch.Tensor | None  # [P, V] bool: in prompt or output; None if no repetition penalty
+    counts: torch.Tensor  # [P, V] float32: occurrences in the output
 
     @classmethod
     def build(
@@ -108,10 +109,13 @@ class Penalties:
         prompt_token_ids: Sequence[Sequence[int]] | None,
         vocab_size: int,
         device: torch.device,
+        request_ids: Sequence[str] | None = None,
+        cache: PenaltyCache | None = None,
     ) -> Penalties | None:
         """Gather the penalised rows; None when no row has a penalty.
 
-        Cost: one host-to-device copy of the prompt and output ids of the penalised rows.
+        Without a cache this copies the penalised rows' prompt and output ids to the device
+        every step; with ``cache`` and ``request_ids`` only the new tokens travel.
         """
         rows = [i for i, p in enumerate(params) if _has_penalty(p)]
         if not rows:
@@ -119,11 +123,14 @@ class Penalties:
         chosen = [params[i] for i in rows]
         outputs = [output_token_ids[i] for i in rows]
         prompts = [prompt_token_ids[i] if prompt_token_ids else () for i in rows]
-        return cls(
-            int_tensor(rows, device),
-            *_repetition_part(chosen, prompts, outputs, vocab_size, device),
-            *_frequency_part(chosen, outputs, vocab_size, device),
-        )
+        with_prompt = any(p.repetition_penalty != 1.0 for p in chosen)
+        if cache is not None and request_ids is not None:
+            rids = [request_ids[i] for i in rows]
+            counts, seen = cache.gather(rids, prompts, outputs, with_prompt)
+        else:
+            counts = _occurrences(outputs, vocab_size, device)
+            seen = _seen(counts, prompts) if with_prompt else None
+        return cls(int_tensor(rows, device), *_penalty_columns(chosen, device), seen, counts)
 
     def apply(self, logits: torch.Tensor) -> None:
         """Penalise ``logits`` [B, V] in place."""
@@ -132,8 +139,7 @@ class Penalties:
             # HF: a seen token's logit is divided by the penalty if positive, else multiplied.
             penalised = torch.where(sub > 0, sub / self.repetition, sub * self.repetition)
             sub = torch.where(self.seen, penalised, sub)
-        if self.counts is not None:
-            sub = sub - self.frequency * self.counts - self.presence * (self.counts > 0)
+        sub = sub - self.frequency * self.counts - self.presence * (self.counts > 0)
         logits.index_copy_(0, self.rows, sub)
 
 
@@ -143,22 +149,18 @@ def _has_penalty(params: SamplingParams) -> bool:
     )
 
 
-def _repetition_part(chosen, prompts, outputs, vocab_size, device):
-    """(penalty [P, 1], seen [P, V]) or (None, None) when every penalty is 1."""
-    if all(p.repetition_penalty == 1.0 for p in chosen):
-        return None, None
-    seen = _occurrences(prompts, vocab_size, device)
-    _count_into(seen, outputs)
-    return _column([p.repetition_penalty for p in chosen], device), seen.gt(0)
+def _penalty_columns(chosen: list[SamplingParams], device: torch.device):
+    """(repetition, frequency, presence) as [P, 1] columns in one copy."""
+    values = [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in chosen]
+    packed = to_device(torch.tensor(values, dtype=torch.float32), device)
+    return packed[:, 0:1], packed[:, 1:2], packed[:, 2:3]
 
 
-def _frequency_part(chosen, outputs, vocab_size, device):
-    """(frequency [P, 1], presence [P, 1], counts [P, V]) or Nones when all are 0."""
-    if not any(p.frequency_penalty or p.presence_penalty for p in chosen):
-        return None, None, None
-    frequency = _column([p.frequency_penalty for p in chosen], device)
-    presence = _column([p.presence_penalty for p in chosen], device)
-    return frequency, presence, _occurrences(outputs, vocab_size, device)
+def _seen(counts: torch.Tensor, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[P, V] bool: the token occurs in the row's prompt or output."""
+    in_prompt = torch.zeros_like(counts)
+    _count_into(in_prompt, prompts)
+    return (in_prompt + counts) > 0
 
 
 def _occurrences(

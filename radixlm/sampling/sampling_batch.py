@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from radixlm.sampling.penalties import LogitBias, Penalties, TokenBan
+from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.transfer import int_tensor, to_device
 from radixlm.sampling_params import SamplingParams, SamplingParamsError
 
@@ -50,6 +51,8 @@ class SamplingBatch:
         device: torch.device | str,
         eos_token_ids: Collection[int] = (),
         generator: torch.Generator | None = None,
+        request_ids: Sequence[str] | None = None,
+        penalty_cache: PenaltyCache | None = None,
     ) -> SamplingBatch:
         """Gather one step's sampling parameters.
 
@@ -64,6 +67,9 @@ class SamplingBatch:
             eos_token_ids: the model's EOS ids, banned (with stop_token_ids) before min_new_tokens.
             generator: the engine's generator, drawn from by unseeded rows; None uses torch's
                 default generator of that device.
+            request_ids: each row's request id; with ``penalty_cache``, penalised rows keep
+                their token counts on the device between steps instead of re-sending them.
+            penalty_cache: the executor's :class:`PenaltyCache` (one per engine).
 
         Returns:
             The batch, ready for ``sample``.
@@ -78,7 +84,13 @@ class SamplingBatch:
             all_greedy=all(greedy),
             logit_bias=LogitBias.build(params, vocab_size, device),
             penalties=Penalties.build(
-                params, output_token_ids, prompt_token_ids, vocab_size, device
+                params,
+                output_token_ids,
+                prompt_token_ids,
+                vocab_size,
+                device,
+                request_ids,
+                penalty_cache,
             ),
             ban=TokenBan.build(params, steps, eos_token_ids, vocab_size, device),
             generator=generator,
