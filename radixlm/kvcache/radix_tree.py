@@ -1,12 +1,17 @@
 """Radix tree of token ids over KV slots: the prefix cache behind RadixAttention.
 
-Each edge holds a run of token ids (``key``, a list) and the KV slots of those tokens (``slots``,
-an int64 tensor of the same length). The tree knows nothing of requests: callers match a prefix,
+Each edge holds a run of token ids (``key``) and the KV slots of those tokens (``slots``, an int64
+tensor of the same length). The tree knows nothing of requests: callers match a prefix,
 lock the node where the match ends while they use its slots, insert what they computed, and unlock.
 
 Page granularity: with ``page_size > 1`` only whole pages are cached, edges are split only at page
 boundaries and children are keyed by their first page, so a cached prefix always ends on a page
 boundary.
+
+Representation: keys are packed int32 token ids (``bytes``). A query is packed once (one pass over
+its Python ints, in C), after which every edge comparison is a ``memcmp`` (``bytes.startswith``)
+with no per-token Python work and no slice copies; a cached token costs 4 bytes instead of a list
+pointer plus an int object.
 
 Recency: a logical clock ticks once per ``match_prefix``/``insert``; every node on the touched
 path gets the tick. Eviction pops least-recently-used unlocked leaves from a lazy min-heap: an entry
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,15 +31,17 @@ from typing import Any
 import torch
 
 _EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
+_TOKEN_BYTES = 4  # keys are native-endian int32 token ids
 
 
 class TreeNode:
     """One edge of the tree and the node it leads to.
 
     Attributes:
-        key: token ids of the edge (empty only for a namespace root).
+        key: token ids of the edge, packed int32 (empty only for a namespace root); see
+            ``token_ids()``.
         slots: KV slots of those tokens (int64, same length as ``key``).
-        children: child nodes keyed by their first token (``page_size == 1``) or first page tuple.
+        children: child nodes keyed by their first page (packed token ids).
         parent: the parent node; None for a root and for a node that has been evicted.
         lock_ref: number of locks taken on this node or any node below it.
         last_access: logical time of the last match/insert that went through this node.
@@ -41,17 +49,26 @@ class TreeNode:
 
     __slots__ = ("key", "slots", "children", "parent", "lock_ref", "last_access", "in_heap")
 
-    def __init__(self, key: list[int], slots: torch.Tensor, parent: TreeNode | None, now: int):
+    def __init__(self, key: bytes, slots: torch.Tensor, parent: TreeNode | None, now: int):
         self.key = key
         self.slots = slots
-        self.children: dict[Any, TreeNode] = {}
+        self.children: dict[bytes, TreeNode] = {}
         self.parent = parent
         self.lock_ref = 0
         self.last_access = now
         self.in_heap = False  # whether an eviction-heap entry for this node exists
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens on this node's edge."""
+        return len(self.key) // _TOKEN_BYTES
+
+    def token_ids(self) -> list[int]:
+        """The edge's token ids as a list (for debugging and tests; not used on hot paths)."""
+        return list(struct.unpack(f"={self.num_tokens}i", self.key))
+
     def __repr__(self) -> str:
-        return f"TreeNode(len={len(self.key)}, lock_ref={self.lock_ref}, t={self.last_access})"
+        return f"TreeNode(len={self.num_tokens}, lock_ref={self.lock_ref}, t={self.last_access})"
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,7 @@ class RadixCache:
         self.page_size = page_size
         self.free_fn = free_fn
         self.disabled = disabled
+        self._page_bytes = page_size * _TOKEN_BYTES
         self._heap_seq = itertools.count()
         self.reset_state()
 
@@ -124,7 +142,8 @@ class RadixCache:
         and marks every node on the path as just used.
 
         Args:
-            token_ids: the key (list of ints, any sequence of ints, or a 1-D tensor).
+            token_ids: the key (list of ints, any sequence of ints, or a 1-D integer tensor);
+                ids must fit in int32.
             namespace: keys in different namespaces never share anything.
 
         Returns:
@@ -133,8 +152,8 @@ class RadixCache:
         root = self._namespace_root(namespace)
         if self.disabled:
             return MatchResult(_EMPTY_SLOTS.clone(), root, 0)
-        ids = _as_list(token_ids)
-        node, length, parts = self._descend(root, ids, len(ids) - len(ids) % self.page_size)
+        packed = _pack(token_ids)
+        node, length, parts = self._descend(root, packed, _aligned(len(packed), self._page_bytes))
         return MatchResult(_concat(parts), node, length)
 
     def insert(
@@ -156,8 +175,9 @@ class RadixCache:
         Returns:
             ``present``: how many leading tokens were already cached.
         """
-        ids = _as_list(token_ids)
-        aligned = len(ids) - len(ids) % self.page_size
+        packed = _pack(token_ids)
+        end = _aligned(len(packed), self._page_bytes)
+        aligned = end // _TOKEN_BYTES
         if len(slots) < aligned:
             raise ValueError(f"insert(): {len(slots)} slots for {aligned} tokens")
         root = self._namespace_root(namespace)
@@ -165,9 +185,10 @@ class RadixCache:
             if aligned:
                 self.free_fn(slots[:aligned])
             return 0
-        node, present, _ = self._descend(root, ids, aligned)
+        node, present, _ = self._descend(root, packed, end)
         if present < aligned:
-            self._add_leaf(node, ids[present:aligned], slots[present:aligned].clone())
+            key = packed[present * _TOKEN_BYTES : end]
+            self._add_leaf(node, key, slots[present:aligned].clone())
         return present
 
     # ---- locking ------------------------------------------------------------------------------
@@ -180,7 +201,7 @@ class RadixCache:
         """
         while node.parent is not None:
             if node.lock_ref == 0:
-                size = len(node.key)
+                size = node.num_tokens
                 self._evictable -= size
                 self._locked += size
             node.lock_ref += 1
@@ -200,7 +221,7 @@ class RadixCache:
         while node.parent is not None:
             node.lock_ref -= 1
             if node.lock_ref == 0:
-                size = len(node.key)
+                size = node.num_tokens
                 self._locked -= size
                 self._evictable += size
                 if not node.children:
@@ -231,7 +252,7 @@ class RadixCache:
             if node.last_access != queued_at:
                 self._push(node)  # touched since it was pushed: requeue at its real time
                 continue
-            count += len(node.key)
+            count += node.num_tokens
             freed.append(node.slots)
             self._remove_leaf(node)
         if freed:
@@ -254,7 +275,7 @@ class RadixCache:
     def reset_state(self) -> None:
         """Forget the whole tree without freeing anything (for when the pool itself is reset)."""
         self._clock = 0
-        self._roots: dict[str | None, TreeNode] = {None: TreeNode([], _EMPTY_SLOTS, None, 0)}
+        self._roots: dict[str | None, TreeNode] = {None: TreeNode(b"", _EMPTY_SLOTS, None, 0)}
         self._heap: list[tuple[int, int, TreeNode]] = []
         self._evictable = 0
         self._locked = 0
@@ -278,9 +299,9 @@ class RadixCache:
             self._check_node(node, queued)
             tree_slots.append(node.slots)
             if node.lock_ref:
-                locked += len(node.key)
+                locked += node.num_tokens
             else:
-                evictable += len(node.key)
+                evictable += node.num_tokens
         assert (evictable, locked) == (self._evictable, self._locked), (
             f"counters evictable={self._evictable} locked={self._locked}, "
             f"tree holds evictable={evictable} locked={locked}"
@@ -294,72 +315,72 @@ class RadixCache:
     def _namespace_root(self, namespace: str | None) -> TreeNode:
         root = self._roots.get(namespace)
         if root is None:
-            root = self._roots[namespace] = TreeNode([], _EMPTY_SLOTS, None, 0)
+            root = self._roots[namespace] = TreeNode(b"", _EMPTY_SLOTS, None, 0)
         return root
 
-    def _child_key(self, ids: list[int], pos: int) -> Any:
-        if self.page_size == 1:
-            return ids[pos]
-        return tuple(ids[pos : pos + self.page_size])
+    def _child_key(self, key: bytes) -> bytes:
+        """Children are keyed by their first page (a page is one token when page_size == 1)."""
+        return key[: self._page_bytes]
 
     def _descend(
-        self, root: TreeNode, ids: list[int], end: int
+        self, root: TreeNode, packed: bytes, end: int
     ) -> tuple[TreeNode, int, list[torch.Tensor]]:
-        """Walk ``ids[:end]`` from ``root``, touching the path; split where a match ends mid-edge.
+        """Walk ``packed[:end]`` (bytes) from ``root``, touching the path; split where a match
+        ends inside an edge.
 
         Returns:
-            (node where the match ends, matched length, slot tensors along the path).
+            (node where the match ends, matched tokens, slot tensors along the path).
         """
         self._clock += 1
-        now = self._clock
+        now, page_bytes = self._clock, self._page_bytes
         node, pos, parts = root, 0, []
         while pos < end:
-            child = node.children.get(self._child_key(ids, pos))
+            child = node.children.get(packed[pos : pos + page_bytes])
             if child is None:
                 break
-            edge_len = len(child.key)
-            diverged = pos + edge_len > end or ids[pos : pos + edge_len] != child.key
+            edge = len(child.key)
+            diverged = pos + edge > end or not packed.startswith(child.key, pos)
             if diverged:
-                # The first token/page matched (it is the child's dict key), so this is >= 1 page.
-                edge_len = _common_prefix_len(ids, pos, end, child.key)
-                edge_len -= edge_len % self.page_size
-                child = self._split(child, edge_len)
+                # The first page matched (it is the child's dict key), so this is >= 1 page.
+                edge = _aligned(_common_prefix_bytes(packed, pos, end, child.key), page_bytes)
+                child = self._split(child, edge)
             child.last_access = now
             parts.append(child.slots)
-            pos += edge_len
+            pos += edge
             node = child
             if diverged:
                 break
-        return node, pos, parts
+        return node, pos // _TOKEN_BYTES, parts
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
-        """Cut ``child``'s edge at ``at`` tokens; returns the new upper node (``child`` stays
-        the lower one, so handles to it still denote the same prefix)."""
+        """Cut ``child``'s edge ``at`` bytes in; returns the new upper node (``child`` stays the
+        lower one, so handles to it still denote the same prefix)."""
         if at >= len(child.key):
             return child
         parent = child.parent
         assert parent is not None
-        upper = TreeNode(child.key[:at], child.slots[:at], parent, child.last_access)
+        tokens = at // _TOKEN_BYTES
+        upper = TreeNode(child.key[:at], child.slots[:tokens], parent, child.last_access)
         upper.lock_ref = child.lock_ref
-        parent.children[self._child_key(upper.key, 0)] = upper
+        parent.children[self._child_key(upper.key)] = upper
         child.key = child.key[at:]
-        child.slots = child.slots[at:]
+        child.slots = child.slots[tokens:]
         child.parent = upper
-        upper.children[self._child_key(child.key, 0)] = child
+        upper.children[self._child_key(child.key)] = child
         return upper
 
-    def _add_leaf(self, parent: TreeNode, key: list[int], slots: torch.Tensor) -> None:
+    def _add_leaf(self, parent: TreeNode, key: bytes, slots: torch.Tensor) -> None:
         leaf = TreeNode(key, slots, parent, self._clock)
-        parent.children[self._child_key(key, 0)] = leaf
-        self._evictable += len(key)
+        parent.children[self._child_key(key)] = leaf
+        self._evictable += leaf.num_tokens
         self._push(leaf)
 
     def _remove_leaf(self, node: TreeNode) -> None:
         parent = node.parent
         assert parent is not None
-        del parent.children[self._child_key(node.key, 0)]
+        del parent.children[self._child_key(node.key)]
         node.parent = None
-        self._evictable -= len(node.key)
+        self._evictable -= node.num_tokens
         if _is_evictable_leaf(parent):
             self._push(parent)
 
@@ -390,14 +411,15 @@ class RadixCache:
         return set(queued)
 
     def _check_node(self, node: TreeNode, queued: set[int]) -> None:
-        key_len, ps = len(node.key), self.page_size
+        key_len, ps = node.num_tokens, self.page_size
+        assert len(node.key) % _TOKEN_BYTES == 0, f"{node!r}: key of {len(node.key)} bytes"
         assert key_len > 0 and key_len % ps == 0, f"{node!r}: edge of {key_len} tokens (page {ps})"
         assert node.slots.dim() == 1 and node.slots.numel() == key_len, (
             f"{node!r}: key of {key_len} tokens but {tuple(node.slots.shape)} slots"
         )
-        assert node.parent is not None and node.parent.children.get(
-            self._child_key(node.key, 0)
-        ) is node, f"{node!r}: not reachable from its parent under its first token/page"
+        assert (
+            node.parent is not None and node.parent.children.get(self._child_key(node.key)) is node
+        ), f"{node!r}: not reachable from its parent under its first token/page"
         below = sum(child.lock_ref for child in node.children.values())
         assert node.lock_ref >= below >= 0, (
             f"{node!r}: lock_ref {node.lock_ref} < sum of children's lock_ref {below}"
@@ -416,12 +438,20 @@ def _is_evictable_leaf(node: TreeNode) -> bool:
     return node.parent is not None and node.lock_ref == 0 and not node.children
 
 
-def _as_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
-    if isinstance(token_ids, list):
+def _pack(token_ids: Sequence[int] | torch.Tensor) -> bytes:
+    """Token ids as native-endian int32 bytes."""
+    if isinstance(token_ids, bytes):
         return token_ids
     if isinstance(token_ids, torch.Tensor):
-        return token_ids.tolist()
-    return list(token_ids)
+        return token_ids.reshape(-1).to(device="cpu", dtype=torch.int32).numpy().tobytes()
+    try:
+        return struct.pack(f"={len(token_ids)}i", *token_ids)
+    except struct.error as exc:
+        raise ValueError(f"token ids must be ints that fit in int32: {exc}") from None
+
+
+def _aligned(num_bytes: int, page_bytes: int) -> int:
+    return num_bytes - num_bytes % page_bytes
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -430,19 +460,19 @@ def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _common_prefix_len(ids: list[int], start: int, end: int, key: list[int]) -> int:
-    """Length of the common prefix of ``ids[start:end]`` and ``key``.
+def _common_prefix_bytes(packed: bytes, start: int, end: int, key: bytes) -> int:
+    """Length in bytes of the common prefix of ``packed[start:end]`` and ``key``.
 
-    Binary search on slice equality: the compared slices halve each step, so the total work is
-    linear and runs inside list comparison (C) rather than a per-token Python loop.
+    Binary search with ``memcmp``-backed comparisons; the compared slices halve each step, so the
+    total work is linear and no Python code runs per byte.
     """
     hi = min(end - start, len(key))
-    if ids[start : start + hi] == key[:hi]:
+    if packed.startswith(key[:hi], start):
         return hi
-    lo = 0  # ids/key agree on [0, lo) and differ somewhere in [lo, hi)
+    lo = 0  # the inputs agree on [0, lo) and differ somewhere in [lo, hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if ids[start + lo : start + mid] == key[lo:mid]:
+        if packed.startswith(key[lo:mid], start + lo):
             lo = mid
         else:
             hi = mid

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixlm.kvcache import PageAllocator, RadixCache
-from radixlm.kvcache.radix_tree import _common_prefix_len
+from radixlm.kvcache.radix_tree import _common_prefix_bytes
 
 
 def make(page_size: int = 1, num_pages: int = 64, disabled: bool = False):
@@ -174,15 +176,23 @@ def test_check_invariants_catches_leaks_and_double_ownership():
         cache.check_invariants(alloc, [live, slots[:1]])
 
 
-@settings(max_examples=200, deadline=None)
+def _brute_common(a, b) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@settings(max_examples=300, deadline=None)
 @given(
-    a=st.lists(st.integers(0, 2), max_size=40),
-    b=st.lists(st.integers(0, 2), min_size=1, max_size=40),
+    a=st.lists(st.integers(0, 300), max_size=40),
+    b=st.lists(st.integers(0, 300), min_size=1, max_size=40),
     start=st.integers(0, 5),
+    cut=st.integers(0, 5),
 )
-def test_common_prefix_len_matches_brute_force(a, b, start):
-    start = min(start, len(a))
-    expected = 0
-    while start + expected < len(a) and expected < len(b) and a[start + expected] == b[expected]:
-        expected += 1
-    assert _common_prefix_len(a, start, len(a), b) == expected
+def test_common_prefix_bytes_matches_brute_force(a, b, start, cut):
+    start, end = min(start, len(a)), max(min(start, len(a)), len(a) - cut)
+    pa, pb = (struct.pack(f"={len(x)}i", *x) for x in (a, b))
+    got = _common_prefix_bytes(pa, 4 * start, 4 * end, pb)
+    assert got == _brute_common(pa[4 * start : 4 * end], pb)
+    assert got // 4 == _brute_common(a[start:end], b)  # whole tokens agree
