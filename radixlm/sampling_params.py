@@ -87,6 +87,8 @@ class SamplingParams:
             raise SamplingParamsError("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "must be non-negative integers")
+        if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            raise SamplingParamsError("logit_bias", "values must be in [-100, 100]")
         self._validate_constraint()
 
     def _validate_constraint(self) -> None:

@@ -45,3 +45,12 @@ def tiny_llama3_dir(tmp_path_factory, llama3_tokenizer_dir) -> Path:
 
     path = tmp_path_factory.mktemp("tiny-llama3")
     return make_random_model_dir(path, "llama", tokenizer_dir=llama3_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama2_dir(tmp_path_factory, llama2_tokenizer_dir) -> Path:
+    """A tiny random-weight Llama with the real Llama 2 (SentencePiece) tokenizer."""
+    from radixlm.model.random_model import make_random_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-llama2")
+    return make_random_model_dir(path, "llama", tokenizer_dir=llama2_tokenizer_dir, seed=1)

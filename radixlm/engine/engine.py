@@ -20,6 +20,7 @@ from radixlm.engine.errors import EngineDeadError, QueueFullError, RequestError
 from radixlm.engine.frontend import RequestState, is_done
 from radixlm.model.demo import DEMO_MODEL_NAME, ensure_demo_model
 from radixlm.request import LogprobOptions
+from radixlm.sampling.sampling_batch import check_vocab
 from radixlm.sampling_params import SamplingParams, SamplingParamsError
 from radixlm.tokenizer.tokenizer import load_tokenizer
 
@@ -162,8 +163,11 @@ class Engine:
             raise RequestError(f"{len(items)} sampling_params for {count} prompts",
                                "sampling_params")
         try:
-            return [p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p)
-                    for p in items]
+            params = [p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p)
+                      for p in items]
+            for p in params:
+                check_vocab(p, self.vocab_size)
+            return params
         except SamplingParamsError as exc:
             raise RequestError(str(exc), exc.field) from None
         except TypeError as exc:

@@ -16,6 +16,7 @@ from radixlm.kvcache.pool import KVPool
 from radixlm.model.attention import TritonAttentionBackend, create_attention_backend
 from radixlm.model.loader import load_model, resolve_device
 from radixlm.outputs import SeqStepResult, StepResult
+from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.sampler import SamplingBatch, sample
 
 # Pool size on CPU when none is given: plenty for tests and the demo, small in host memory.
@@ -65,6 +66,8 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(model_config.random_seed)
         self.graphs: DecodeGraphRunner | None = None
+        # Penalty counts stay on the device; each step sends only the newest tokens.
+        self.penalty_cache = PenaltyCache(self.vocab_size, self.device)
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         """Capture decode graphs up to ``max_batch_size`` (CUDA with the Triton backend only)."""
@@ -130,9 +133,11 @@ class ModelRunner:
         sbatch = SamplingBatch.build(
             params=[s.params for s in seqs], output_token_ids=[s.output_ids for s in seqs],
             prompt_token_ids=[s.prompt_ids for s in seqs], vocab_size=picked.shape[-1],
-            device=self.device, eos_token_ids=self.eos_token_ids, generator=self.generator)
+            device=self.device, eos_token_ids=self.eos_token_ids, generator=self.generator,
+            request_ids=[s.rid for s in seqs], penalty_cache=self.penalty_cache)
         top_k = max((s.top_logprobs_num for s in seqs), default=0)
-        out = sample(picked, sbatch, top_logprobs_num=top_k)
+        want_logprob = any(s.return_logprob for s in seqs)
+        out = sample(picked, sbatch, top_logprobs_num=top_k, return_logprob=want_logprob)
         self._store_samples(seqs, [results[i] for i in rows], out)
 
     def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
