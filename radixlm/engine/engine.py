@@ -123,6 +123,10 @@ class Engine:
             self._validate_length(ids, params)
         self._check_queue(sum(p.n for p in params_list))
         rids = self._rids(rid, len(prompts))
+        with self._lock:
+            busy = [r for r in rids if r in self._states or f"{r}-0" in self._states]
+        if busy:
+            raise RequestError(f"request id {busy[0]!r} is already in flight", "rid")
         states = []
         for base, ids, params in zip(rids, prompts, params_list):
             for sub_rid, sub_params in _fan_out(base, params):
