@@ -30,7 +30,12 @@ from radixlm.batch import ForwardBatch
 from radixlm.kvcache.pool import KVPool
 from radixlm.model.attention.torch_backend import TorchAttentionBackend
 from radixlm.model.attention.triton_backend import TritonAttentionBackend
-from radixlm.model.attention.triton_kernels import DecodeConfig, ExtendConfig
+from radixlm.model.attention.triton_kernels import (
+    NARROW_EXTEND,
+    WIDE_EXTEND,
+    DecodeConfig,
+    ExtendConfig,
+)
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -258,15 +263,24 @@ def run_cases(args, backend, roof: Roofline, gen: torch.Generator) -> list[Case]
         for context in args.contexts:
             first = len(cases)
             cases.extend(decode_cases(args, backend, batch, context, gen))
-            new = min(context, args.extend_new)
-            setup = build_setup(batch, context, new, args.page_size, gen)
-            us = time_extend(backend, setup)
-            cases.append(Case("extend", batch, context, new, attention_bytes(batch, context, new),
-                              extend_flops(batch, context, new), us))  # fmt: skip
-            del setup
+            cases.extend(extend_cases(args, backend, batch, context, gen))
             torch.cuda.empty_cache()
             for case in cases[first:]:
                 _print_case(case, roof)
+    return cases
+
+
+def extend_cases(args, backend, batch: int, context: int, gen: torch.Generator) -> list[Case]:
+    new = min(context, args.extend_new)
+    setup = build_setup(batch, context, new, args.page_size, gen)
+    case = Case("extend", batch, context, new, attention_bytes(batch, context, new),
+                extend_flops(batch, context, new), time_extend(backend, setup))  # fmt: skip
+    if not args.compare_extend or backend.extend_config is not None:
+        return [case]
+    cases = [case]
+    for name, config in (("wide", WIDE_EXTEND), ("narrow", NARROW_EXTEND)):
+        other = TritonAttentionBackend(backend.device, extend_config=config)
+        cases.append(replace(case, kernel=f"extend {name}", us=time_extend(other, setup)))
     return cases
 
 
@@ -389,6 +403,12 @@ def _sweep_point(cfg, setups: dict, timer) -> dict:
 # ------------------------------------------------------------------------------ entry
 
 
+def describe_extend_config(backend: TritonAttentionBackend) -> str:
+    if backend.extend_config is not None:
+        return str(backend.extend_config)
+    return f"by launch size: {WIDE_EXTEND} under 2 programs per SM, else {NARROW_EXTEND}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -407,6 +427,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compare-fused",
         action="store_true",
         help="also time decode with the other fused_merge setting",
+    )
+    parser.add_argument(
+        "--compare-extend", action="store_true", help="also time extend with each fixed config"
     )
     parser.add_argument("--out", help="write results as JSON here")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
@@ -437,11 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         profile_decode(args, gen)
     backend = TritonAttentionBackend(args.device)
     cases = run_cases(args, backend, roof, gen)
-    print(f"\nconfigs: extend {backend.extend_config}, decode {backend.decode_config}")
+    extend_config = describe_extend_config(backend)
+    print(f"\nconfigs: extend {extend_config}; decode {backend.decode_config}")
     print(format_table(cases, roof))
     if args.out:
         report = {"device": name, "roofline": asdict(roof), "checks": checks, "sweep": tuned,
-                  "extend_config": asdict(backend.extend_config),
+                  "extend_config": str(extend_config),
                   "decode_config": asdict(backend.decode_config),
                   "cases": [{**asdict(c), "gbps": c.gbps(), "roofline_us": c.roofline_us(roof)}
                             for c in cases]}  # fmt: skip

@@ -14,7 +14,6 @@ from radixlm.model.attention.triton_kernels import (
     choose_num_splits,
     decode_attention,
     default_decode_config,
-    default_extend_config,
     extend_attention,
     store_kv,
 )
@@ -31,7 +30,7 @@ class TritonAttentionBackend(AttentionBackend):
     Args:
         device: where the batches live (picks the default launch configs).
         sliding_window: if set, a token at position p sees only positions (p - window, p].
-        extend_config: override of the extend kernel's launch shape.
+        extend_config: fixed launch shape of the extend kernel (default: by launch size).
         decode_config: override of the decode kernels' launch shape.
     """
 
@@ -44,7 +43,8 @@ class TritonAttentionBackend(AttentionBackend):
     ):
         self.device = torch.device(device)
         self.sliding_window = sliding_window
-        self.extend_config = extend_config or default_extend_config(self.device)
+        # None: chosen per launch from its size (default_extend_config).
+        self.extend_config = extend_config
         self.decode_config = decode_config or default_decode_config(self.device)
         self.decode_scratch = DecodeScratch(self.device)
 

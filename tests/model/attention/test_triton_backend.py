@@ -134,11 +134,11 @@ def test_gpu_decode_replays_in_a_cuda_graph_for_other_lengths():
     for layer in range(pool.num_layers):
         pool.k(layer).normal_()
         pool.v(layer).normal_()
-    slots = shuffled_slots([60, 60, 60], pool, gen)
-    batch = ForwardBatch.build([[1]] * 3, [s[:40] for s in slots], device="cuda")
+    slots = shuffled_slots([48, 48, 48], pool, gen)  # 36 of the pool's 40 pages
+    batch = ForwardBatch.build([[1]] * 3, [s[:30] for s in slots], device="cuda")
     q = torch.randn(3, Q_HEADS, HEAD_DIM, device="cuda")
-    kv_indices = torch.zeros(180, dtype=torch.int64, device="cuda")
-    kv_indices[:120] = batch.kv_indices
+    kv_indices = torch.zeros(144, dtype=torch.int64, device="cuda")
+    kv_indices[:90] = batch.kv_indices
     batch.kv_indices = kv_indices
     backend.prepare(batch)
     backend.decode(q, 0, batch, pool, 0.25)  # warm-up: compile outside the capture
@@ -146,7 +146,7 @@ def test_gpu_decode_replays_in_a_cuda_graph_for_other_lengths():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = backend.decode(q, 0, batch, pool, 0.25)
-    lengths = [60, 2, 33]
+    lengths = [48, 2, 33]
     new = ForwardBatch.build([[1]] * 3, [s[:n] for s, n in zip(slots, lengths)], device="cuda")
     batch.kv_indptr.copy_(new.kv_indptr)
     batch.kv_indices[: sum(lengths)].copy_(new.kv_indices)

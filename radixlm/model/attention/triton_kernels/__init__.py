@@ -12,6 +12,8 @@ from radixlm.model.attention.triton_kernels.decode import (
     default_decode_config,
 )
 from radixlm.model.attention.triton_kernels.extend import (
+    NARROW_EXTEND,
+    WIDE_EXTEND,
     ExtendConfig,
     default_extend_config,
     extend_attention,
@@ -22,6 +24,8 @@ __all__ = [
     "DecodeConfig",
     "DecodeScratch",
     "ExtendConfig",
+    "NARROW_EXTEND",
+    "WIDE_EXTEND",
     "choose_num_splits",
     "decode_attention",
     "default_decode_config",

@@ -143,7 +143,7 @@ def _decode_split_kernel(
             splits = tl.arange(0, SPLITS_PAD)
             split_ok = splits < used
             first_row = (b * GROUP * tl.num_programs(1) + kv_head * GROUP).to(tl.int64)
-            for g in range(GROUP):
+            for g in tl.static_range(GROUP):  # unrolled: every head's loads in flight at once
                 base = (first_row + g) * NUM_SPLITS
                 # .cg: read what the other programs wrote from L2, never a stale L1 line.
                 lse = tl.load(Mid_LSE + base + splits, mask=split_ok, other=float("-inf"),
@@ -223,13 +223,13 @@ class DecodeConfig:
             (found through an atomic counter) instead of a second launch.
     """
 
-    block_n: int = 64
+    block_n: int = 128
     min_split_len: int = 128
-    num_warps: int = 2
+    num_warps: int = 4
     num_stages: int = 2
-    target_programs: int = 264
+    target_programs: int = 528
     max_splits: int = 64
-    fused_merge: bool = True
+    fused_merge: bool = False
 
 
 class DecodeScratch:

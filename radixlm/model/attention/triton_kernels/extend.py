@@ -168,8 +168,8 @@ class ExtendConfig:
     """
 
     block_rows: int = 128
-    block_n: int = 128
-    num_warps: int = 8
+    block_n: int = 64
+    num_warps: int = 4
     num_stages: int = 3
 
 
@@ -198,7 +198,7 @@ def extend_attention(
         max_extend_len: the largest number of new tokens of one sequence (a host int).
         scale: softmax scale (usually head_dim ** -0.5).
         out: optional [T, num_q_heads, head_dim] output tensor.
-        config: launch shape; default suits the device.
+        config: launch shape; default by device and launch size (``default_extend_config``).
         sliding_window: if set, a token at position p sees only positions (p - window, p].
 
     Returns:
@@ -210,9 +210,11 @@ def extend_attention(
     batch = qo_indptr.shape[0] - 1
     if num_tokens == 0 or batch == 0:
         return out
-    config = config or default_extend_config(q.device)
     group = num_q_heads // num_kv_heads
     group_pad = next_pow2(group)
+    if config is None:
+        row_blocks = triton.cdiv(max_extend_len, max(1, 128 // group_pad))
+        config = default_extend_config(q.device, batch * num_kv_heads * row_blocks)
     block_m = max(1, config.block_rows // group_pad)
     grid = (batch, num_kv_heads, triton.cdiv(max_extend_len, block_m))
     EXTEND_KERNEL.on(q.device)[grid](
@@ -234,8 +236,28 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
     return {"IEEE": dtype == torch.float32 or upcast, "UPCAST": upcast}
 
 
-def default_extend_config(device: torch.device) -> ExtendConfig:
-    """Small tiles for the CPU interpreter (fast to emulate), tuned tiles for the GPU."""
-    if device.type == "cpu":
-        return ExtendConfig(block_rows=16, block_n=16, num_warps=1, num_stages=1)
-    return ExtendConfig()
+# Measured on an H100 (docs/benchmarks.md): with fewer programs than SMs to fill (one sequence),
+# large tiles and 8 warps win; with many programs, 64-wide KV steps and 4 warps (more of them
+# resident per SM, less work wasted on the causal diagonal) win.
+WIDE_EXTEND = ExtendConfig(block_rows=128, block_n=128, num_warps=8, num_stages=3)
+NARROW_EXTEND = ExtendConfig(block_rows=128, block_n=64, num_warps=4, num_stages=3)
+CPU_EXTEND = ExtendConfig(block_rows=16, block_n=16, num_warps=1, num_stages=1)
+
+
+def default_extend_config(device: torch.device, num_programs: int | None = None) -> ExtendConfig:
+    """Small tiles for the CPU interpreter (fast to emulate); on the GPU, by launch size.
+
+    Args:
+        device: where the tensors live.
+        num_programs: the launch's program count (batch x KV heads x row blocks of 128 rows);
+            unknown: assume a large launch.
+
+    Returns:
+        The launch shape.
+    """
+    if runs_interpreted(device):
+        return CPU_EXTEND
+    if num_programs is None:
+        return NARROW_EXTEND
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return WIDE_EXTEND if num_programs < 2 * num_sms else NARROW_EXTEND
