@@ -32,6 +32,7 @@ import torch
 
 _EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
 _TOKEN_BYTES = 4  # keys are native-endian int32 token ids
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 class TreeNode:
@@ -40,7 +41,7 @@ class TreeNode:
     Attributes:
         key: token ids of the edge, packed int32 (empty only for a namespace root); see
             ``token_ids()``.
-        slots: KV slots of those tokens (int64, same length as ``key``).
+        slots: KV slots of those tokens (int64, one per token of ``key``).
         children: child nodes keyed by their first page (packed token ids).
         parent: the parent node; None for a root and for a node that has been evicted.
         lock_ref: number of locks taken on this node or any node below it.
@@ -198,7 +199,13 @@ class RadixCache:
 
         Args:
             node: a node returned in a MatchResult; a root is accepted and ignored.
+
+        Raises:
+            RuntimeError: the node has been evicted (lock right after matching, before anything
+                can evict it).
         """
+        if node.parent is None and not self._is_root(node):
+            raise RuntimeError(f"lock() of an evicted node {node!r}")
         while node.parent is not None:
             if node.lock_ref == 0:
                 size = node.num_tokens
@@ -317,6 +324,9 @@ class RadixCache:
         if root is None:
             root = self._roots[namespace] = TreeNode(b"", _EMPTY_SLOTS, None, 0)
         return root
+
+    def _is_root(self, node: TreeNode) -> bool:
+        return any(node is root for root in self._roots.values())
 
     def _child_key(self, key: bytes) -> bytes:
         """Children are keyed by their first page (a page is one token when page_size == 1)."""
@@ -440,10 +450,11 @@ def _is_evictable_leaf(node: TreeNode) -> bool:
 
 def _pack(token_ids: Sequence[int] | torch.Tensor) -> bytes:
     """Token ids as native-endian int32 bytes."""
-    if isinstance(token_ids, bytes):
-        return token_ids
     if isinstance(token_ids, torch.Tensor):
-        return token_ids.reshape(-1).to(device="cpu", dtype=torch.int32).numpy().tobytes()
+        ids = token_ids.reshape(-1).cpu()
+        if ids.numel() and (int(ids.min()) < _INT32_MIN or int(ids.max()) > _INT32_MAX):
+            raise ValueError("token ids must fit in int32")
+        return ids.to(torch.int32).numpy().tobytes()
     try:
         return struct.pack(f"={len(token_ids)}i", *token_ids)
     except struct.error as exc:

@@ -95,6 +95,23 @@ def test_keys_may_be_tensors_or_tuples():
     assert cache.match_prefix((4, 5, 6, 7)).length == 3
 
 
+def test_token_ids_outside_int32_are_rejected():
+    alloc, cache = make()
+    with pytest.raises(ValueError):
+        cache.match_prefix([1, 2**31])
+    with pytest.raises(ValueError):
+        cache.match_prefix(torch.tensor([-(2**31) - 1]))
+
+
+def test_locking_an_evicted_node_raises():
+    alloc, cache = make()
+    cache_seq(alloc, cache, [1, 2])
+    node = cache.match_prefix([1, 2]).node
+    assert cache.evict(2) == 2
+    with pytest.raises(RuntimeError, match="evicted"):
+        cache.lock(node)
+
+
 def test_insert_keeps_a_copy_of_the_slots():
     alloc, cache = make()
     slots = alloc.alloc(3)
