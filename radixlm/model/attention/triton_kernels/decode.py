@@ -6,6 +6,8 @@ cores) and one contiguous range of the sequence, and writes the partial output (
 by its softmax sum) and its log-sum-exp. The ranges come from the sequence length inside the
 kernel, so the grid depends on shapes only: the launch can be captured in a CUDA graph and
 replayed for any sequence lengths. Stage 2, on a grid of (batch, q_heads), merges the splits.
+With ``DecodeConfig.fused_merge`` the last stage-1 program of each (sequence, KV head) merges
+instead (an atomic counter finds it); measured slower on an H100, so off by default.
 """
 
 from __future__ import annotations
@@ -188,8 +190,9 @@ def _decode_merge_kernel(
     dims = tl.arange(0, BLOCK_D)
     base = (b * tl.num_programs(1) + head).to(tl.int64) * NUM_SPLITS
     lse = tl.load(Mid_LSE + base + splits, mask=split_ok, other=float("-inf"))
-    weight = tl.exp2(lse - tl.reduce(lse, 0, tl.standard._elementwise_max))
-    weight = tl.where(split_ok, weight, 0.0)
+    lse_max = tl.reduce(lse, 0, tl.standard._elementwise_max)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no used split: all weights 0
+    weight = tl.exp2(lse - lse_max)
     part = tl.load(
         Mid_O + (base + splits)[:, None] * BLOCK_D + dims[None, :],
         mask=split_ok[:, None],
