@@ -1,15 +1,16 @@
 """Page-granular slot allocator over the usable part of the KV pool.
 
-The free list is a tensor used as a stack of page ids, so ``alloc`` and ``free`` cost a handful of
-torch ops whatever the number of pages involved (no per-slot Python loop). A per-page "is free"
-mask catches double frees, which are always bugs in the caller.
+The free list is an array used as a stack of page ids, so ``alloc`` and ``free`` cost a handful of
+vectorized ops whatever the number of pages involved (no per-slot Python loop). The bookkeeping
+arrays are numpy rather than torch because each call is a few small ops and numpy's per-op
+overhead is several times lower on CPU; slots cross the API as torch tensors (shared memory, no
+copy). A per-page free flag catches double frees, which are always bugs in the caller.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-
-_INT64 = torch.int64
 
 
 class PageAllocator:
@@ -33,9 +34,11 @@ class PageAllocator:
         self.num_pages = num_pages
         self.page_size = page_size
         self.first_slot = first_slot
-        self._page_offsets = torch.arange(page_size, dtype=_INT64)
-        self._stack = torch.empty(num_pages, dtype=_INT64)
-        self._page_is_free = torch.empty(num_pages, dtype=torch.bool)
+        self._page_offsets = np.arange(page_size, dtype=np.int64)
+        self._stack = np.empty(num_pages, dtype=np.int64)
+        self._page_is_free = np.empty(num_pages, dtype=np.bool_)
+        # Scratch for spotting a page listed twice in one free() (see _check_distinct).
+        self._stamp = np.zeros(num_pages, dtype=np.int64)
         self._num_free = 0
         self.reset()
 
@@ -52,8 +55,8 @@ class PageAllocator:
     def reset(self) -> None:
         """Mark every page free (forgets all outstanding allocations)."""
         # Reversed so that the first allocations get the lowest pages.
-        torch.arange(self.num_pages - 1, -1, -1, dtype=_INT64, out=self._stack)
-        self._page_is_free.fill_(True)
+        self._stack[:] = np.arange(self.num_pages - 1, -1, -1, dtype=np.int64)
+        self._page_is_free[:] = True
         self._num_free = self.num_pages
 
     def alloc(self, num_tokens: int) -> torch.Tensor | None:
@@ -77,10 +80,10 @@ class PageAllocator:
         if num_pages > self._num_free:
             return None
         top = self._num_free
-        pages = self._stack[top - num_pages : top].flip(0)
+        pages = self._stack[top - num_pages : top][::-1]
         self._num_free = top - num_pages
         self._page_is_free[pages] = False
-        return self._pages_to_slots(pages)
+        return torch.from_numpy(self._pages_to_slots(pages))
 
     def free(self, slots: torch.Tensor) -> None:
         """Return whole pages to the free list.
@@ -89,67 +92,74 @@ class PageAllocator:
             slots: every slot of each page being freed (any order, any device).
 
         Raises:
-            ValueError: a slot outside the usable range, a partial page, a slot listed twice,
-                or a page that is already free (a double free).
+            ValueError: a slot outside the usable range, a partial page, a page listed twice,
+                or a page that is already free (a double free). Nothing is freed then.
         """
         pages = self._slots_to_pages(slots)
-        if pages.numel() == 0:
+        if pages.size == 0:
             return
         already_free = self._page_is_free[pages]
-        if bool(already_free.any()):
+        if already_free.any():
             bad = self._pages_to_slots(pages[already_free][:4]).tolist()
             raise ValueError(f"double free: slots {bad}... are already free")
-        if torch.unique(pages).numel() != pages.numel():
-            raise ValueError("free(): the same page is listed more than once")
+        self._check_distinct(pages)
         top = self._num_free
-        self._stack[top : top + pages.numel()] = pages
-        self._num_free = top + pages.numel()
+        self._stack[top : top + pages.size] = pages
+        self._num_free = top + pages.size
         self._page_is_free[pages] = True
 
     def free_slots(self) -> torch.Tensor:
         """All free slots (int64, unordered)."""
-        return self._pages_to_slots(self._stack[: self._num_free])
+        return torch.from_numpy(self._pages_to_slots(self._stack[: self._num_free]))
 
     def free_slot_set(self) -> set[int]:
         """All free slots as a Python set (for invariant checks and tests)."""
         return set(self.free_slots().tolist())
 
     def check_invariants(self) -> None:
-        """Assert that the free stack and the free mask agree and hold no duplicate page."""
+        """Assert that the free stack and the free flags agree and hold no duplicate page."""
         stack = self._stack[: self._num_free]
-        assert torch.unique(stack).numel() == stack.numel(), "free list holds a page twice"
-        assert int(self._page_is_free.sum()) == self._num_free, (
-            f"free mask counts {int(self._page_is_free.sum())} pages, stack {self._num_free}"
-        )
-        assert bool(self._page_is_free[stack].all()), "a page on the free list is marked used"
+        assert np.unique(stack).size == stack.size, "free list holds a page twice"
+        flagged = int(self._page_is_free.sum())
+        assert flagged == self._num_free, f"{flagged} pages flagged free, {self._num_free} stacked"
+        assert self._page_is_free[stack].all(), "a page on the free list is flagged in use"
 
-    def _pages_to_slots(self, pages: torch.Tensor) -> torch.Tensor:
+    def _pages_to_slots(self, pages: np.ndarray) -> np.ndarray:
         if self.page_size == 1:
             return pages + self.first_slot
-        slots = pages.unsqueeze(1) * self.page_size + self._page_offsets
+        slots = pages[:, None] * self.page_size + self._page_offsets
         return slots.reshape(-1) + self.first_slot
 
-    def _slots_to_pages(self, slots: torch.Tensor) -> torch.Tensor:
+    def _slots_to_pages(self, slots: torch.Tensor) -> np.ndarray:
         """Page ids of whole pages given as slots; validates range and completeness."""
-        rel = slots.reshape(-1).to(device="cpu", dtype=_INT64) - self.first_slot
-        if rel.numel() % self.page_size:
-            raise ValueError(f"free(): {rel.numel()} slots is not whole pages of {self.page_size}")
-        if rel.numel() and (int(rel.min()) < 0 or int(rel.max()) >= self.capacity_tokens):
+        flat = slots.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
+        rel = flat - self.first_slot  # a new array: the caller's tensor is never written
+        if rel.size % self.page_size:
+            raise ValueError(f"free(): {rel.size} slots is not whole pages of {self.page_size}")
+        if rel.size and (rel.min() < 0 or rel.max() >= self.capacity_tokens):
             raise ValueError(
                 f"free(): slots outside [{self.first_slot}, "
                 f"{self.first_slot + self.capacity_tokens})"
             )
         if self.page_size == 1:
             return rel
-        pages = self._whole_pages(rel.view(-1, self.page_size))
+        pages = self._whole_pages(rel.reshape(-1, self.page_size))
         if pages is None:  # not page after page in order: accept any order of whole pages
-            pages = self._whole_pages(rel.sort().values.view(-1, self.page_size))
+            pages = self._whole_pages(np.sort(rel).reshape(-1, self.page_size))
         if pages is None:
             raise ValueError("free(): slots do not form whole pages")
         return pages
 
-    def _whole_pages(self, rows: torch.Tensor) -> torch.Tensor | None:
+    def _whole_pages(self, rows: np.ndarray) -> np.ndarray | None:
         """Page ids if every row is one page's slots in order, else None."""
         pages = rows[:, 0] // self.page_size
-        expected = pages.unsqueeze(1) * self.page_size + self._page_offsets
-        return pages if torch.equal(rows, expected) else None
+        expected = pages[:, None] * self.page_size + self._page_offsets
+        return pages if np.array_equal(rows, expected) else None
+
+    def _check_distinct(self, pages: np.ndarray) -> None:
+        """Raise if a page appears twice: writing each position into its page's stamp, a
+        repeated page keeps only its last position, so an earlier one reads back different."""
+        positions = np.arange(pages.size, dtype=np.int64)
+        self._stamp[pages] = positions
+        if not np.array_equal(self._stamp[pages], positions):
+            raise ValueError("free(): the same page is listed more than once")

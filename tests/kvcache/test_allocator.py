@@ -42,8 +42,9 @@ def test_free_errors():
         alloc.free(slots[:1])
     with pytest.raises(ValueError, match="outside"):
         alloc.free(torch.tensor([0, 1]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="more than once"):
         alloc.free(torch.cat([slots[:2], slots[:2]]))
+    assert alloc.free_tokens == 4  # a rejected free changes nothing
     alloc.free(slots)
     with pytest.raises(ValueError, match="double free"):
         alloc.free(slots[2:])
