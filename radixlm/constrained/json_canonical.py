@@ -1,0 +1,110 @@
+"""Serialize an instance the way a compiled schema's grammar spells it.
+
+The grammar fixes key order (declared properties in schema order, then the rest) and the
+whitespace policy, so an instance is only comparable with the grammar once it is written that
+way. Used by tests and by the benchmark to check valid instances token by token.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from radixlm.constrained.json_schema import (
+    JsonSchemaOptions,
+    SchemaCompiler,
+    _json_equal,
+    _load,
+    merge_schemas,
+    property_schema,
+)
+
+
+def canonical_json(instance: Any, schema: Any, options: JsonSchemaOptions | None = None) -> str:
+    """``instance`` serialized in the key order and whitespace the schema's grammar requires.
+
+    Args:
+        instance: a JSON value (normally valid under ``schema``).
+        schema: the JSON schema (dict, bool or JSON text) the grammar was compiled from.
+        options: the compiler options used for the grammar (separators, defaults).
+
+    Returns:
+        The JSON text.
+    """
+    return _Serializer(_load(schema), options or JsonSchemaOptions()).dump(instance, None, ())
+
+
+class _Serializer:
+    def __init__(self, root: Any, options: JsonSchemaOptions):
+        self.options = options
+        self.compiler = SchemaCompiler(root, options)
+        self.root = root
+        self._validator = None
+
+    def dump(self, value: Any, schema: Any, stack: tuple) -> str:
+        node, stack = self.compiler.resolve(self.root if schema is None else schema, stack)
+        if isinstance(node, dict) and "_alts" in node:
+            node = self._choose(value, node, stack)
+        if not isinstance(node, dict):
+            node = {}
+        for literal in node.get("enum", []):
+            if _json_equal(literal, value):
+                return self.compiler.dumps(literal)
+        if isinstance(value, dict):
+            return self._object(value, node, stack)
+        if isinstance(value, list):
+            return self._array(value, node, stack)
+        if isinstance(value, float) and value.is_integer() and self._wants_integer(node):
+            value = int(value)
+        return json.dumps(value, ensure_ascii=False)
+
+    def _wants_integer(self, node: dict) -> bool:
+        types = node.get("type")
+        return types is not None and "integer" in types and "number" not in types
+
+    def _object(self, value: dict, node: dict, stack: tuple) -> str:
+        declared = list(node.get("properties") or {})
+        declared += [r for r in node.get("required", []) if r not in declared]
+        order = [k for k in declared if k in value] + [k for k in value if k not in declared]
+        sep, key_sep = self.options.item_separator, self.options.key_separator
+        members = []
+        for key in order:
+            sub = property_schema(node, key, self.options) if node else True
+            members.append(json.dumps(key, ensure_ascii=False) + key_sep
+                           + self.dump(value[key], sub, stack))
+        return "{" + sep.join(members) + "}"
+
+    def _array(self, value: list, node: dict, stack: tuple) -> str:
+        prefix = node.get("prefixItems", [])
+        rest = node.get("items", True)
+        items = [self.dump(v, prefix[i] if i < len(prefix) else rest, stack)
+                 for i, v in enumerate(value)]
+        return "[" + self.options.item_separator.join(items) + "]"
+
+    def _choose(self, value: Any, node: dict, stack: tuple) -> Any:
+        """Merge in, from each anyOf/oneOf list, the first alternative ``value`` satisfies."""
+        base = {k: v for k, v in node.items() if k != "_alts"}
+        chosen = [next((alt for alt in alts if self._valid(value, alt)), alts[0])
+                  for alts in node["_alts"]]
+        merged: Any = base
+        for alt in chosen:
+            resolved, _ = self.compiler.resolve(alt, stack)
+            merged = merge_schemas(merged, resolved)
+        if isinstance(merged, dict) and "_alts" in merged:
+            return self._choose(value, merged, stack)
+        return merged
+
+    def _valid(self, value: Any, schema: Any) -> bool:
+        validator = self._root_validator()
+        try:
+            return validator.evolve(schema=schema).is_valid(value)
+        except Exception:  # unresolvable refs, invalid subschemas: cannot tell
+            return False
+
+    def _root_validator(self):
+        if self._validator is None:
+            import jsonschema
+
+            cls = jsonschema.validators.validator_for(self.root, default=jsonschema.Draft7Validator)
+            self._validator = cls(self.root)
+        return self._validator

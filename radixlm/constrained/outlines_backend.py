@@ -1,0 +1,493 @@
+"""The default backend: outlines-core ``Index`` for structure, our own walker for strings.
+
+A grammar state is a small set of *configurations* (usually one):
+
+- ``(s, -1, 0, 0)``: structural, at DFA state ``s`` of the token index;
+- ``(s, k, phase, chars)``: inside the content of string slot ``k`` that starts at ``s``, at a
+  phase of the string-content automaton, ``chars`` characters in (saturated at the bound that
+  still matters);
+- ``(s, k, jstate, 0)``: inside value slot ``k`` (any JSON value), at pushdown state ``jstate``.
+
+Tokens that stay within one regime are one table lookup (the index's token transition, or the
+content tables); only tokens that cross a string boundary mid-token (``", "a``) are walked byte by
+byte. The allowed-token mask is computed once per configuration and once per state and cached as
+a packed int32 tensor, so the hot path copies a cached row.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from radixlm.constrained import jsonvalue
+from radixlm.constrained.base import Grammar, GrammarMatcher
+from radixlm.constrained.content import EXIT, QUOTE, ContentTables, N, step
+from radixlm.constrained.index_build import FakeIds, IndexPayload
+from radixlm.constrained.retokenize import Retokenizer
+from radixlm.constrained.vocab import TokenVocab, build_token_vocab
+
+STRUCT = -1
+EOS_MARK = -1
+_MAX_FORCED_BYTES = 256
+
+Config = tuple[int, int, int, int]
+
+
+class TokenizerInfo:
+    """Per-tokenizer tables shared by every grammar one compiler builds.
+
+    Args:
+        tokenizer: the Hugging Face tokenizer.
+        vocab_size: the model's logits width (>= the tokenizer's size); masks are this wide.
+        eos_token_ids: ids allowed where a grammar is complete; default the tokenizer's EOS.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None,
+                 eos_token_ids: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.vocab: TokenVocab = build_token_vocab(tokenizer, eos_token_ids)
+        self.vocab_size = max(vocab_size or 0, self.vocab.size)
+        self.words = -(-self.vocab_size // 32)
+        self.fake = FakeIds(self.vocab_size)
+        self.retokenizer = Retokenizer(tokenizer, self.vocab)
+        self.byte_token = np.array(self.vocab.byte_token_ids, dtype=np.int64)
+        self.first_byte = self.vocab.first_bytes()
+        self.second_byte = np.array([b[1] if b and len(b) > 1 else -1
+                                     for b in self.vocab.token_bytes], dtype=np.int16)
+        self.eos_ids = frozenset(t for t in self.vocab.eos_token_ids if t < self.vocab_size)
+        self._eos_bits = self.pack_ids(np.array(sorted(self.eos_ids), dtype=np.int64))
+        has_quote = np.array([bool(b) and QUOTE in b for b in self.vocab.token_bytes])
+        self.has_quote = has_quote
+        self.crossing = np.array([bool(b) and QUOTE in b[:-1] for b in self.vocab.token_bytes])
+        self.crossing_ids = np.nonzero(self.crossing)[0]
+        self._content: ContentTables | None = None
+        self._value_entries: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def content(self) -> ContentTables:
+        """Per-token string-content tables (built on first use, ~0.3 s for 128k tokens)."""
+        with self._lock:
+            if self._content is None:
+                self._content = ContentTables.build(self.vocab.token_bytes)
+            return self._content
+
+    def value_entry_tokens(self, separators: tuple[str, str]) -> np.ndarray:
+        """Tokens that may enter a value slot mid-token: a byte that can precede a value slot
+        (the end of a separator, or ``[``) before their last byte."""
+        with self._lock:
+            found = self._value_entries.get(separators)
+            if found is None:
+                entry = {sep.encode()[-1] for sep in separators if sep} | {ord("[")}
+                found = np.array([bool(b) and bool(entry.intersection(b[:-1]))
+                                  for b in self.vocab.token_bytes])
+                self._value_entries[separators] = found
+            return found
+
+    @property
+    def eos_bits(self) -> torch.Tensor:
+        return self._eos_bits
+
+    def pack_bool(self, allowed: np.ndarray) -> torch.Tensor:
+        """Packed int32 [words] from a bool array over (a prefix of) the token ids."""
+        bits = np.zeros(self.words * 32, dtype=bool)
+        bits[: allowed.shape[0]] = allowed
+        return torch.from_numpy(np.packbits(bits, bitorder="little").view("<i4").copy())
+
+    def pack_ids(self, ids: np.ndarray) -> torch.Tensor:
+        """Packed int32 [words] with the bits of ``ids`` set."""
+        bits = np.zeros(self.words * 32, dtype=bool)
+        ids = ids[(ids >= 0) & (ids < self.vocab.size)]
+        bits[ids] = True
+        return torch.from_numpy(np.packbits(bits, bitorder="little").view("<i4").copy())
+
+
+class _State:
+    """One interned grammar state and its lazily computed facts."""
+
+    __slots__ = ("configs", "final", "mask", "forced", "more")
+
+    def __init__(self, configs: frozenset, final: bool):
+        self.configs = configs
+        self.final = final
+        self.mask: torch.Tensor | None = None
+        self.forced: int | None | bool = False  # False = not computed yet
+        self.more: bool | None = None
+
+
+class OutlinesGrammar(Grammar):
+    """A compiled constraint over an outlines-core index plus string slots.
+
+    Args:
+        info: the compiler's per-tokenizer tables.
+        payload: the worker's output (regex, slots, pickled index).
+    """
+
+    def __init__(self, info: TokenizerInfo, payload: IndexPayload):
+        self.info = info
+        self.kind = payload.kind
+        self.regex = payload.regex
+        self.relaxed = payload.relaxed
+        self.slots = payload.slots
+        self.has_value_slots = any(kind == "value" for kind, _, _ in self.slots)
+        item_sep, key_sep = payload.separators
+        self._walker = jsonvalue.JsonValueWalker(item_sep.encode(), key_sep.encode())
+        self._enters_value = info.value_entry_tokens(payload.separators) \
+            if self.has_value_slots else None
+        self.vocab_size = info.vocab_size
+        self.index = pickle.loads(payload.index_bytes)
+        self._lock = threading.RLock()
+        self._state_ids: dict[frozenset, int] = {}
+        self._states: list[_State] = []
+        self._slot_starts: dict[int, tuple[int, ...]] = {}
+        self._config_masks: dict[tuple, torch.Tensor] = {}
+        self._quote_token = int(info.byte_token[QUOTE])
+        first = self.index.get_next_state(self.index.get_initial_state(), info.fake.start)
+        if first is None:
+            raise ValueError("index has no start transition")
+        self.initial_state = self._intern(frozenset(self._canonical(first)))
+
+    def matcher(self) -> OutlinesMatcher:
+        return OutlinesMatcher(self)
+
+    @property
+    def num_states(self) -> int:
+        """States interned so far (each has at most one cached mask)."""
+        return len(self._states)
+
+    # ---- states ----
+
+    def _intern(self, configs: frozenset) -> int:
+        with self._lock:
+            sid = self._state_ids.get(configs)
+            if sid is None:
+                final = any(k == STRUCT and self.index.get_next_state(s, self.info.fake.end)
+                            is not None for s, k, _, _ in configs)
+                sid = len(self._states)
+                self._states.append(_State(configs, final))
+                self._state_ids[configs] = sid
+            return sid
+
+    def _canonical(self, s: int) -> list[Config]:
+        out: list[Config] = [(s, STRUCT, 0, 0)]
+        for k in self._slots_at(s):
+            start = jsonvalue.START if self.slots[k][0] == "value" else N
+            out.append((s, k, start, 0))
+        return out
+
+    def _slots_at(self, s: int) -> tuple[int, ...]:
+        found = self._slot_starts.get(s)
+        if found is None:
+            fake = self.info.fake
+            found = tuple(k for k in range(len(self.slots))
+                          if self.index.get_next_state(s, fake.slot(k)) is not None)
+            self._slot_starts[s] = found
+        return found
+
+    def is_final(self, sid: int) -> bool:
+        return self._states[sid].final
+
+    def advance(self, sid: int, token_id: int) -> int | None:
+        """The state after ``token_id`` (not EOS), or None if the grammar rejects it."""
+        if not 0 <= token_id < self.info.vocab.size or not self.info.vocab.token_bytes[token_id]:
+            return None
+        result: set[Config] = set()
+        for config in self._states[sid].configs:
+            result.update(self._step_token(config, token_id))
+        return self._intern(frozenset(result)) if result else None
+
+    def advance_bytes(self, sid: int, data: bytes) -> int | None:
+        """The state after raw bytes (jump-forward walks forced bytes this way)."""
+        configs = self._walk(self._states[sid].configs, data)
+        return self._intern(configs) if configs else None
+
+    # ---- transitions ----
+
+    def _step_token(self, config: Config, tid: int) -> list[Config] | frozenset:
+        s, k, phase, chars = config
+        info = self.info
+        if k == STRUCT:
+            if info.crossing[tid] or self.has_value_slots:
+                return self._walk((config,), info.vocab.token_bytes[tid])
+            nxt = self.index.get_next_state(s, tid)
+            return self._canonical(nxt) if nxt is not None else []
+        if self.slots[k][0] == "value":
+            return self._walk((config,), info.vocab.token_bytes[tid])
+        tables = info.content
+        end = int(tables.end[phase, tid])
+        if end >= 0:
+            counted = self._count(k, chars + int(tables.chars[phase, tid]))
+            return [(s, k, end, counted)] if counted is not None else []
+        if end == EXIT:
+            return self._walk((config,), info.vocab.token_bytes[tid])
+        return []
+
+    def _count(self, k: int, chars: int) -> int | None:
+        _kind, low, high = self.slots[k]
+        if high is not None:
+            return chars if chars <= high else None
+        return min(chars, low)
+
+    def _walk(self, configs, data: bytes) -> frozenset:
+        current = set(configs)
+        for byte in data:
+            following: set[Config] = set()
+            for config in current:
+                following.update(self._step_byte(config, byte))
+            if not following:
+                return frozenset()
+            current = following
+        return frozenset(current)
+
+    def _step_byte(self, config: Config, byte: int) -> list[Config]:
+        s, k, phase, chars = config
+        if k == STRUCT:
+            token = int(self.info.byte_token[byte])
+            nxt = self.index.get_next_state(s, token) if token >= 0 else None
+            return self._canonical(nxt) if nxt is not None else []
+        if self.slots[k][0] == "value":
+            return self._step_value(s, k, phase, byte)
+        after, completed = step(phase, byte)
+        if after == EXIT:
+            return self._close_slot(s, k, chars)
+        if after < 0:
+            return []
+        counted = self._count(k, chars + completed)
+        return [(s, k, after, counted)] if counted is not None else []
+
+    def _close_slot(self, s: int, k: int, chars: int) -> list[Config]:
+        if chars < self.slots[k][1]:
+            return []
+        past = self.index.get_next_state(s, self.info.fake.slot(k))
+        closed = None if past is None else self.index.get_next_state(past, self._quote_token)
+        return self._canonical(closed) if closed is not None else []
+
+    def _step_value(self, s: int, k: int, jstate, byte: int) -> list[Config]:
+        after = self._walker.step(jstate, byte)
+        if isinstance(after, tuple):
+            return [(s, k, after, 0)]
+        if after == jsonvalue.DEAD:
+            return []
+        past = self.index.get_next_state(s, self.info.fake.slot(k))
+        if past is None:
+            return []
+        if after == jsonvalue.DONE_AFTER:
+            return self._canonical(past)
+        out: list[Config] = []
+        for config in self._canonical(past):
+            out.extend(self._step_byte(config, byte))
+        return out
+
+    # ---- masks ----
+
+    def mask(self, sid: int) -> torch.Tensor:
+        """The packed allowed-token mask of state ``sid`` (computed once, then cached)."""
+        state = self._states[sid]
+        if state.mask is None:
+            with self._lock:
+                if state.mask is None:
+                    packed = torch.zeros(self.info.words, dtype=torch.int32)
+                    for config in state.configs:
+                        packed |= self._config_mask(config)
+                    if state.final:
+                        packed |= self.info.eos_bits
+                    state.mask = packed
+        return state.mask
+
+    def _config_mask(self, config: Config) -> torch.Tensor:
+        s, k, phase, chars = config
+        kind = "struct" if k == STRUCT else self.slots[k][0]
+        if kind == "struct":
+            key: tuple = (s,)
+        elif kind == "value":
+            key = (s, k, phase)
+        else:
+            _kind, low, high = self.slots[k]
+            budget = None if high is None else min(high - chars, 1 << 16)
+            key = (s, k, phase, min(chars, low), budget)
+        cached = self._config_masks.get(key)
+        if cached is None:
+            if kind == "struct":
+                allowed = self._structural(config)
+            elif kind == "value":
+                allowed = self._in_value(config)
+            else:
+                allowed = self._in_content(config)
+            cached = self.info.pack_bool(allowed)
+            self._config_masks[key] = cached
+        return cached
+
+    def _structural(self, config: Config) -> np.ndarray:
+        info = self.info
+        allowed = np.zeros(info.vocab.size, dtype=bool)
+        ids = np.fromiter(self.index.get_allowed_tokens(config[0]) or (), dtype=np.int64)
+        allowed[ids[ids < info.vocab.size]] = True
+        crossing = info.crossing
+        if self.has_value_slots:
+            crossing = crossing | self._enters_value
+        crossing = crossing & ~allowed
+        candidates = np.nonzero(crossing & self._prefix_filter(config))[0]
+        self._walk_candidates(config, candidates, allowed)
+        return allowed
+
+    def _prefix_filter(self, config: Config) -> np.ndarray:
+        """Tokens whose first two bytes the grammar allows from ``config`` (a cheap pre-filter
+        before walking tokens one by one)."""
+        info = self.info
+        pairs = np.zeros((256, 257), dtype=bool)
+        for first in range(256):
+            after = self._step_byte(config, first)
+            if not after:
+                continue
+            pairs[first, 256] = True
+            for second in range(256):
+                pairs[first, second] = any(self._step_byte(c, second) for c in after)
+        first, second = info.first_byte, info.second_byte
+        ok = first >= 0
+        return ok & pairs[np.where(ok, first, 0), np.where(second >= 0, second, 256)]
+
+    def _walk_candidates(self, config: Config, candidates: np.ndarray, allowed: np.ndarray
+                         ) -> None:
+        token_bytes = self.info.vocab.token_bytes
+        for tid in candidates:
+            if self._walk((config,), token_bytes[tid]):
+                allowed[tid] = True
+
+    def _in_value(self, config: Config) -> np.ndarray:
+        info = self.info
+        phase = self._walker.in_string(config[2])
+        if phase is not None:
+            end = info.content.end[phase]
+            allowed = end >= 0
+            candidates = np.nonzero(end == EXIT)[0]
+        else:
+            allowed = np.zeros(info.vocab.size, dtype=bool)
+            candidates = np.nonzero(self._prefix_filter(config))[0]
+        allowed = allowed.copy()
+        self._walk_candidates(config, candidates, allowed)
+        return allowed
+
+    def _in_content(self, config: Config) -> np.ndarray:
+        _s, k, phase, chars = config
+        _kind, low, high = self.slots[k]
+        tables = self.info.content
+        end, added = tables.end[phase], tables.chars[phase]
+        allowed = end >= 0
+        if high is not None:
+            allowed = allowed & (added <= high - chars)
+        exits = np.nonzero(end == EXIT)[0]
+        total = chars + added[exits]
+        exits = exits[(total >= low) & ((total <= high) if high is not None else True)]
+        allowed = allowed.copy()
+        self._walk_candidates(config, exits, allowed)
+        return allowed
+
+    # ---- jump-forward ----
+
+    def forced_byte(self, sid: int) -> int | None:
+        """The only byte the grammar allows next from ``sid``, if exactly one (not at an end)."""
+        state = self._states[sid]
+        if state.forced is False:
+            state.forced = None if state.final else self._single_next_byte(sid)
+        return state.forced
+
+    def _single_next_byte(self, sid: int) -> int | None:
+        tokens = self.info.byte_token
+        bits = np.unpackbits(self.mask(sid).numpy().view(np.uint8), bitorder="little")
+        valid = [b for b in range(256) if tokens[b] >= 0 and bits[tokens[b]]]
+        return valid[0] if len(valid) == 1 else None
+
+    def has_continuation(self, sid: int) -> bool:
+        """Whether any token other than EOS is allowed at ``sid``."""
+        state = self._states[sid]
+        if state.more is None:
+            packed = self.mask(sid).clone()
+            packed &= ~self.info.eos_bits
+            state.more = bool(packed.any())
+        return state.more
+
+
+class OutlinesMatcher(GrammarMatcher):
+    """Per-request state over an :class:`OutlinesGrammar`: a stack of state ids."""
+
+    def __init__(self, grammar: OutlinesGrammar):
+        self.grammar = grammar
+        self.vocab_size = grammar.vocab_size
+        self.retokenizer: Retokenizer = grammar.info.retokenizer
+        self._history: list[int] = [grammar.initial_state]
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self._history) - 1
+
+    @property
+    def state_id(self) -> int:
+        """The current grammar state id (masks are cached per (grammar, state id))."""
+        return self._history[-1]
+
+    def accept_token(self, token_id: int) -> bool:
+        current = self._history[-1]
+        if current == EOS_MARK:
+            return False
+        if token_id in self.grammar.info.eos_ids:
+            if not self.grammar.is_final(current):
+                return False
+            self._history.append(EOS_MARK)
+            return True
+        nxt = self.grammar.advance(current, int(token_id))
+        if nxt is None:
+            return False
+        self._history.append(nxt)
+        return True
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens < 0 or num_tokens > self.num_accepted:
+            raise ValueError(f"cannot roll back {num_tokens} of {self.num_accepted} tokens")
+        if num_tokens:
+            del self._history[-num_tokens:]
+
+    def is_terminated(self) -> bool:
+        current = self._history[-1]
+        if current == EOS_MARK:
+            return True
+        return self.grammar.is_final(current) and not self.grammar.has_continuation(current)
+
+    def is_complete(self) -> bool:
+        current = self._history[-1]
+        return current == EOS_MARK or self.grammar.is_final(current)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        current = self._history[-1]
+        mask = self.grammar.info.eos_bits if current == EOS_MARK else self.grammar.mask(current)
+        bitmask[row, : mask.shape[0]].copy_(mask)
+
+    def jump_forward(self) -> str | None:
+        current = self._history[-1]
+        if current == EOS_MARK:
+            return None
+        forced = bytearray()
+        while len(forced) < _MAX_FORCED_BYTES:
+            byte = self.grammar.forced_byte(current)
+            if byte is None:
+                break
+            forced.append(byte)
+            nxt = self.grammar.advance_bytes(current, bytes([byte]))
+            if nxt is None:
+                break
+            current = nxt
+        return _complete_utf8(bytes(forced))
+
+
+def _complete_utf8(data: bytes) -> str | None:
+    """The longest prefix of ``data`` that is whole UTF-8 characters (None if empty)."""
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            text = data[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return text or None
+    return None

@@ -1,0 +1,96 @@
+"""Exact re-tokenization of forced text for jump-forward.
+
+``tokenizer.encode(text)`` is not always the bytes of ``text``: SentencePiece prepends a dummy
+``▁`` (a space) and special-token strings inside ``text`` become special ids. The encoder below
+checks the bytes and falls back, so the spliced tokens always spell exactly the forced text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from radixlm.constrained.vocab import TokenVocab
+
+_PREFIXES = (b"\n", b" \n")
+
+
+class Retokenizer:
+    """Encodes text to token ids whose bytes are exactly the text.
+
+    Args:
+        tokenizer: the Hugging Face tokenizer.
+        vocab: its :class:`TokenVocab`.
+    """
+
+    def __init__(self, tokenizer: Any, vocab: TokenVocab):
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+
+    def encode(self, text: str) -> list[int] | None:
+        """Token ids spelling exactly ``text``, the way the tokenizer splits it where possible.
+
+        Returns:
+            The ids, or None if no spelling exists (a byte without a single-byte token).
+        """
+        target = text.encode("utf-8")
+        ids = self._encode(text)
+        if self.vocab.decode_bytes(ids) == target and self._all_plain(ids):
+            return ids
+        shifted = self._after_newline(text, target)
+        if shifted is not None:
+            return shifted
+        return self._bytewise(target)
+
+    def splice_candidates(self, forced: str, last_token_id: int | None, accepted: int
+                          ) -> list[tuple[int, list[int]]]:
+        """Ways to append ``forced``: (tokens to drop from the output end, ids to append).
+
+        The first candidate re-tokenizes the last token together with the forced text; the
+        second appends the forced text on its own (used if the first does not parse).
+        """
+        out: list[tuple[int, list[int]]] = []
+        last = self._token_bytes(last_token_id) if accepted > 0 else None
+        if last:
+            combined = last + forced.encode("utf-8")
+            try:
+                ids = self.encode(combined.decode("utf-8"))
+            except UnicodeDecodeError:
+                ids = None
+            if ids:
+                out.append((0, ids[1:]) if ids[0] == last_token_id else (1, ids))
+        alone = self.encode(forced)
+        if alone:
+            out.append((0, alone))
+        return [c for c in out if c[1]]
+
+    def _token_bytes(self, token_id: int | None) -> bytes | None:
+        if token_id is None or not 0 <= token_id < self.vocab.size:
+            return None
+        return self.vocab.token_bytes[token_id]
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except Exception:
+            return []
+
+    def _all_plain(self, ids: list[int]) -> bool:
+        return all(0 <= t < self.vocab.size and self.vocab.token_bytes[t] for t in ids)
+
+    def _after_newline(self, text: str, target: bytes) -> list[int] | None:
+        """Encode after a newline, then drop it: defeats a SentencePiece dummy prefix."""
+        ids = self._encode("\n" + text)
+        spelled = b""
+        for cut, token in enumerate(ids):
+            if spelled in _PREFIXES:
+                rest = ids[cut:]
+                if self.vocab.decode_bytes(rest) == target and self._all_plain(rest):
+                    return rest
+            spelled += self._token_bytes(token) or b"\0"
+            if len(spelled) > 2:
+                break
+        return None
+
+    def _bytewise(self, target: bytes) -> list[int] | None:
+        ids = [self.vocab.byte_token_ids[b] for b in target]
+        return None if any(t < 0 for t in ids) else ids
