@@ -16,6 +16,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -168,6 +169,45 @@ def bench_tree(args: argparse.Namespace, tree_tokens: int) -> list[str]:
     return rows
 
 
+def bench_allocator(args: argparse.Namespace) -> list[str]:
+    """Time alloc and free of one page and of a whole key's pages; returns table rows."""
+    alloc = PageAllocator(-(-1_000_000 // args.page_size), args.page_size, args.page_size)
+    rows = []
+    for tokens in (args.page_size, _aligned_up(args.key_len, args.page_size)):
+        rows.extend(_alloc_free_rows(alloc, tokens, args.runs))
+    return rows
+
+
+def _alloc_free_rows(alloc: PageAllocator, tokens: int, runs: int) -> list[str]:
+    """Rounds of as many allocations as fit, then their frees, until ``runs`` of each."""
+    per_round = alloc.capacity_tokens // tokens
+    alloc_times: tuple[list[float], list[float]] = ([], [])
+    free_times: tuple[list[float], list[float]] = ([], [])
+    for start in range(0, runs, per_round):
+        taken = [
+            _timed_once(alloc.alloc, tokens, alloc_times) for _ in range(start, runs)[:per_round]
+        ]
+        for slots in taken:
+            _timed_once(alloc.free, slots, free_times)
+    return [
+        summarize(f"allocator alloc {tokens} slots", alloc_times),
+        summarize(f"allocator free {tokens} slots", free_times),
+    ]
+
+
+def _timed_once(fn: Callable[[Any], Any], arg: Any, sink: tuple[list[float], list[float]]) -> Any:
+    """``fn(arg)``, appending its wall and thread-CPU microseconds to ``sink``."""
+    start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+    out = fn(arg)
+    sink[1].append((time.thread_time_ns() - start_cpu) / 1e3)
+    sink[0].append((time.perf_counter_ns() - start) / 1e3)
+    return out
+
+
+def _aligned_up(n: int, page_size: int) -> int:
+    return -(-n // page_size) * page_size
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print a markdown table of median / p99 latencies per operation."""
     args = _parse(argv)
@@ -181,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     for tree_tokens in args.tree_tokens:
         for row in bench_tree(args, tree_tokens):
             print(row, flush=True)
+    for row in bench_allocator(args):
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

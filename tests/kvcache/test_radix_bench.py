@@ -16,6 +16,10 @@ def test_benchmark_prints_a_row_per_operation(capsys):
         "insert 256 (half new)",
         "insert 256 (all cached)",
         "evict 128 tokens",
+        "allocator alloc 4 slots",
+        "allocator free 4 slots",
+        "allocator alloc 256 slots",
+        "allocator free 256 slots",
     ]
     for row in rows[1:]:
         wall_median, wall_p99, cpu_median, cpu_p99, runs = row.split("|")[2:7]
