@@ -331,6 +331,19 @@ def test_native_regex_and_choices(http):
     assert out["text"] in ("yes", "no")
 
 
+def test_invalid_grammar_is_a_400_even_when_streaming(http, client):
+    for stream in (False, True):
+        r = http.post("/generate", json={"text": "x", "stream": stream, "sampling_params": {
+            "regex": "([0-9", "max_new_tokens": 4}})
+        assert r.status_code == 400, r.text
+        assert _error(r)["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "bad", "schema": {"type": "no-such-type"}}})
+
+
 # ---- errors -------------------------------------------------------------------------------
 
 
