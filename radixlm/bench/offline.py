@@ -31,7 +31,7 @@ import argparse
 import gc
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,8 @@ from radixlm.model.loader import resolve_device, resolve_dtype
 
 WARMUP_OUTPUT_LEN = 8
 COLUMNS = [
-    ("backend", "backend"), ("requests", "requests"), ("wall_s", "wall s"),
+    ("backend", "backend"), ("requests", "requests"), ("aborted", "aborted"),
+    ("wall_s", "wall s"),
     ("request_per_s", "req/s"), ("input_tok_s", "in tok/s"), ("output_tok_s", "out tok/s"),
     ("cache_hit_rate", "cache hit"), ("roof_output_tok_s", "roof out tok/s"),
     ("roof_pct", "% roof"), ("ttft_p50_s", "TTFT p50 s"), ("e2e_p50_s", "e2e p50 s"),
@@ -141,6 +142,7 @@ class RunResult:
     cached_tokens: int
     prompt_tokens: int
     info: dict[str, Any]
+    aborted: list[str] = field(default_factory=list)
 
 
 def engine_config(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -181,6 +183,7 @@ def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -
         core.add_request(ipc.AddRequest(f"{tag}-{i}", r.input_ids, params, LogprobOptions()))
     first: dict[str, float] = {}
     done: dict[str, float] = {}
+    aborted: list[str] = []
     tokens = cached = 0
     while core.has_work():
         outputs = core.step()
@@ -192,10 +195,13 @@ def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -
             if out.finish is not None:
                 done[out.rid] = now
                 cached += out.cached_tokens
+                if out.finish.kind.value == "abort":
+                    aborted.append(f"{out.rid}: {out.finish.message}")
     synchronize(device)
     wall = time.perf_counter() - start
     prompt = sum(len(r.input_ids) for r in requests)
-    return RunResult(wall, list(first.values()), list(done.values()), tokens, cached, prompt, {})
+    return RunResult(wall, list(first.values()), list(done.values()), tokens, cached, prompt, {},
+                     aborted)
 
 
 def run_engine_process(opts: dict[str, Any], requests: list[BenchRequest],
@@ -212,10 +218,12 @@ def run_engine_process(opts: dict[str, Any], requests: list[BenchRequest],
         wall = time.perf_counter() - start
         info = engine.server_info()
     metas = [r["meta_info"] for r in results]
+    aborted = [f"{m['id']}: {m['finish_reason'].get('message')}" for m in metas
+               if m["finish_reason"]["type"] == "abort"]
     return RunResult(wall, [m["ttft"] for m in metas], [m["e2e_latency"] for m in metas],
                      sum(m["completion_tokens"] for m in metas),
                      sum(m["cached_tokens"] for m in metas),
-                     sum(m["prompt_tokens"] for m in metas), info)
+                     sum(m["prompt_tokens"] for m in metas), info, aborted)
 
 
 def _engine_generate(engine, requests: list[BenchRequest]) -> list[dict[str, Any]]:
@@ -228,7 +236,8 @@ def result_row(name: str, run: RunResult, roof_s: float, items: list[WorkItem]
                ) -> dict[str, Any]:
     wanted_out = sum(i.output_len for i in items)
     return {
-        "backend": name, "requests": len(items), "wall_s": run.wall_s,
+        "backend": name, "requests": len(items), "aborted": len(run.aborted),
+        "wall_s": run.wall_s,
         "request_per_s": len(items) / run.wall_s,
         "input_tok_s": run.prompt_tokens / run.wall_s,
         "output_tok_s": run.output_tokens / run.wall_s,
@@ -292,7 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     ceil = measure_ceilings(device, args.hbm_gbps, args.tflops)
     requests = make_dataset(args, arch.vocab_size)
     warmup = _warmup_requests(args, arch.vocab_size)
-    opts = engine_config(model_dir, args)
+    run = run_radixlm(engine_config(model_dir, args), requests, warmup, args, device)
+    rows = [_radixlm_row(args, run, requests, ModelCost.of(arch, dtype), ceil)]
+    if args.baseline == "hf":
+        rows += _hf_rows(model_dir, requests, rows[0], args, device, dtype)
+    report(args, device, ceil, model_dir, rows)
+    if run.aborted:  # the figures above then describe a broken run, not the engine's speed
+        print(f"INVALID RUN: {len(run.aborted)} request(s) aborted, e.g. {run.aborted[0]}")
+        return 1
+    return 0
+
+
+def run_radixlm(opts: dict[str, Any], requests: list[BenchRequest],
+                warmup: list[BenchRequest], args: argparse.Namespace, device: torch.device
+                ) -> RunResult:
+    """One engine run (in-process or through Engine), its GPU memory released afterwards."""
     if args.engine_process:
         run = run_engine_process(opts, requests, warmup)
     else:
@@ -300,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    rows = [_radixlm_row(args, run, requests, ModelCost.of(arch, dtype), ceil)]
-    if args.baseline == "hf":
-        rows += _hf_rows(model_dir, requests, rows[0], args, device, dtype)
-    report(args, device, ceil, model_dir, rows)
-    return 0
+    return run
 
 
 def _warmup_requests(args: argparse.Namespace, vocab: int) -> list[BenchRequest]:

@@ -129,7 +129,15 @@ def run_batch(core, prompts: list[list[int]], output_len: int, tag: str,
         log.seconds.append(time.perf_counter() - start)
         log.prefill.append(in_prefill)
         started.update(o.rid for o in outputs if o.new_token_ids)
+        _check_not_aborted(outputs)
     return log
+
+
+def _check_not_aborted(outputs) -> None:
+    """A request the engine aborted (a failed forward pass) makes every timing meaningless."""
+    for out in outputs:
+        if out.finish is not None and out.finish.kind.value == "abort":
+            raise RuntimeError(f"request {out.rid} aborted: {out.finish.message}")
 
 
 def measure_case(core, cost: ModelCost, ceil: Ceilings, batch: int, input_len: int,

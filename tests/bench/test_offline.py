@@ -91,3 +91,36 @@ def test_offline_through_the_engine_process(bench_model_dir, tmp_path, ceilings)
                  "--output-len", "4", "--warmup-requests", "1", "--engine-process"],
                 tmp_path / "e.json", ceilings)
     assert rows[0]["output_tokens"] == 16 and rows[0]["backend"].endswith("[Engine]")
+
+
+class _AbortingCore:
+    """Stands in for EngineCore: the second request is aborted as a failed forward pass is."""
+
+    def __init__(self):
+        self.rids: list[str] = []
+        self.done = False
+
+    def add_request(self, msg) -> None:
+        self.rids.append(msg.rid)
+
+    def has_work(self) -> bool:
+        return not self.done
+
+    def step(self):
+        from radixlm.outputs import TokenOutput
+        from radixlm.request import FinishKind, FinishReason
+
+        self.done = True
+        ok = TokenOutput(self.rids[0], [7], finish=FinishReason(FinishKind.LENGTH))
+        bad = TokenOutput(self.rids[1], [], finish=FinishReason(FinishKind.ABORT,
+                                                                  message="forward failed"))
+        return [ok, bad]
+
+
+def test_aborted_requests_are_reported():
+    import torch
+
+    reqs = [BenchRequest([1, 2], 1), BenchRequest([3, 4], 1)]
+    run = offline._drive(_AbortingCore(), reqs, "t", torch.device("cpu"))
+    assert run.output_tokens == 1
+    assert run.aborted == ["t-1: forward failed"]
