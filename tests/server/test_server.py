@@ -323,12 +323,14 @@ def test_response_format_json_schema(client):
 
 
 def test_native_regex_and_choices(http):
-    out = http.post("/generate", json={"text": "code:", "sampling_params": {
-        "regex": "[0-9]{3}", "max_new_tokens": 8, "temperature": 1.0, "seed": 1}}).json()
-    assert re.fullmatch("[0-9]{3}", out["text"])
-    out = http.post("/generate", json={"text": "answer:", "sampling_params": {
-        "choices": ["yes", "no"], "max_new_tokens": 8, "temperature": 0}}).json()
-    assert out["text"] in ("yes", "no")
+    r = http.post("/generate", json={"text": "code:", "sampling_params": {
+        "regex": "[0-9]{3}", "max_new_tokens": 8, "temperature": 1.0, "seed": 1}})
+    assert r.status_code == 200, r.text
+    assert re.fullmatch("[0-9]{3}", r.json()["text"])
+    r = http.post("/generate", json={"text": "answer:", "sampling_params": {
+        "choices": ["yes", "no"], "max_new_tokens": 8, "temperature": 0}})
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] in ("yes", "no")
 
 
 def test_invalid_grammar_is_a_400_even_when_streaming(http, client):
