@@ -104,6 +104,10 @@ class EngineCore:
                 outs.append(out)
         return outs
 
+    def close(self) -> None:
+        """Stop helper workers (grammar compilation)."""
+        self.grammar.close()
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -168,12 +172,15 @@ def run_core_loop(config: EngineConfig, conn) -> None:
         conn.send(ipc.Fatal(f"engine failed to start: {exc!r}\n{traceback.format_exc()}"))
         return
     conn.send(ipc.Ready(core.server_info()))
-    while True:
-        if not _drain_messages(core, conn):
-            return
-        outputs = core.step()
-        if outputs:
-            conn.send(ipc.Outputs(outputs))
+    try:
+        while _drain_messages(core, conn):
+            outputs = core.step()
+            if outputs:
+                conn.send(ipc.Outputs(outputs))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        logger.info("caller went away; engine core exits")
+    finally:
+        core.close()
 
 
 def _drain_messages(core: EngineCore, conn) -> bool:

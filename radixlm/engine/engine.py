@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import itertools
 import logging
@@ -54,9 +55,12 @@ class Engine:
     def _start_core(self) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=run_core_loop, args=(self.config, child), daemon=True,
+        # Not a daemon: the core spawns grammar-compile workers of its own. It exits by itself
+        # when this process goes away (its pipe closes), and atexit shuts it down cleanly.
+        self._proc = ctx.Process(target=run_core_loop, args=(self.config, child),
                                  name="radixlm-core")
         self._proc.start()
+        atexit.register(self.shutdown)
         child.close()
         if not self._conn.poll(START_TIMEOUT_SECONDS):
             self._proc.kill()
@@ -344,6 +348,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the core process (in-flight requests fail with EngineDeadError)."""
+        atexit.unregister(self.shutdown)
         if self._dead is None:
             try:
                 self._control("shutdown", timeout=30)

@@ -28,13 +28,15 @@ class DecodeGraphRunner:
         buckets: candidate bucket sizes.
     """
 
-    def __init__(self, model, pool, attn, max_batch_size: int,
+    def __init__(self, model, pool, attn, max_batch_size: int, context_length: int,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         self.model, self.pool, self.attn = model, pool, attn
         self.device = pool.device
         self.buckets = [b for b in buckets if b <= max_batch_size] or [1]
         self.max_bs = self.buckets[-1]
-        self.max_kv = pool.capacity_tokens + pool.page_size * (self.max_bs + 1)
+        # Shared prefixes appear once per sequence in kv_indices, so a decode batch can list
+        # more slots than the pool holds: size for the longest possible batch.
+        self.max_kv = self.max_bs * context_length + self.max_bs
         self._make_buffers()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -54,7 +56,8 @@ class DecodeGraphRunner:
         self.logits_indices = torch.arange(n, **long)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
+        return (batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
+                and batch.kv_indices.shape[0] + self.max_bs <= self.max_kv)
 
     def _view(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
         return ForwardBatch(

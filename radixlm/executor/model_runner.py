@@ -73,7 +73,8 @@ class ModelRunner:
         """Capture decode graphs up to ``max_batch_size`` (CUDA with the Triton backend only)."""
         if self.device.type != "cuda" or not isinstance(self.attn, TritonAttentionBackend):
             return
-        self.graphs = DecodeGraphRunner(self.model, self.pool, self.attn, max_batch_size)
+        self.graphs = DecodeGraphRunner(self.model, self.pool, self.attn, max_batch_size,
+                                        self.context_length)
         self.graphs.capture()
 
     def _make_pool(self, cache: CacheConfig) -> KVPool:
@@ -142,14 +143,9 @@ class ModelRunner:
 
     def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                        mask_rows: list[int | None]) -> None:
-        constrained = [(i, r) for i, r in enumerate(mask_rows) if r is not None]
-        if not constrained:
-            return
-        targets = torch.tensor([i for i, _ in constrained], device=logits.device)
-        sources = torch.tensor([r for _, r in constrained], device=bitmask.device)
-        view = logits[targets]
-        apply_token_bitmask(view, bitmask[sources].to(logits.device))
-        logits[targets] = view
+        rows = torch.tensor([-1 if r is None else r for r in mask_rows], dtype=torch.int32)
+        apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True),
+                            rows.to(logits.device, non_blocking=True))
 
     @staticmethod
     def _store_samples(seqs: list[ScheduledSeq], results: list[SeqStepResult], out) -> None:

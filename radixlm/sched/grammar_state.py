@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from radixlm.batch import ScheduledBatch
-from radixlm.constrained import GrammarError
+from radixlm.constrained import GrammarError, allocate_token_bitmask
 from radixlm.request import FinishKind, FinishReason, Request
 
 
@@ -22,7 +22,6 @@ class GrammarState:
         self.compiler = compiler
         self.tokenizer = tokenizer
         self.enable_jump_forward = enable_jump_forward
-        self.words = -(-compiler.vocab_size // 32)
 
     def submit(self, req: Request) -> None:
         """Start compiling the request's constraint, if it has one."""
@@ -50,7 +49,7 @@ class GrammarState:
                 if seq.sample and req.matcher is not None]
         if not rows:
             return None
-        bitmask = torch.zeros((len(rows), self.words), dtype=torch.int32)
+        bitmask = allocate_token_bitmask(len(rows), self.compiler.vocab_size)
         for i, (seq, req) in enumerate(rows):
             req.matcher.fill_bitmask(bitmask, i)
             seq.bitmask_row = i
@@ -60,37 +59,37 @@ class GrammarState:
         """Feed the sampled token (already appended to ``req.output_ids``) to the matcher.
 
         Returns:
-            The finish reason if the grammar is complete or rejected the token, and the tokens
-            jump-forward appended after it (already in ``req.output_ids`` and the matcher).
+            The finish reason (grammar complete, or token rejected) or None, and the tokens
+            this step appended: ``[token_id]``, plus any jump-forward tokens (which may replace
+            ``token_id`` when re-tokenizing the boundary merged it with the forced text).
         """
         matcher = req.matcher
         if not matcher.accept_token(token_id):
             return FinishReason(FinishKind.ABORT, message=f"grammar rejected token {token_id}"), []
         if matcher.is_terminated():
-            return FinishReason(FinishKind.STOP), []
-        forced = self._jump_forward(req) if self.enable_jump_forward else []
-        if forced and matcher.is_terminated():
-            return FinishReason(FinishKind.STOP), forced
-        return None, forced
+            return FinishReason(FinishKind.STOP), [token_id]
+        new_ids = self._jump_forward(req, token_id) if self.enable_jump_forward else [token_id]
+        if matcher.is_terminated():
+            return FinishReason(FinishKind.STOP), new_ids
+        return None, new_ids
 
-    def _jump_forward(self, req: Request) -> list[int]:
-        text = req.matcher.jump_forward()
-        if not text:
-            return []
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        accepted = []
-        for token in ids:
-            if not req.matcher.accept_token(token):
-                req.matcher.rollback(len(accepted))
-                return []
-            accepted.append(token)
-        room = req.params.max_new_tokens - len(req.output_ids)
-        if len(accepted) > room:
-            req.matcher.rollback(len(accepted) - room)
-            accepted = accepted[:room]
-        req.output_ids.extend(accepted)
-        req.jump_forward_tokens += len(accepted)
-        return accepted
+    def _jump_forward(self, req: Request, token_id: int) -> list[int]:
+        splice = req.matcher.apply_jump_forward(token_id)
+        if splice is None:
+            return [token_id]
+        room = req.params.max_new_tokens - (len(req.output_ids) - splice.rollback)
+        forced = list(splice.token_ids)
+        if len(forced) > room:
+            req.matcher.rollback(len(forced) - room)
+            forced = forced[:room]
+        if splice.rollback:
+            del req.output_ids[-splice.rollback:]
+        req.output_ids.extend(forced)
+        req.jump_forward_tokens += len(forced)
+        return forced if splice.rollback else [token_id, *forced]
+
+    def close(self) -> None:
+        self.compiler.close()
 
     def forget(self, req: Request) -> None:
         if req.grammar_future is not None:

@@ -298,14 +298,15 @@ class Scheduler:
         self.stats["generated_tokens"] += 1
         finish = check_finish(req, res.next_token_id, self.limits)
         if finish is None and self.grammar is not None and req.matcher is not None:
-            finish, forced = self.grammar.advance(req, res.next_token_id)
-            new_ids.extend(forced)
+            finish, new_ids = self.grammar.advance(req, res.next_token_id)
+            if finish is None and len(req.output_ids) >= req.params.max_new_tokens:
+                finish = FinishReason(FinishKind.LENGTH)
         out = self._output(req, new_ids, res)
         if finish is not None:
             self.running.remove(req)
             self._release(req, finish)
             out.finish = finish
-        elif len(new_ids) > 1:
+        elif req.needs_prefill:
             # Jump-forward appended several tokens: they need an extend, not a decode.
             self.running.remove(req)
             self.prefilling.append(req)
@@ -316,10 +317,13 @@ class Scheduler:
             rid=req.rid, new_token_ids=new_ids, prompt_tokens=len(req.input_ids),
             cached_tokens=req.cached_tokens or 0, jump_forward_tokens=req.jump_forward_tokens)
         if req.logprob.return_logprob:
-            out.output_logprobs = [(res.logprob, res.next_token_id)]
-            out.output_logprobs += [(None, t) for t in new_ids[1:]]
+            # Tokens jump-forward spliced in were not sampled: they carry no logprob.
+            sampled = bool(new_ids) and new_ids[0] == res.next_token_id
+            out.output_logprobs = [(res.logprob if sampled and i == 0 else None, t)
+                                   for i, t in enumerate(new_ids)]
             if req.logprob.top_logprobs_num:
-                out.output_top_logprobs = [res.top_logprobs] + [[] for _ in new_ids[1:]]
+                out.output_top_logprobs = [res.top_logprobs if sampled and i == 0 else []
+                                           for i in range(len(new_ids))]
             if len(req.output_ids) == len(new_ids) and req.logprob.wants_input_logprobs:
                 out.input_logprobs, out.input_top_logprobs = self._input_logprobs(req)
         return out

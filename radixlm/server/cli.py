@@ -13,6 +13,7 @@ import logging
 import pkgutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from radixlm.config import option_fields
@@ -176,7 +177,16 @@ def bench_names() -> list[str]:
     """Benchmarks available as ``radixlm bench NAME`` (modules of radixlm.bench with main)."""
     package = importlib.import_module(BENCH_PACKAGE)
     return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(package.__path__)
-                  if not m.name.startswith("_"))
+                  if not m.name.startswith("_") and _defines_main(package.__path__, m.name))
+
+
+def _defines_main(paths, name: str) -> bool:
+    """Whether a bench module has a ``main`` (helper modules do not); reads, never imports."""
+    for folder in paths:
+        source = Path(folder) / f"{name}.py"
+        if source.exists():
+            return "\ndef main(" in source.read_text()
+    return False
 
 
 def run_bench(argv: list[str]) -> int:
