@@ -1,9 +1,11 @@
-"""Activations of the gated MLP."""
+"""Activations of the gated MLP (one Triton kernel on CUDA tensors, torch elsewhere)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from radixlm.model.layers.fused import fused_ops_for
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -15,5 +17,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     Returns:
         [..., d] = silu(gate) * up.
     """
+    fused = fused_ops_for(gate_up)
+    if fused is not None:
+        return fused.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -1,9 +1,15 @@
-"""RMSNorm, with a variant that fuses the residual add that precedes it in every decoder layer."""
+"""RMSNorm, with a variant that fuses the residual add that precedes it in every decoder layer.
+
+On CUDA tensors both run as one Triton kernel (``triton_ops``); the torch code below is the CPU
+path and the reference those kernels are tested against (see ``fused``).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from radixlm.model.layers.fused import fused_ops_for
 
 
 class RMSNorm(nn.Module):
@@ -32,6 +38,11 @@ class RMSNorm(nn.Module):
             ``normed`` without a residual; ``(normed, x + residual)`` with one (the sum is the
             next residual, kept in the activation dtype as HF does).
         """
+        fused = fused_ops_for(x, self.weight, *(() if residual is None else (residual,)))
+        if fused is not None and residual is None:
+            return fused.rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         summed = x + residual

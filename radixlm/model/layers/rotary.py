@@ -1,4 +1,8 @@
-"""Rotary position embedding (neox / HF Llama style: the two halves of a head rotate together)."""
+"""Rotary position embedding (neox / HF Llama style: the two halves of a head rotate together).
+
+On CUDA tensors the rotation is one Triton kernel for q and k (``triton_ops``); the torch code is
+the CPU path and the reference.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from torch import nn
 
 from radixlm.model.arch import RopeScaling
+from radixlm.model.layers.fused import fused_ops_for
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -91,6 +96,9 @@ class RotaryEmbedding(nn.Module):
         Returns:
             Rotated (q, k), same shapes and dtypes.
         """
+        fused = fused_ops_for(q, k)
+        if fused is not None and self.cos_sin_cache.is_cuda:
+            return fused.rotary_embedding(positions, q, k, self.cos_sin_cache)
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
         # HF casts cos/sin to the activation dtype before rotating; doing the same keeps bf16
         # results bit-compatible with it.
