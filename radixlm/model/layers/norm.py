@@ -44,12 +44,24 @@ class RMSNorm(nn.Module):
         if fused is not None:
             return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
-            return self._norm(x)
+            return rms_norm_reference(x, self.weight, self.eps)
         summed = x + residual
-        return self._norm(summed), summed
+        return rms_norm_reference(summed, self.weight, self.eps), summed
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(in_dtype)
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The torch RMSNorm (HF Llama's arithmetic): the CPU path and the fused kernels' reference.
+
+    Args:
+        x: [..., D].
+        weight: [D].
+        eps: added to the mean square.
+
+    Returns:
+        ``weight * (x * rsqrt(mean(x^2) + eps))``, normalised in float32 and cast back to
+        ``x``'s dtype before the weight multiply.
+    """
+    in_dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(in_dtype)

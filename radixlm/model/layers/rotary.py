@@ -99,12 +99,29 @@ class RotaryEmbedding(nn.Module):
         fused = fused_ops_for(q, k)
         if fused is not None and self.cos_sin_cache.is_cuda:
             return fused.rotary_embedding(positions, q, k, self.cos_sin_cache)
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
-        # HF casts cos/sin to the activation dtype before rotating; doing the same keeps bf16
-        # results bit-compatible with it.
-        cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(q.dtype)
-        sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return rotary_reference(positions, q, k, self.cos_sin_cache)
+
+
+def rotary_reference(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch rotary (HF Llama's arithmetic): the CPU path and the fused kernel's reference.
+
+    Args:
+        positions: [T] absolute positions.
+        q: [T, num_heads, head_dim].
+        k: [T, num_kv_heads, head_dim].
+        cos_sin_cache: [max_positions, head_dim] float32, cos then sin of the frequencies.
+
+    Returns:
+        Rotated (q, k), new tensors of the same shapes and dtypes.
+    """
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    # HF casts cos/sin to the activation dtype before rotating; doing the same keeps bf16
+    # results bit-compatible with it.
+    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(q.dtype)
+    sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(q.dtype)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
