@@ -40,17 +40,17 @@ from radixlm_lang.choices import (
 )
 from radixlm_lang.dtypes import ConversionError
 from radixlm_lang.graph import RequestGraph
-from radixlm_lang.interpreter import ProgramError
+from radixlm_lang.interpreter import GenerationAborted, ProgramError
 from radixlm_lang.program import CompiledFunction, Function, function
 from radixlm_lang.sampling import SamplingParams
 from radixlm_lang.state import ForkedStates, ProgramState
 
 __all__ = [
     "Backend", "BackendError", "ChatTemplateError", "ChoicesMethod", "CompiledFunction",
-    "ConversionError", "EngineBackend", "ForkedStates", "Function", "OpenAI", "ProgramError",
-    "ProgramState", "RequestGraph", "Runtime", "RuntimeEndpoint", "SamplingParams",
-    "assistant", "assistant_begin", "assistant_end", "function", "gen", "gen_int",
-    "gen_string", "get_default_backend", "greedy_token_selection", "select",
+    "ConversionError", "EngineBackend", "ForkedStates", "Function", "GenerationAborted",
+    "OpenAI", "ProgramError", "ProgramState", "RequestGraph", "Runtime", "RuntimeEndpoint",
+    "SamplingParams", "assistant", "assistant_begin", "assistant_end", "function", "gen",
+    "gen_int", "gen_string", "get_default_backend", "greedy_token_selection", "select",
     "set_default_backend", "system", "system_begin", "system_end", "token_length_normalized",
     "unconditional_likelihood_normalized", "user", "user_begin", "user_end",
 ]  # fmt: skip

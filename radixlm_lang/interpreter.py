@@ -30,6 +30,10 @@ class ProgramError(RuntimeError):
     """A program misused the language, or needed a value that a failed step never produced."""
 
 
+class GenerationAborted(RuntimeError):
+    """The backend finished a generation with ``finish_reason`` abort (e.g. an aborted request)."""
+
+
 @dataclass(frozen=True)
 class ExecutionOptions:
     """What every executor of one program run shares.
@@ -249,11 +253,16 @@ class StreamExecutor:
             completion = backend.generate(self.text, params, messages)
             text, meta = completion.text, completion.meta_info
             self._append(text, expr.name)
+        finish = (meta or {}).get("finish_reason") or {}
+        if finish.get("type") == "abort":
+            if expr.name is not None:
+                self._assign(expr.name, text, meta)  # the partial output stays readable
+            reason = finish.get("message") or "aborted"
+            raise GenerationAborted(f"gen {expr.name!r} was aborted by the backend: {reason}")
         try:
             value = convert(text, expr.dtype)
         except ConversionError as exc:
-            reason = (meta or {}).get("finish_reason")
-            raise ConversionError(f"gen {expr.name!r}: {exc} (finish_reason {reason})") from exc
+            raise ConversionError(f"gen {expr.name!r}: {exc} (finish_reason {finish})") from exc
         if expr.name is not None:
             self._assign(expr.name, value, meta)
 

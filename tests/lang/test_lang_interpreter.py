@@ -201,6 +201,21 @@ def test_backend_errors_surface_in_state_error(make_scripted):
         state["a"]
 
 
+def test_aborted_generation_is_an_error_with_the_partial_output(make_scripted):
+    backend = make_scripted()
+    aborted = {"finish_reason": {"type": "abort", "message": "client went away"}}
+    backend.generate = lambda prompt, params, messages=None: rl.backends.Completion("par", aborted)
+
+    @rl.function
+    def program(s):
+        s += rl.gen("a") + rl.gen("b")
+
+    state = program.run(backend=backend)
+    assert isinstance(state.error(), rl.GenerationAborted)
+    assert "client went away" in str(state.error())
+    assert state["a"] == "par" and state.text() == "par"
+
+
 def test_exception_in_program_code_is_recorded(scripted):
     @rl.function
     def program(s):
