@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,16 +177,25 @@ def time_ops(shape: Shape, tokens: list[int], layers: int, device: torch.device,
         for seed, op in enumerate(OPS):
             gen = torch.Generator(device).manual_seed(100 + seed)
             sets = [op.make(shape, t, torch.bfloat16, gen) for _ in range(layers)]
-            torch_us = time_per_layer(lambda i, op=op, sets=sets: op.reference(sets[i]),
-                                      layers, 200.0)  # fmt: skip
-            fused_us = time_per_layer(lambda i, op=op, sets=sets: op.fused(sets[i]),
-                                      layers, 200.0)  # fmt: skip
+            torch_us = time_calls(lambda i, op=op, sets=sets: op.reference(sets[i]), layers, device)
+            fused_us = time_calls(lambda i, op=op, sets=sets: op.fused(sets[i]), layers, device)
             nbytes = op.nbytes(shape, t, 2)
             rows.append({"op": op.name, "tokens": t, "torch_us": torch_us, "fused_us": fused_us,
                          "speedup": torch_us / fused_us, "bytes": nbytes,
                          "fused_gbps": nbytes / fused_us / 1e3,
                          "pct_hbm": 100 * nbytes / fused_us / 1e3 / ceil.hbm_gbps})  # fmt: skip
     return rows
+
+
+def time_calls(call: Callable[[int], Any], layers: int, device: torch.device) -> float:
+    """µs per ``call(i)``: replayed from a CUDA graph of all ``layers`` calls on CUDA; one pass
+    on the host clock elsewhere (a smoke run's figures mean nothing)."""
+    if device.type == "cuda":
+        return time_per_layer(call, layers, 200.0)
+    start = time.perf_counter()
+    for i in range(layers):
+        call(i)
+    return (time.perf_counter() - start) * 1e6 / layers
 
 
 # --------------------------------------------------------------------------------- decode step
@@ -228,7 +238,7 @@ def build_decode_setup(preset: str, batch_sizes: list[int], context: int, device
     return model, pool, batches
 
 
-def capture_runners(model, pool, batch_sizes: list[int]) -> dict[str, Any]:
+def capture_runners(model, pool, batch_sizes: list[int], context: int) -> dict[str, Any]:
     """One DecodeGraphRunner per layer variant, each with its own Triton attention backend."""
     from radixlm.executor.cuda_graph import DecodeGraphRunner
     from radixlm.model.attention.triton_backend import TritonAttentionBackend
@@ -237,7 +247,7 @@ def capture_runners(model, pool, batch_sizes: list[int]) -> dict[str, Any]:
     for variant in ("torch", "fused"):
         with fused_layers(variant == "fused"):
             attn = TritonAttentionBackend("cuda")
-            runner = DecodeGraphRunner(model, pool, attn, max(batch_sizes),
+            runner = DecodeGraphRunner(model, pool, attn, max(batch_sizes), context_length=context,
                                        buckets=tuple(sorted(batch_sizes)))  # fmt: skip
             runner.capture()
         runners[variant] = runner
@@ -247,7 +257,7 @@ def capture_runners(model, pool, batch_sizes: list[int]) -> dict[str, Any]:
 def time_decode_steps(args: argparse.Namespace, ceil: Ceilings) -> tuple[list[dict], Any]:
     """ms per replayed decode step, torch layers vs fused, against the step's HBM floor."""
     model, pool, batches = build_decode_setup(args.preset, args.batch_sizes, args.context)
-    runners = capture_runners(model, pool, args.batch_sizes)
+    runners = capture_runners(model, pool, args.batch_sizes, args.context)
     cost = ModelCost.of(model.arch)
     device = torch.device("cuda")
     rows = []

@@ -375,6 +375,9 @@ def rotary_embedding(
         Q_HEADS=q_heads, K_HEADS=k.shape[1], HALF=half, BLOCK_QH=next_pow2(q_heads),
         BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=next_pow2(half),
         num_warps=max(1, min(8, next_pow2(q_heads) * next_pow2(half) // 256)),
+        # Without this the compiler turns a product and the sum after it into one bf16 FMA,
+        # skipping the product's rounding that the torch path (and HF) performs.
+        enable_fp_fusion=False,
     )  # fmt: skip
     return q_out, k_out
 
