@@ -251,8 +251,7 @@ class Engine:
         single = _is_single(prompt, input_ids)
         states = self._submit(prompt, sampling_params, input_ids, stream, logprob, rid, None)
         if stream:
-            _require_single_stream(states)
-            return self._iterate(states[0])
+            return self._iterate(self._single_stream(states))
         results = [self._wait(s) for s in states]
         return results[0] if single and len(results) == 1 else results
 
@@ -269,11 +268,9 @@ class Engine:
 
     def _wait(self, state: RequestState) -> dict[str, Any]:
         final = None
-        while True:
-            item = state.events.get()
-            if is_done(item):
-                return final
-            final = _raise_if_error(item, state)
+        for final in self._iterate(state):  # noqa: B007 (the last chunk is the result)
+            pass
+        return final
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
                              stream: bool = False, return_logprob: bool = False,
@@ -284,8 +281,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         states = self._submit(prompt, sampling_params, input_ids, stream, logprob, rid, loop)
         if stream:
-            _require_single_stream(states)
-            return self._aiterate(states[0])
+            return self._aiterate(self._single_stream(states))
         results = await asyncio.gather(*(self._await(s) for s in states))
         return results[0] if single and len(results) == 1 else list(results)
 
@@ -302,15 +298,16 @@ class Engine:
 
     async def _await(self, state: RequestState) -> dict[str, Any]:
         final = None
-        try:
-            while True:
-                item = await state.events.get()
-                if is_done(item):
-                    return final
-                final = _raise_if_error(item, state)
-        except asyncio.CancelledError:
-            self.abort(state.rid)
-            raise
+        async for final in self._aiterate(state):  # noqa: B007 (the last chunk is the result)
+            pass
+        return final
+
+    def _single_stream(self, states: list[RequestState]) -> RequestState:
+        if len(states) != 1:
+            for state in states:
+                self.abort(state.rid)
+            raise RequestError("stream=True takes a single prompt with n == 1", "stream")
+        return states[0]
 
     def abort(self, rid: str) -> None:
         """Abort a request (and its ``n`` siblings ``rid-0``, ``rid-1``, ...)."""
@@ -382,11 +379,6 @@ def _is_single(prompt, input_ids) -> bool:
     if prompt is not None:
         return isinstance(prompt, str)
     return bool(input_ids) and isinstance(input_ids[0], int)
-
-
-def _require_single_stream(states: list[RequestState]) -> None:
-    if len(states) != 1:
-        raise RequestError("stream=True takes a single prompt with n == 1", "stream")
 
 
 def _raise_if_error(item: Any, state: RequestState) -> dict[str, Any]:
