@@ -135,8 +135,11 @@ class Scheduler:
         return len(self.running) + len(self.prefilling)
 
     def _reserved_for_decode(self) -> int:
+        """Slots admitted requests will still need: unprefilled chunks plus a share of output."""
         ratio = self.config.init_new_token_ratio
-        return int(sum(r.remaining_new_tokens for r in self.running + self.prefilling) * ratio)
+        output = sum(r.remaining_new_tokens for r in self.running + self.prefilling) * ratio
+        chunks = sum(r.seq_len - r.num_computed for r in self.prefilling)
+        return int(output) + chunks
 
     def _schedule_extend(self) -> ScheduledBatch | None:
         budget = self.config.max_prefill_tokens
@@ -149,6 +152,11 @@ class Scheduler:
             budget -= len(row.new_tokens)
         admitted = self._admit(budget, rows)
         self.prefilling.extend(admitted)
+        if not rows and self.prefilling and not self.running:
+            # Partial prefills hold the pool and none can go on: requeue the newest (its
+            # computed prefix stays cached) so the others can finish.
+            self._requeue(max(self.prefilling, key=lambda r: r.arrival), self.prefilling)
+            return self._schedule_extend()
         return ScheduledBatch(ForwardMode.EXTEND, rows) if rows else None
 
     def _admit(self, budget: int, rows: list[ScheduledSeq]) -> list[Request]:
@@ -171,6 +179,8 @@ class Scheduler:
             admitted.append(req)
             rows.append(row)
             budget -= len(row.new_tokens)
+            if req.num_computed + len(row.new_tokens) < req.seq_len:
+                break  # one request mid-prefill at a time keeps chunks from starving each other
         return admitted
 
     def _on_admitted(self, req: Request, prefix: int) -> None:
@@ -246,13 +256,16 @@ class Scheduler:
             need = self.kv.page_size * sum(1 for r in self.running if len(r.spare_slots) == 0)
             if need <= self.kv.available_tokens():
                 return
-            victim = max(self.running, key=lambda r: r.arrival)
-            self.running.remove(victim)
-            self.kv.release(victim)
-            victim.status = RequestStatus.WAITING
-            victim.num_retractions += 1
-            self.stats["retractions"] += 1
-            self.waiting.insert(0, victim)
+            self._requeue(max(self.running, key=lambda r: r.arrival), self.running)
+
+    def _requeue(self, victim: Request, queue: list[Request]) -> None:
+        """Retract: cache what ``victim`` computed, free the rest, put it first in line."""
+        queue.remove(victim)
+        self.kv.release(victim)
+        victim.status = RequestStatus.WAITING
+        victim.num_retractions += 1
+        self.stats["retractions"] += 1
+        self.waiting.insert(0, victim)
 
     # ---- results --------------------------------------------------------------------------
 

@@ -218,3 +218,17 @@ def test_dfs_weight_keeps_siblings_together():
         reqs.append(Request(rid=f"r{i}", input_ids=head + [i], params=SamplingParams()))
     order = [r.rid for r in order_dfs_weight(reqs, lambda r: 0)]
     assert order == ["r0", "r2", "r4", "r1", "r3"]
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_long_chunked_prompts_in_a_small_pool_all_finish(page_size):
+    rng = random.Random(21)
+    h = Harness(capacity=320, page_size=page_size, chunked_prefill_size=48,
+                max_prefill_tokens=96)
+    work = [(f"r{i}", [rng.randrange(1000) for _ in range(220)], 24) for i in range(3)]
+    for rid, prompt, max_new in work:
+        h.add(rid, prompt, max_new, ignore_eos=True)
+    h.run()
+    for rid, prompt, max_new in work:
+        assert h.outputs[rid] == reference_output_ignore_eos(prompt, max_new), rid
+    h.assert_no_leak()
