@@ -121,7 +121,8 @@ class GrammarMatcher(ABC):
     def apply_jump_forward(self, last_token_id: int | None = None) -> JumpForward | None:
         """Splice the forced continuation in: compute it, re-tokenize, advance the matcher.
 
-        The forced text is re-tokenized together with the last sampled token (the boundary),
+        The forced text (minus trailing spaces) is re-tokenized together with the last sampled
+        token (the boundary),
         because a tokenizer would often merge them (``{`` + ``"name": "`` -> ``{"`` ...): the
         result is what the model would have seen had it produced the text itself. If the
         re-tokenized ids start with ``last_token_id`` it stays; otherwise the engine drops it
@@ -134,7 +135,9 @@ class GrammarMatcher(ABC):
         Returns:
             The splice, or None when nothing is forced (the matcher is then unchanged).
         """
-        text = self.jump_forward()
+        # a trailing space is left to the model: tokenizers glue it to the next word (" 12",
+        # ' "J'), so splicing it alone would leave an unnatural token boundary
+        text = (self.jump_forward() or "").rstrip(" ")
         if not text:
             return None
         for rollback, ids in self.retokenizer.splice_candidates(text, last_token_id,

@@ -9,10 +9,12 @@ The regex matches the *canonical serialization* of every instance the schema acc
 - strings: characters written literally except the escapes ``json.dumps`` uses; free strings may
   use any valid JSON escape.
 
-Free string content (a string constrained by nothing but ``minLength``/``maxLength``) is not
-spelled out in the regex: it is a *slot*, one placeholder control character per distinct length
-bound. The backend walks slot content itself, so strings cost no DFA states and length bounds of
-any size are exact. ``CompiledJson.expanded_regex()`` substitutes the real content regex (tests).
+Free string content (a string constrained by nothing but ``minLength``/``maxLength``), any JSON
+value (``{}``, ``true``, undeclared properties' values) and the keys of undeclared properties are
+not spelled out in the regex: each is a *slot*, a two-control-character placeholder per distinct
+kind and bound. The backend walks slot content itself, so they cost no DFA states, length bounds
+of any size are exact, values nest to any depth, and an undeclared key can never repeat a
+declared property's name. ``CompiledJson.expanded_regex()`` spells slots out (for tests).
 
 What the regex cannot express is either *relaxed* (the regex accepts a superset: no valid
 instance is ever rejected; each relaxation is listed in ``CompiledJson.relaxed``) or, with
@@ -42,7 +44,8 @@ from radixlm.constrained.regex_util import (
 )
 
 SLOT_BASE = 0x02
-MAX_SLOTS = 30
+SLOT_RADIX = 30
+MAX_SLOTS = SLOT_RADIX * SLOT_RADIX
 ALL_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _OBJECT_KEYS = {"properties", "additionalProperties", "patternProperties", "required",
                 "minProperties", "maxProperties", "propertyNames", "dependencies",
@@ -99,12 +102,15 @@ class Slot:
     """A part of the output walked outside the regex DFA.
 
     ``kind`` "string": free string content of ``min_length..max_length`` characters (any
-    JSON escapes allowed); "value": any JSON value, any depth, canonical whitespace.
+    JSON escapes allowed); "key": free string content except the canonical spellings of
+    ``excluded`` (an undeclared property may not reuse a declared name); "value": any JSON
+    value, any depth, canonical whitespace.
     """
 
     kind: str = "string"
     min_length: int = 0
     max_length: int | None = None
+    excluded: tuple[str, ...] = ()
 
 
 STRING_SLOT = 0
@@ -123,8 +129,8 @@ class CompiledJson:
 
     @staticmethod
     def slot_char(index: int) -> str:
-        """The placeholder character of slot ``index`` in :attr:`regex`."""
-        return chr(SLOT_BASE + index)
+        """The two placeholder characters of slot ``index`` in :attr:`regex`."""
+        return chr(SLOT_BASE + index // SLOT_RADIX) + chr(SLOT_BASE + index % SLOT_RADIX)
 
     def expanded_regex(self, value_depth: int = 3) -> str:
         """The regex with every slot spelled out, for Python's ``re`` (tests).
@@ -238,15 +244,22 @@ class SchemaCompiler:
 
     def slot(self, low: int, high: int | None) -> str:
         """The placeholder for free string content of ``low..high`` characters."""
-        key = Slot("string", low, high)
-        if key not in self.slots:
+        return self._placeholder(Slot("string", low, high), Slot("string"))
+
+    def key_slot(self, declared: list[str]) -> str:
+        """The placeholder for an undeclared property's key (not one of ``declared``)."""
+        return self._placeholder(Slot("key", excluded=tuple(sorted(set(declared)))),
+                                 Slot("string"))
+
+    def _placeholder(self, slot: Slot, fallback: Slot) -> str:
+        if slot not in self.slots:
             if len(self.slots) >= MAX_SLOTS:
-                self.relax(f"string length bounds {low}..{high} (too many distinct bounds)",
+                self.relax(f"{slot.kind} slot bounds (over {MAX_SLOTS} distinct slots)",
                            "minLength")
-                key = Slot("string")
+                slot = fallback
             else:
-                self.slots[key] = len(self.slots)
-        return CompiledJson.slot_char(self.slots[key])
+                self.slots[slot] = len(self.slots)
+        return CompiledJson.slot_char(self.slots[slot])
 
     # ---- normalisation ----
 
@@ -641,14 +654,13 @@ class SchemaCompiler:
         return alternation(parts)
 
     def _property_name(self, schema: dict, stack: tuple) -> str:
+        declared = list(schema.get("properties") or {}) + list(schema.get("required") or [])
         names = schema.get("propertyNames")
-        if names is None or names is True:
-            return '"' + self.slot(0, None) + '"'
-        resolved, _ = self.resolve(names, stack)
+        resolved = True if names is None else self.resolve(names, stack)[0]
         if resolved is False:
             raise _Never
-        if resolved is True:
-            return '"' + self.slot(0, None) + '"'
+        if resolved is True or _unconstrained(resolved):
+            return '"' + self.key_slot(declared) + '"'
         return self.value(merge_schemas({"type": ["string"]}, resolved), stack)
 
 

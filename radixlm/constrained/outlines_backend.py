@@ -6,6 +6,8 @@ A grammar state is a small set of *configurations* (usually one):
 - ``(s, k, phase, chars)``: inside the content of string slot ``k`` that starts at ``s``, at a
   phase of the string-content automaton, ``chars`` characters in (saturated at the bound that
   still matters);
+- ``(s, k, (phase, node), chars)``: inside key slot ``k``, ``node`` tracking which declared
+  names the key still spells (the closing quote is refused on a declared name);
 - ``(s, k, jstate, 0)``: inside value slot ``k`` (any JSON value), at pushdown state ``jstate``.
 
 Tokens that stay within one regime are one table lookup (the index's token transition, or the
@@ -16,6 +18,7 @@ a packed int32 tensor, so the hot path copies a cached row.
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 from typing import Any
@@ -27,6 +30,7 @@ from radixlm.constrained import jsonvalue
 from radixlm.constrained.base import Grammar, GrammarMatcher
 from radixlm.constrained.content import EXIT, QUOTE, ContentTables, N, step
 from radixlm.constrained.index_build import FakeIds, IndexPayload
+from radixlm.constrained.json_schema import SLOT_BASE, SLOT_RADIX
 from radixlm.constrained.retokenize import Retokenizer
 from radixlm.constrained.vocab import TokenVocab, build_token_vocab
 
@@ -119,8 +123,41 @@ class _State:
         self.more: bool | None = None
 
 
+class _KeyTrie:
+    """The canonical spellings of declared property names, for key slots to avoid."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.children: list[dict[int, int]] = [{}]
+        self.terminal: list[bool] = [False]
+        for name in names:
+            node = 0
+            for byte in json.dumps(name, ensure_ascii=False)[1:-1].encode():
+                nxt = self.children[node].get(byte)
+                if nxt is None:
+                    nxt = len(self.children)
+                    self.children[node][byte] = nxt
+                    self.children.append({})
+                    self.terminal.append(False)
+                node = nxt
+            self.terminal[node] = True
+
+    def step(self, node: int, byte: int) -> int:
+        """The node after ``byte`` (-1 once the key left every declared name)."""
+        return -1 if node < 0 else self.children[node].get(byte, -1)
+
+    def walk(self, node: int, data: bytes) -> int:
+        for byte in data:
+            node = self.step(node, byte)
+            if node < 0:
+                return -1
+        return node
+
+    def excluded(self, node: int) -> bool:
+        return node >= 0 and self.terminal[node]
+
+
 class OutlinesGrammar(Grammar):
-    """A compiled constraint over an outlines-core index plus string slots.
+    """A compiled constraint over an outlines-core index plus slots.
 
     Args:
         info: the compiler's per-tokenizer tables.
@@ -133,7 +170,9 @@ class OutlinesGrammar(Grammar):
         self.regex = payload.regex
         self.relaxed = payload.relaxed
         self.slots = payload.slots
-        self.has_value_slots = any(kind == "value" for kind, _, _ in self.slots)
+        self.has_value_slots = any(slot[0] == "value" for slot in self.slots)
+        self._tries = {k: _KeyTrie(slot[3]) for k, slot in enumerate(self.slots)
+                       if slot[0] == "key"}
         item_sep, key_sep = payload.separators
         self._walker = jsonvalue.JsonValueWalker(item_sep.encode(), key_sep.encode())
         self._enters_value = info.value_entry_tokens(payload.separators) \
@@ -143,7 +182,8 @@ class OutlinesGrammar(Grammar):
         self._lock = threading.RLock()
         self._state_ids: dict[frozenset, int] = {}
         self._states: list[_State] = []
-        self._slot_starts: dict[int, tuple[int, ...]] = {}
+        self._slot_starts: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._slot_exits: dict[tuple[int, int], int] = {}
         self._config_masks: dict[tuple, torch.Tensor] = {}
         self._quote_token = int(info.byte_token[QUOTE])
         first = self.index.get_next_state(self.index.get_initial_state(), info.fake.start)
@@ -174,17 +214,29 @@ class OutlinesGrammar(Grammar):
 
     def _canonical(self, s: int) -> list[Config]:
         out: list[Config] = [(s, STRUCT, 0, 0)]
-        for k in self._slots_at(s):
-            start = jsonvalue.START if self.slots[k][0] == "value" else N
+        for k, _after in self._slots_at(s):
+            kind = self.slots[k][0]
+            start = jsonvalue.START if kind == "value" else (N, 0) if kind == "key" else N
             out.append((s, k, start, 0))
         return out
 
-    def _slots_at(self, s: int) -> tuple[int, ...]:
+    def _slots_at(self, s: int) -> tuple[tuple[int, int], ...]:
+        """(slot, state after the slot) for every slot that may start at ``s``."""
         found = self._slot_starts.get(s)
         if found is None:
             fake = self.info.fake
-            found = tuple(k for k in range(len(self.slots))
-                          if self.index.get_next_state(s, fake.slot(k)) is not None)
+            entries = []
+            for first in range(SLOT_RADIX):
+                mid = self.index.get_next_state(s, fake.byte(SLOT_BASE + first))
+                if mid is None:
+                    continue
+                for second in range(SLOT_RADIX):
+                    after = self.index.get_next_state(mid, fake.byte(SLOT_BASE + second))
+                    if after is not None:
+                        k = first * SLOT_RADIX + second
+                        entries.append((k, after))
+                        self._slot_exits[(s, k)] = after
+            found = tuple(entries)
             self._slot_starts[s] = found
         return found
 
@@ -215,19 +267,26 @@ class OutlinesGrammar(Grammar):
                 return self._walk((config,), info.vocab.token_bytes[tid])
             nxt = self.index.get_next_state(s, tid)
             return self._canonical(nxt) if nxt is not None else []
-        if self.slots[k][0] == "value":
+        kind = self.slots[k][0]
+        if kind == "value":
             return self._walk((config,), info.vocab.token_bytes[tid])
         tables = info.content
-        end = int(tables.end[phase, tid])
+        content_phase = phase[0] if kind == "key" else phase
+        end = int(tables.end[content_phase, tid])
         if end >= 0:
-            counted = self._count(k, chars + int(tables.chars[phase, tid]))
-            return [(s, k, end, counted)] if counted is not None else []
+            counted = self._count(k, chars + int(tables.chars[content_phase, tid]))
+            if counted is None:
+                return []
+            if kind == "key":
+                node = self._tries[k].walk(phase[1], info.vocab.token_bytes[tid])
+                return [(s, k, (end, node), counted)]
+            return [(s, k, end, counted)]
         if end == EXIT:
             return self._walk((config,), info.vocab.token_bytes[tid])
         return []
 
     def _count(self, k: int, chars: int) -> int | None:
-        _kind, low, high = self.slots[k]
+        _kind, low, high, _names = self.slots[k]
         if high is not None:
             return chars if chars <= high else None
         return min(chars, low)
@@ -249,20 +308,28 @@ class OutlinesGrammar(Grammar):
             token = int(self.info.byte_token[byte])
             nxt = self.index.get_next_state(s, token) if token >= 0 else None
             return self._canonical(nxt) if nxt is not None else []
-        if self.slots[k][0] == "value":
+        kind = self.slots[k][0]
+        if kind == "value":
             return self._step_value(s, k, phase, byte)
-        after, completed = step(phase, byte)
+        content_phase = phase[0] if kind == "key" else phase
+        after, completed = step(content_phase, byte)
         if after == EXIT:
+            if kind == "key" and self._tries[k].excluded(phase[1]):
+                return []
             return self._close_slot(s, k, chars)
         if after < 0:
             return []
         counted = self._count(k, chars + completed)
-        return [(s, k, after, counted)] if counted is not None else []
+        if counted is None:
+            return []
+        if kind == "key":
+            return [(s, k, (after, self._tries[k].step(phase[1], byte)), counted)]
+        return [(s, k, after, counted)]
 
     def _close_slot(self, s: int, k: int, chars: int) -> list[Config]:
         if chars < self.slots[k][1]:
             return []
-        past = self.index.get_next_state(s, self.info.fake.slot(k))
+        past = self._slot_exits.get((s, k))
         closed = None if past is None else self.index.get_next_state(past, self._quote_token)
         return self._canonical(closed) if closed is not None else []
 
@@ -272,7 +339,7 @@ class OutlinesGrammar(Grammar):
             return [(s, k, after, 0)]
         if after == jsonvalue.DEAD:
             return []
-        past = self.index.get_next_state(s, self.info.fake.slot(k))
+        past = self._slot_exits.get((s, k))
         if past is None:
             return []
         if after == jsonvalue.DONE_AFTER:
@@ -303,10 +370,10 @@ class OutlinesGrammar(Grammar):
         kind = "struct" if k == STRUCT else self.slots[k][0]
         if kind == "struct":
             key: tuple = (s,)
-        elif kind == "value":
+        elif kind in ("value", "key"):
             key = (s, k, phase)
         else:
-            _kind, low, high = self.slots[k]
+            _kind, low, high, _names = self.slots[k]
             budget = None if high is None else min(high - chars, 1 << 16)
             key = (s, k, phase, min(chars, low), budget)
         cached = self._config_masks.get(key)
@@ -373,7 +440,9 @@ class OutlinesGrammar(Grammar):
 
     def _in_content(self, config: Config) -> np.ndarray:
         _s, k, phase, chars = config
-        _kind, low, high = self.slots[k]
+        kind, low, high, _names = self.slots[k]
+        if kind == "key":
+            phase = phase[0]
         tables = self.info.content
         end, added = tables.end[phase], tables.chars[phase]
         allowed = end >= 0

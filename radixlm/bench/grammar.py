@@ -1,0 +1,447 @@
+"""Constrained-decoding benchmark over the labelled JSON schemas (issue 6).
+
+For each backend -- ``outlines`` (radixlm's schema compiler + outlines-core index, the default),
+``llguidance``, and ``outlines-core`` (outlines-core's own ``build_regex_from_schema`` + ``Index``,
+the baseline) -- and every schema in the directory:
+
+- coverage: the grammar compiles within the time limit (default 10 s);
+- compile time (p50/p95/max over schemas that compiled);
+- mask time per token (p50/p99): producing the allowed-token bitmask of one request, at every
+  position of every checked instance (first visits of a state included);
+- false rejections: a ``valid: true`` instance, serialized in the grammar's key order and
+  whitespace (:func:`radixlm.constrained.canonical_json`) and tokenized with the tokenizer, must
+  be accepted token by token and then accept EOS;
+- accepted invalid: ``valid: false`` instances accepted in full (soundness; relaxed keywords
+  show up here).
+
+Each compilation runs in a killable worker process, so no schema can hang or crash the run.
+Also measured: the batch mask cost per request at batch 1/32/256 and the torch op that applies
+masks to logits. Prints a table and writes JSON.
+
+    python -m radixlm.bench.grammar --schemas ../shared/schemas/dev --out grammar.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SCHEMAS = ROOT.parent / "shared" / "schemas" / "dev"
+DEFAULT_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama3"
+BACKENDS = ("outlines", "llguidance", "outlines-core")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns a process exit code."""
+    args = _parse(argv)
+    if args.baseline_child:
+        return baseline_child_main(args.tokenizer)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    schemas = load_schemas(Path(args.schemas), args.limit, args.match)
+    report: dict[str, Any] = {"schemas": len(schemas), "tokenizer": str(args.tokenizer),
+                              "timeout_s": args.timeout, "backends": {}}
+    for backend in args.backends.split(","):
+        started = time.time()
+        records = run_backend(backend, schemas, tokenizer, args)
+        report["backends"][backend] = {"summary": summarize(records, len(schemas)),
+                                       "wall_s": time.time() - started, "records": records}
+        _print_summary(backend, report["backends"][backend]["summary"])
+        _write(args.out, report)
+    if args.batch:
+        report["batch"] = batch_mask_cost(tokenizer, schemas, args)
+        _print_batch(report["batch"])
+    _write(args.out, report)
+    print_table(report)
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--schemas", default=str(DEFAULT_SCHEMAS), help="schema directory")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="HF tokenizer dir")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--timeout", type=float, default=10.0, help="compile limit (s)")
+    parser.add_argument("--limit", type=int, default=0, help="first N schemas only")
+    parser.add_argument("--match", default="", help="only schemas whose file name contains this")
+    parser.add_argument("--out", default="grammar_bench.json", help="JSON report path")
+    parser.add_argument("--batch", default="1,32,256", help="batch sizes for the mask cost")
+    parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def load_schemas(directory: Path, limit: int = 0, match: str = "") -> list[dict]:
+    """The schema files (sorted by name), each ``{"name", "schema", "tests"}``."""
+    out = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and match in path.name and path.suffix != ".md":
+            data = json.loads(path.read_text())
+            out.append({"name": path.name, "schema": data["schema"], "tests": data["tests"]})
+    return out[:limit] if limit else out
+
+
+def serialize(instance: Any, schema: Any) -> str:
+    """The instance as the grammar spells it (plain compact JSON if that fails)."""
+    from radixlm.constrained import canonical_json
+
+    try:
+        return canonical_json(instance, schema)
+    except Exception:
+        return json.dumps(instance, ensure_ascii=False, separators=(", ", ": "))
+
+
+def run_backend(backend: str, schemas: list[dict], tokenizer: Any, args) -> list[dict]:
+    """One record per schema."""
+    if backend == "outlines-core":
+        return run_baseline(schemas, tokenizer, args)
+    from radixlm.constrained import GrammarCompiler
+
+    compiler = GrammarCompiler(tokenizer, backend=backend, timeout_s=args.timeout, max_workers=1,
+                               cache_size=4)
+    compiler.compile_json_schema({"type": "object"})  # start the worker, build the tables
+    try:
+        return [_one_schema(compiler, item, tokenizer) for item in _progress(schemas, backend)]
+    finally:
+        compiler.close()
+
+
+def _progress(schemas: list[dict], label: str):
+    for i, item in enumerate(schemas):
+        if i % 50 == 0:
+            print(f"[{label}] {i}/{len(schemas)}", file=sys.stderr, flush=True)
+        yield item
+
+
+def _one_schema(compiler, item: dict, tokenizer: Any) -> dict:
+    from radixlm.constrained import GrammarError
+
+    record: dict[str, Any] = {"name": item["name"], "compiled": False}
+    started = time.perf_counter()
+    try:
+        grammar = compiler.submit("json_schema", item["schema"]).result()
+    except GrammarError as exc:
+        record.update(error=str(exc)[:300], feature=exc.feature)
+        return record
+    record.update(compiled=True, compile_s=time.perf_counter() - started,
+                  relaxed=list(grammar.relaxed))
+    record.update(check_instances(grammar, item, tokenizer, compiler.info.vocab.eos_token_ids))
+    return record
+
+
+def check_instances(grammar, item: dict, tokenizer: Any, eos_ids) -> dict:
+    """Feed every labelled instance token by token; count rejections and mask times."""
+    import torch
+
+    bitmask = torch.zeros((1, -(-grammar.vocab_size // 32)), dtype=torch.int32)
+    eos = eos_ids[0]
+    out = Counter()
+    times: list[float] = []
+    warm: list[float] = []
+    for test in item["tests"]:
+        text = serialize(test["data"], item["schema"])
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        accepted, mismatch = _feed(grammar.matcher(), ids + [eos], bitmask, times)
+        _feed(grammar.matcher(), ids + [eos], bitmask, warm)  # same states again: cached masks
+        key = "valid" if test["valid"] else "invalid"
+        out[key] += 1
+        out["mask_mismatch"] += mismatch
+        if test["valid"] and not accepted:
+            out["false_rejections"] += 1
+        if not test["valid"] and accepted:
+            out["accepted_invalid"] += 1
+    return {**out, "mask_us": [round(t * 1e6, 1) for t in times],
+            "mask_warm_us": [round(t * 1e6, 1) for t in warm]}
+
+
+def _feed(matcher, ids: list[int], bitmask, times: list[float]) -> tuple[bool, int]:
+    """(all accepted, number of steps where the mask disagreed with accept_token)."""
+    mismatch = 0
+    for token in ids:
+        started = time.perf_counter()
+        matcher.fill_bitmask(bitmask, 0)
+        times.append(time.perf_counter() - started)
+        allowed = bool((int(bitmask[0, token // 32]) >> (token % 32)) & 1)
+        ok = matcher.accept_token(token)
+        mismatch += int(ok != allowed)
+        if not ok:
+            return False, mismatch
+    return True, mismatch
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(records: list[dict], total: int) -> dict:
+    """Coverage, compile-time and mask-time percentiles, correctness counts."""
+    compiled = [r for r in records if r["compiled"]]
+    compile_s = [r["compile_s"] for r in compiled]
+    masks = [t for r in compiled for t in r.get("mask_us", [])]
+    warm = [t for r in compiled for t in r.get("mask_warm_us", [])]
+    failures = Counter(r.get("feature") or "error" for r in records if not r["compiled"])
+    relaxed = Counter(x.split(" ")[0] for r in compiled for x in r.get("relaxed", []))
+    return {
+        "coverage": len(compiled) / total if total else 0.0,
+        "compiled": len(compiled),
+        "total": total,
+        "compile_p50_s": _pct(compile_s, 0.5),
+        "compile_p95_s": _pct(compile_s, 0.95),
+        "compile_max_s": max(compile_s) if compile_s else None,
+        "mask_p50_us": _pct(masks, 0.5),
+        "mask_p99_us": _pct(masks, 0.99),
+        "mask_samples": len(masks),
+        "mask_warm_p50_us": _pct(warm, 0.5),
+        "mask_warm_p99_us": _pct(warm, 0.99),
+        "valid_checked": sum(r.get("valid", 0) for r in compiled),
+        "false_rejections": sum(r.get("false_rejections", 0) for r in compiled),
+        "false_rejection_schemas": sorted(r["name"] for r in compiled
+                                          if r.get("false_rejections")),
+        "invalid_checked": sum(r.get("invalid", 0) for r in compiled),
+        "accepted_invalid": sum(r.get("accepted_invalid", 0) for r in compiled),
+        "mask_mismatches": sum(r.get("mask_mismatch", 0) for r in compiled),
+        "failures": dict(failures),
+        "relaxed_keywords": dict(relaxed.most_common()),
+    }
+
+
+def batch_mask_cost(tokenizer: Any, schemas: list[dict], args) -> dict:
+    """Per-request cost of filling one batch bitmask at several batch sizes, plus applying it."""
+    import torch
+
+    from radixlm.constrained import GrammarCompiler, apply_token_bitmask
+
+    item = next((s for s in schemas if s["name"].startswith("Glaive")), schemas[0])
+    valid = [t for t in item["tests"] if t["valid"]] or item["tests"]
+    ids = tokenizer.encode(serialize(valid[0]["data"], item["schema"]), add_special_tokens=False)
+    out: dict[str, Any] = {"schema": item["name"], "vocab": len(tokenizer), "rows": []}
+    for backend in ("outlines", "llguidance"):
+        with GrammarCompiler(tokenizer, backend=backend, timeout_s=60) as compiler:
+            grammar = compiler.compile_json_schema(item["schema"])
+            for batch in (int(b) for b in args.batch.split(",")):
+                out["rows"].append({"backend": backend, "batch": batch,
+                                    **_time_batch(grammar, ids, batch, compiler.words)})
+    for batch in (int(b) for b in args.batch.split(",")):
+        logits = torch.randn(batch, len(tokenizer))
+        mask = torch.randint(-2**31, 2**31 - 1, (batch, -(-len(tokenizer) // 32)),
+                             dtype=torch.int32)
+        apply_token_bitmask(logits, mask)
+        started = time.perf_counter()
+        for _ in range(5):
+            apply_token_bitmask(logits, mask)
+        out.setdefault("apply_torch_cpu_ms", {})[batch] = (time.perf_counter() - started) / 5 * 1e3
+    return out
+
+
+def _time_batch(grammar, ids: list[int], batch: int, words: int) -> dict:
+    import torch
+
+    matchers = []
+    for i in range(batch):
+        matcher = grammar.matcher()
+        for token in ids[: i % max(len(ids) - 1, 1)]:
+            matcher.accept_token(token)
+        matchers.append(matcher)
+    bitmask = torch.zeros((batch, words), dtype=torch.int32)
+    for row, matcher in enumerate(matchers):
+        matcher.fill_bitmask(bitmask, row)
+    reps = max(3, 2000 // batch)
+    started = time.perf_counter()
+    for _ in range(reps):
+        for row, matcher in enumerate(matchers):
+            matcher.fill_bitmask(bitmask, row)
+    per_step = (time.perf_counter() - started) / reps
+    return {"step_us": per_step * 1e6, "per_request_us": per_step / batch * 1e6}
+
+
+# ---- outlines-core baseline (its own schema-to-regex and Index), in a killable child ----
+
+
+def run_baseline(schemas: list[dict], tokenizer: Any, args) -> list[dict]:
+    """outlines-core's ``build_regex_from_schema`` + ``Index`` on every schema."""
+    child = _BaselineChild(args.tokenizer)
+    eos = tokenizer.eos_token_id
+    records = []
+    try:
+        for item in _progress(schemas, "outlines-core"):
+            tests = [(t["valid"], tokenizer.encode(serialize(t["data"], item["schema"]),
+                                                   add_special_tokens=False))
+                     for t in item["tests"]]
+            records.append(child.evaluate(item, tests, eos, args.timeout))
+    finally:
+        child.close()
+    return records
+
+
+class _BaselineChild:
+    """``python -m radixlm.bench.grammar --baseline-child``: killed and restarted on timeout."""
+
+    def __init__(self, tokenizer_dir: str):
+        self.tokenizer_dir = tokenizer_dir
+        self.process = None
+
+    def _start(self) -> None:
+        import subprocess
+
+        from radixlm.constrained.worker import _child_env
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "radixlm.bench.grammar", "--baseline-child", "--tokenizer",
+             self.tokenizer_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=_child_env())
+        if self._receive(300) != "ready":
+            raise RuntimeError("baseline child failed to start")
+
+    def _receive(self, timeout_s: float) -> Any:
+        import pickle
+
+        from radixlm.constrained.worker import _HEADER, _read_exact
+
+        deadline = time.monotonic() + timeout_s
+        (length,) = _HEADER.unpack(_read_exact(self.process.stdout, _HEADER.size, deadline))
+        return pickle.loads(_read_exact(self.process.stdout, length, deadline))
+
+    def evaluate(self, item: dict, tests: list, eos: int, timeout_s: float) -> dict:
+        from radixlm.constrained.worker import _send
+
+        record: dict[str, Any] = {"name": item["name"], "compiled": False}
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        try:
+            _send(self.process.stdin, (item["schema"], tests, eos))
+            status, value = self._receive(timeout_s)
+            if status != "compiled":
+                record.update(error=str(value)[:300], feature="error")
+                return record
+            record.update(compiled=True, compile_s=value)
+            status, value = self._receive(600)
+            record.update(value)
+        except TimeoutError:
+            record.update(error=f"timed out after {timeout_s:g} s", feature="timeout",
+                          compiled=False)
+            self.close()
+        except (EOFError, OSError):
+            record.update(error="crashed", feature="crash", compiled=False)
+            self.close()
+        return record
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def baseline_child_main(tokenizer_dir: str) -> int:
+    """Child loop: compile with outlines-core, then check the instances."""
+    from outlines_core import Index, Vocabulary
+    from outlines_core.json_schema import build_regex_from_schema
+    from transformers import AutoTokenizer
+
+    from radixlm.constrained.vocab import build_token_vocab
+    from radixlm.constrained.worker import _read_blocking, _send
+
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    vocab = build_token_vocab(AutoTokenizer.from_pretrained(tokenizer_dir))
+    table: dict[bytes, list[int]] = {}
+    for tid, data in enumerate(vocab.token_bytes):
+        if data:
+            table.setdefault(data, []).append(tid)
+    vocabulary = Vocabulary(vocab.eos_token_ids[0], table)
+    _send(protocol, "ready")
+    while True:
+        try:
+            schema, tests, eos = _read_blocking(sys.stdin.buffer)
+        except EOFError:
+            return 0
+        started = time.perf_counter()
+        try:
+            index = Index(build_regex_from_schema(json.dumps(schema)), vocabulary)
+        except BaseException as exc:  # outlines raises ValueError and pyo3 panics
+            _send(protocol, ("error", repr(exc)[:300]))
+            continue
+        _send(protocol, ("compiled", time.perf_counter() - started))
+        _send(protocol, ("done", _baseline_instances(index, tests, vocab.size)))
+
+
+def _baseline_instances(index, tests: list, vocab_size: int) -> dict:
+    import torch
+    from outlines_core import Guide
+
+    out = Counter()
+    times: list[float] = []
+    mask = torch.zeros(-(-vocab_size // 32) + 1, dtype=torch.int32)
+    for valid, ids in tests:
+        guide = Guide(index)
+        state = index.get_initial_state()
+        accepted = True
+        for token in ids:
+            started = time.perf_counter()
+            guide.write_mask_into(mask.data_ptr(), mask.numel(), 4)
+            times.append(time.perf_counter() - started)
+            state = index.get_next_state(state, token)
+            if state is None:
+                accepted = False
+                break
+            guide.advance(token, return_tokens=False)
+        accepted = accepted and index.is_final_state(state)
+        out["valid" if valid else "invalid"] += 1
+        out["false_rejections"] += int(valid and not accepted)
+        out["accepted_invalid"] += int(not valid and accepted)
+    return {**out, "mask_us": [round(t * 1e6, 1) for t in times]}
+
+
+def _print_summary(backend: str, s: dict) -> None:
+    print(f"{backend}: coverage {s['compiled']}/{s['total']} ({s['coverage']:.1%}), "
+          f"false rejections {s['false_rejections']}/{s['valid_checked']}, "
+          f"accepted invalid {s['accepted_invalid']}/{s['invalid_checked']}, "
+          f"failures {s['failures']}", flush=True)
+
+
+def _print_batch(batch: dict) -> None:
+    for row in batch["rows"]:
+        print(f"mask fill {row['backend']:>10} batch {row['batch']:>4}: "
+              f"{row['per_request_us']:.2f} us/request ({row['step_us'] / 1e3:.3f} ms/step)")
+    for size, ms in batch.get("apply_torch_cpu_ms", {}).items():
+        print(f"apply_token_bitmask torch CPU batch {size}: {ms:.2f} ms")
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def print_table(report: dict) -> None:
+    """The markdown table recorded in docs/constrained.md."""
+    print("\n| backend | coverage | compile p50 / p95 / max (ms) | mask p50 / p99 (us), "
+          "first visit | mask p50 / p99 (us), cached | false rejections | accepted invalid |")
+    print("|---|---|---|---|---|---|---|")
+    for name, data in report["backends"].items():
+        s = data["summary"]
+        print(f"| {name} | {s['compiled']}/{s['total']} ({s['coverage']:.1%}) | "
+              f"{_fmt(s['compile_p50_s'], 1e3)} / {_fmt(s['compile_p95_s'], 1e3)} / "
+              f"{_fmt(s['compile_max_s'], 1e3)} | {_fmt(s['mask_p50_us'])} / "
+              f"{_fmt(s['mask_p99_us'])} | {_fmt(s.get('mask_warm_p50_us'))} / "
+              f"{_fmt(s.get('mask_warm_p99_us'))} | {s['false_rejections']}/{s['valid_checked']} | "
+              f"{s['accepted_invalid']}/{s['invalid_checked']} |")
+
+
+def _write(path: str, report: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(report, handle)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The second backend: llguidance (an Earley parser over a lazily built lexer), same protocol.
+
+llguidance compiles JSON schemas and regexes itself; we only align the whitespace policy (the
+same separators as our compiler), add the SentencePiece dummy space, and wrap its matcher so a
+rejected token leaves the state unchanged and EOS is handled like in the default backend.
+Masks are computed by llguidance on every call (it keeps no per-state cache).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from radixlm.constrained.base import Grammar, GrammarMatcher
+from radixlm.constrained.errors import GrammarError
+from radixlm.constrained.index_build import _choices_regex, _user_regex
+from radixlm.constrained.json_schema import JsonSchemaOptions
+from radixlm.constrained.outlines_backend import TokenizerInfo, _complete_utf8
+
+
+class LLGuidanceCompiler:
+    """Builds :class:`LLGuidanceGrammar` objects for one tokenizer.
+
+    Args:
+        info: the compiler's per-tokenizer tables (vocab size, EOS ids, retokenizer).
+        options: the JSON whitespace policy to impose.
+    """
+
+    def __init__(self, info: TokenizerInfo, options: JsonSchemaOptions):
+        import llguidance.hf
+
+        self.info = info
+        self.options = options
+        self.tokenizer = llguidance.hf.from_tokenizer(
+            info.tokenizer, n_vocab=info.vocab_size, eos_token=sorted(info.eos_ids) or None)
+
+    def build(self, kind: str, spec: Any) -> LLGuidanceGrammar:
+        """Compile one constraint (raises GrammarError)."""
+        from llguidance import LLMatcher
+
+        grammar = self._grammar_text(kind, spec)
+        matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"llguidance: {matcher.get_error()[:400]}", feature="llguidance")
+        return LLGuidanceGrammar(self, grammar, matcher)
+
+    def _grammar_text(self, kind: str, spec: Any) -> str:
+        from llguidance import LLMatcher
+
+        lead = self.info.vocab.dummy_prefix
+        if kind in ("json_schema", "json_object"):
+            schema = _schema_object(kind, spec)
+            schema = {**schema, "x-guidance": self._json_options()} if isinstance(
+                schema, dict) else schema
+            if lead:
+                return LLMatcher.grammar_from_lark('start: " "? body\nbody: %json '
+                                                   + json.dumps(schema))
+            return LLMatcher.grammar_from_json_schema(schema)
+        if kind == "regex":
+            regex = _user_regex(spec)
+        elif kind == "choices":
+            regex = _choices_regex(spec)
+        else:
+            raise GrammarError(f"unknown constraint kind {kind!r}", feature="kind")
+        return LLMatcher.grammar_from_regex(("(?: )?" if lead else "") + "(?:" + regex + ")")
+
+    def _json_options(self) -> dict:
+        return {"item_separator": self.options.item_separator,
+                "key_separator": self.options.key_separator,
+                "whitespace_flexible": False}
+
+
+def _schema_object(kind: str, spec: Any) -> Any:
+    if kind == "json_object":
+        return {"type": "object"}
+    if isinstance(spec, (str, bytes)):
+        try:
+            spec = json.loads(spec)
+        except ValueError as exc:
+            raise GrammarError(f"JSON schema is not valid JSON: {exc}", feature="json") from None
+    if isinstance(spec, bool):
+        return {} if spec else {"not": {}}
+    if not isinstance(spec, dict):
+        raise GrammarError("a JSON schema must be an object or a boolean", feature="schema")
+    return spec
+
+
+class LLGuidanceGrammar(Grammar):
+    """A compiled llguidance grammar; matchers are copies of a validated template."""
+
+    def __init__(self, owner: LLGuidanceCompiler, text: str, template: Any):
+        self.owner = owner
+        self.text = text
+        self.vocab_size = owner.info.vocab_size
+        self.relaxed = tuple(template.get_grammar_warnings())
+        self._template = template
+
+    def matcher(self) -> LLGuidanceMatcher:
+        return LLGuidanceMatcher(self, self._template.deep_copy())
+
+
+class LLGuidanceMatcher(GrammarMatcher):
+    """Per-request llguidance matcher with radixlm's accept/EOS/rollback semantics."""
+
+    def __init__(self, grammar: LLGuidanceGrammar, matcher: Any):
+        self.grammar = grammar
+        self.vocab_size = grammar.vocab_size
+        self.retokenizer = grammar.owner.info.retokenizer
+        self._matcher = matcher
+        self._eos_ids = grammar.owner.info.eos_ids
+        self._accepted = 0
+        self._ended = False
+
+    @property
+    def num_accepted(self) -> int:
+        return self._accepted + int(self._ended)
+
+    def accept_token(self, token_id: int) -> bool:
+        if self._ended:
+            return False
+        if token_id in self._eos_ids:
+            if not self._matcher.is_accepting():
+                return False
+            self._ended = True
+            return True
+        if not 0 <= token_id < self.vocab_size or self._matcher.validate_tokens([token_id]) != 1:
+            return False
+        if not self._matcher.consume_token(token_id):
+            raise GrammarError(f"llguidance: {self._matcher.get_error()[:300]}")
+        self._accepted += 1
+        return True
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens < 0 or num_tokens > self.num_accepted:
+            raise ValueError(f"cannot roll back {num_tokens} of {self.num_accepted} tokens")
+        if num_tokens and self._ended:
+            self._ended = False
+            num_tokens -= 1
+        if num_tokens:
+            self._matcher.rollback(num_tokens)
+            self._accepted -= num_tokens
+
+    def is_terminated(self) -> bool:
+        return self._ended or (self._matcher.is_accepting() and self._matcher.is_stopped())
+
+    def is_complete(self) -> bool:
+        return self._ended or self._matcher.is_accepting()
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        view = bitmask[row]
+        if self._ended:
+            view.copy_(self.grammar.owner.info.eos_bits[: view.shape[0]])
+            return
+        if not view.is_contiguous() or view.device.type != "cpu":
+            raise ValueError("fill_bitmask needs a contiguous CPU int32 bitmask")
+        self._matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * 4)
+
+    def jump_forward(self) -> str | None:
+        if self._ended:
+            return None
+        return _complete_utf8(bytes(self._matcher.compute_ff_bytes()))
