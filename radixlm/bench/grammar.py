@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.baseline_child:
         return baseline_child_main(args.tokenizer)
+    if args.kernel:
+        result = kernel_timing()
+        print(json.dumps(result, indent=1))
+        _write(args.out, {"kernel": result})
+        return 0
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
@@ -74,6 +79,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--match", default="", help="only schemas whose file name contains this")
     parser.add_argument("--out", default="grammar_bench.json", help="JSON report path")
     parser.add_argument("--batch", default="1,32,256", help="batch sizes for the mask cost")
+    parser.add_argument("--kernel", action="store_true",
+                        help="only time apply_token_bitmask on CUDA (Triton vs the torch op)")
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -400,6 +407,49 @@ def _baseline_instances(index, tests: list, vocab_size: int) -> dict:
         out["false_rejections"] += int(valid and not accepted)
         out["accepted_invalid"] += int(not valid and accepted)
     return {**out, "mask_us": [round(t * 1e6, 1) for t in times]}
+
+
+def kernel_timing(vocab: int = 128256, batches=(1, 32, 256), reps: int = 200) -> dict:
+    """CUDA-event timings (median of ``reps`` after warm-up) of applying a bitmask to logits.
+
+    Bytes moved per call: logits read and written where masked (bf16: 2 B each) plus the mask
+    (V / 8 B per row); the table reports the achieved GB/s on the logits+mask bytes read.
+    """
+    import torch
+
+    from radixlm.constrained.bitmask import apply_token_bitmask
+
+    device = torch.device("cuda")
+    out = {"device": torch.cuda.get_device_name(device), "vocab": vocab, "rows": []}
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch in batches:
+            logits = torch.randn(batch, vocab, device=device).to(dtype)
+            mask = torch.randint(-2**31, 2**31 - 1, (batch, -(-vocab // 32)), device=device,
+                                 dtype=torch.int32)
+            for backend in ("triton", "torch"):
+                ms = _cuda_median_ms(lambda b=backend, x=logits, m=mask: apply_token_bitmask(
+                    x, m, backend=b), reps)
+                read = batch * vocab * logits.element_size() + mask.numel() * 4
+                out["rows"].append({"dtype": str(dtype).split(".")[-1], "batch": batch,
+                                    "backend": backend, "us": ms * 1e3,
+                                    "GBps_read": read / (ms * 1e-3) / 1e9})
+    return out
+
+
+def _cuda_median_ms(fn, reps: int) -> float:
+    import torch
+
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _print_summary(backend: str, s: dict) -> None:
