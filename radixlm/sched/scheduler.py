@@ -102,7 +102,10 @@ class Scheduler:
             if batch is not None:
                 return self._finalize(batch)
         if self.running:
-            return self._finalize(self._schedule_decode())
+            batch = self._schedule_decode()
+            if batch is None and (self.prefilling or self._admissible()):
+                batch = self._schedule_extend()  # decode retracted everyone: prefill instead
+            return self._finalize(batch)
         return None
 
     def take_pending_outputs(self) -> list[TokenOutput]:
@@ -256,7 +259,9 @@ class Scheduler:
             need = self.kv.page_size * sum(1 for r in self.running if len(r.spare_slots) == 0)
             if need <= self.kv.available_tokens():
                 return
-            self._requeue(max(self.running, key=lambda r: r.arrival), self.running)
+            # Partial prefills hold slots too; the newest request goes first, whatever it does.
+            victim = max(self.running + self.prefilling, key=lambda r: r.arrival)
+            self._requeue(victim, self.running if victim in self.running else self.prefilling)
 
     def _requeue(self, victim: Request, queue: list[Request]) -> None:
         """Retract: cache what ``victim`` computed, free the rest, put it first in line."""
