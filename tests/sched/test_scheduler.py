@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from radixlm.config import SchedulerConfig
 from radixlm.executor.null_runner import NullRunner
@@ -229,6 +231,35 @@ def test_long_chunked_prompts_in_a_small_pool_all_finish(page_size):
     for rid, prompt, max_new in work:
         h.add(rid, prompt, max_new, ignore_eos=True)
     h.run()
+    for rid, prompt, max_new in work:
+        assert h.outputs[rid] == reference_output_ignore_eos(prompt, max_new), rid
+    h.assert_no_leak()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    page_size=st.sampled_from([1, 2, 4]),
+    capacity_pages=st.integers(80, 200),
+    chunk=st.sampled_from([None, 8, 32]),
+    policy=st.sampled_from(["lpm", "fcfs", "dfs-weight", "random"]),
+    seed=st.integers(0, 10_000),
+)
+def test_random_workloads_always_finish_with_solo_outputs(page_size, capacity_pages, chunk,
+                                                          policy, seed):
+    rng = random.Random(seed)
+    capacity = capacity_pages * page_size
+    h = Harness(capacity=capacity, page_size=page_size, chunked_prefill_size=chunk,
+                schedule_policy=policy, max_prefill_tokens=rng.choice([32, 128, 1024]),
+                max_running=rng.choice([2, 8, 64]))
+    base = [rng.randrange(1000) for _ in range(rng.randint(1, 40))]
+    work = []
+    for i in range(rng.randint(1, 12)):
+        prompt = base[: rng.randint(0, len(base))] + [rng.randrange(1000)
+                                                       for _ in range(rng.randint(1, 30))]
+        max_new = rng.randint(1, min(20, capacity - len(prompt) - page_size))
+        work.append((f"r{i}", prompt, max_new))
+        h.add(f"r{i}", prompt, max_new, ignore_eos=True)
+    h.run(max_steps=20_000)
     for rid, prompt, max_new in work:
         assert h.outputs[rid] == reference_output_ignore_eos(prompt, max_new), rid
     h.assert_no_leak()
