@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from radixlm.constrained import GrammarCompiler
+
+def _compiler(*args, **kwargs):
+    from radixlm.constrained import GrammarCompiler  # lazy: GPU-only runs lack outlines-core
+
+    return GrammarCompiler(*args, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -24,27 +28,27 @@ def llama2(llama2_tokenizer_dir):
 @pytest.fixture(scope="session")
 def compiler3(llama3):
     """llama3, outlines backend, builds in threads (no worker processes: faster tests)."""
-    with GrammarCompiler(llama3, vocab_size=128256 + 64, eos_token_ids=[128001, 128009],
+    with _compiler(llama3, vocab_size=128256 + 64, eos_token_ids=[128001, 128009],
                          isolate=False) as compiler:
         yield compiler
 
 
 @pytest.fixture(scope="session")
 def compiler2(llama2):
-    with GrammarCompiler(llama2, isolate=False) as compiler:
+    with _compiler(llama2, isolate=False) as compiler:
         yield compiler
 
 
 @pytest.fixture(scope="session")
 def llg3(llama3):
-    with GrammarCompiler(llama3, backend="llguidance", vocab_size=128256 + 64,
+    with _compiler(llama3, backend="llguidance", vocab_size=128256 + 64,
                          eos_token_ids=[128001, 128009]) as compiler:
         yield compiler
 
 
 @pytest.fixture(scope="session")
 def llg2(llama2):
-    with GrammarCompiler(llama2, backend="llguidance") as compiler:
+    with _compiler(llama2, backend="llguidance") as compiler:
         yield compiler
 
 
