@@ -274,7 +274,7 @@ class OutlinesGrammar(Grammar):
         content_phase = phase[0] if kind == "key" else phase
         end = int(tables.end[content_phase, tid])
         if end >= 0:
-            counted = self._count(k, chars + int(tables.chars[content_phase, tid]))
+            counted = self._count(k, chars + int(tables.chars[content_phase, tid]), end)
             if counted is None:
                 return []
             if kind == "key":
@@ -285,10 +285,13 @@ class OutlinesGrammar(Grammar):
             return self._walk((config,), info.vocab.token_bytes[tid])
         return []
 
-    def _count(self, k: int, chars: int) -> int | None:
+    def _count(self, k: int, chars: int, phase: int) -> int | None:
+        """Characters so far, or None past the bound. A phase other than N is inside a
+        character (an escape or a UTF-8 sequence) that counts once complete, so it must fit
+        too: otherwise the walk reaches a state where nothing at all is allowed."""
         _kind, low, high, _names = self.slots[k]
         if high is not None:
-            return chars if chars <= high else None
+            return chars if chars + int(phase != N) <= high else None
         return min(chars, low)
 
     def _walk(self, configs, data: bytes) -> frozenset:
@@ -319,7 +322,7 @@ class OutlinesGrammar(Grammar):
             return self._close_slot(s, k, chars)
         if after < 0:
             return []
-        counted = self._count(k, chars + completed)
+        counted = self._count(k, chars + completed, after)
         if counted is None:
             return []
         if kind == "key":
@@ -447,7 +450,8 @@ class OutlinesGrammar(Grammar):
         end, added = tables.end[phase], tables.chars[phase]
         allowed = end >= 0
         if high is not None:
-            allowed = allowed & (added <= high - chars)
+            unfinished = (end > N).astype(added.dtype)  # a character still being spelled
+            allowed = allowed & (added + unfinished <= high - chars)
         exits = np.nonzero(end == EXIT)[0]
         total = chars + added[exits]
         exits = exits[(total >= low) & ((total <= high) if high is not None else True)]
