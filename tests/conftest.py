@@ -8,9 +8,15 @@ from pathlib import Path
 # Tests never reach a model hub: everything they load is built locally or lies in ../shared.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Test models are tiny and the suite runs engine and server subprocesses beside pytest on a
+# 2-core machine: with two OpenMP threads per process, tiny matmuls stall for milliseconds
+# fighting for cores (measured 400x slower under load). One thread each; children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
