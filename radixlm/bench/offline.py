@@ -28,6 +28,7 @@ Usage: radixlm bench offline --random-model llama3-8b --dataset random --num-req
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import random
 import time
@@ -74,6 +75,13 @@ class BenchRequest:
     output_len: int
     group: int = -1
     shared_len: int = 0
+    constraint: dict[str, Any] | None = None  # {"json_schema": ...} or {"regex": ...}
+
+    def sampling_params(self) -> dict[str, Any]:
+        """Greedy, ``output_len`` tokens (EOS ignored unless a constraint completes)."""
+        params = {"max_new_tokens": self.output_len, "temperature": 0.0, "ignore_eos": True}
+        params.update(self.constraint or {})
+        return params
 
 
 def random_dataset(rng: random.Random, num: int, input_len: int, output_len: int,
@@ -104,10 +112,23 @@ def make_dataset(args: argparse.Namespace, vocab: int, seed_offset: int = 0
                  ) -> list[BenchRequest]:
     rng = random.Random(args.seed + seed_offset)
     if args.dataset == "random":
-        return random_dataset(rng, args.num_requests, args.input_len, args.output_len,
-                              args.range_ratio, vocab)
-    return shared_prefix_dataset(rng, args.groups, args.prompts_per_group, args.system_len,
-                                 args.question_len, args.output_len, vocab)
+        requests = random_dataset(rng, args.num_requests, args.input_len, args.output_len,
+                                  args.range_ratio, vocab)
+    else:
+        requests = shared_prefix_dataset(rng, args.groups, args.prompts_per_group,
+                                         args.system_len, args.question_len, args.output_len,
+                                         vocab)
+    constraint = _constraint(args)
+    return [dataclasses.replace(r, constraint=constraint) for r in requests]
+
+
+def _constraint(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.json_schema:
+        path = Path(args.json_schema)
+        return {"json_schema": path.read_text() if path.is_file() else args.json_schema}
+    if args.regex:
+        return {"regex": args.regex}
+    return None
 
 
 def work_items(requests: list[BenchRequest], radix: bool) -> list[WorkItem]:
@@ -179,7 +200,7 @@ def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -
     synchronize(device)
     start = time.perf_counter()
     for i, r in enumerate(requests):
-        params = SamplingParams(max_new_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+        params = SamplingParams.from_dict(r.sampling_params())
         core.add_request(ipc.AddRequest(f"{tag}-{i}", r.input_ids, params, LogprobOptions()))
     first: dict[str, float] = {}
     done: dict[str, float] = {}
@@ -227,8 +248,7 @@ def run_engine_process(opts: dict[str, Any], requests: list[BenchRequest],
 
 
 def _engine_generate(engine, requests: list[BenchRequest]) -> list[dict[str, Any]]:
-    params = [{"max_new_tokens": r.output_len, "temperature": 0.0, "ignore_eos": True}
-              for r in requests]
+    params = [r.sampling_params() for r in requests]
     return engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
 
 
@@ -270,6 +290,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--system-len", type=int, default=2048)
     data.add_argument("--question-len", type=int, default=128)
     data.add_argument("--warmup-requests", type=int, default=4)
+    data.add_argument("--json-schema", default=None,
+                      help="constrain every request to this JSON schema (a file or JSON text)")
+    data.add_argument("--regex", default=None, help="constrain every request to this regex")
     eng = parser.add_argument_group("engine")
     eng.add_argument("--disable-radix-cache", action="store_true")
     eng.add_argument("--engine-process", action="store_true",
