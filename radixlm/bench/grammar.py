@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     schemas = load_schemas(Path(args.schemas), args.limit, args.match)
     report: dict[str, Any] = {"schemas": len(schemas), "tokenizer": str(args.tokenizer),
                               "timeout_s": args.timeout, "backends": {}}
-    for backend in args.backends.split(","):
+    for backend in filter(None, args.backends.split(",")):
         started = time.time()
         records = run_backend(backend, schemas, tokenizer, args)
         report["backends"][backend] = {"summary": summarize(records, len(schemas)),

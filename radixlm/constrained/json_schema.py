@@ -410,11 +410,13 @@ class SchemaCompiler:
         parts = []
         for combo in itertools.product(*lists):
             merged: Any = base
+            inner = stack
             for alt in combo:
-                resolved, _ = self.resolve(alt, stack)
+                resolved, deeper = self.resolve(alt, stack)
+                inner = inner + deeper[len(stack):]  # refs followed count toward the bound
                 merged = merge_schemas(merged, resolved)
             try:
-                parts.append(self.value(merged, stack))
+                parts.append(self.value(merged, inner))
             except _Never:
                 continue
         regex = alternation(parts)
@@ -851,11 +853,24 @@ def _members_regex(members: list[tuple[str, bool]], extra: str | None, sep: str)
 
     Built left to right so the regex stays linear in the number of properties: ``chain`` is
     "a non-empty selection of the members so far that includes every required one", and
-    ``empty_ok`` says whether the empty selection is valid too.
+    ``empty_ok`` says whether the empty selection is valid too. A leading run of optional
+    members is taken in blocks, which bounds the group nesting (regex parsers limit it).
     """
     chain: str | None = None
     empty_ok = True
-    for regex, required in members:
+    i = 0
+    while i < len(members):
+        if empty_ok and not members[i][1]:
+            block = []
+            while i < len(members) and not members[i][1] and len(block) < _BLOCK:
+                block.append(members[i][0])
+                i += 1
+            tail = "".join("(?:" + sep + regex + ")?" for regex in block)
+            chain = alternation([None if chain is None else chain + tail,
+                                 _nonempty_selection(block, sep)])
+            continue
+        regex, required = members[i]
+        i += 1
         options = []
         if chain is not None:
             options.append(chain + sep + regex if required else chain + "(?:" + sep + regex + ")?")
@@ -870,6 +885,18 @@ def _members_regex(members: list[tuple[str, bool]], extra: str | None, sep: str)
               extra + extras if extra is not None else None]
     body = alternation(starts)
     return "" if body is None else "(?:" + body + ")?"
+
+
+_BLOCK = 16
+
+
+def _nonempty_selection(block: list[str], sep: str) -> str:
+    """A non-empty, in-order selection of the (optional) member regexes in ``block``."""
+    chain: str | None = None
+    for regex in block:
+        chain = alternation([None if chain is None else chain + "(?:" + sep + regex + ")?",
+                             regex])
+    return chain or ""
 
 
 def _negate_into(schema: dict, negated: Any, compiler: SchemaCompiler) -> Any:
