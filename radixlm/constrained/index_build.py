@@ -156,9 +156,9 @@ def grammar_regex(kind: str, spec: Any, options: JsonSchemaOptions
     elif kind == "json_object":
         compiled = compile_json_any(options, object_only=spec is None or bool(spec))
     elif kind == "regex":
-        return _user_regex(spec), (), ()
+        return user_regex(spec), (), ()
     elif kind == "choices":
-        return _choices_regex(spec), (), ()
+        return choices_regex(spec), (), ()
     else:
         raise GrammarError(f"unknown constraint kind {kind!r} (expected one of {KINDS})",
                            feature="kind")
@@ -166,7 +166,8 @@ def grammar_regex(kind: str, spec: Any, options: JsonSchemaOptions
     return compiled.regex, slots, compiled.relaxed
 
 
-def _user_regex(pattern: Any) -> str:
+def user_regex(pattern: Any) -> str:
+    """A user regex re-emitted for the index (Python syntax in, sentinels kept out)."""
     if not isinstance(pattern, str):
         raise GrammarError(f"regex must be a string, got {type(pattern).__name__}",
                            feature="regex")
@@ -176,7 +177,8 @@ def _user_regex(pattern: Any) -> str:
     return translated
 
 
-def _choices_regex(choices: Any) -> str:
+def choices_regex(choices: Any) -> str:
+    """The alternation of the literal choices."""
     if not isinstance(choices, (list, tuple)) or not choices or not all(
             isinstance(c, str) and c for c in choices):
         raise GrammarError("choices must be a non-empty list of non-empty strings",

@@ -15,9 +15,9 @@ import torch
 
 from radixlm.constrained.base import Grammar, GrammarMatcher
 from radixlm.constrained.errors import GrammarError
-from radixlm.constrained.index_build import _choices_regex, _user_regex
+from radixlm.constrained.index_build import choices_regex, user_regex
 from radixlm.constrained.json_schema import JsonSchemaOptions
-from radixlm.constrained.outlines_backend import TokenizerInfo, _complete_utf8
+from radixlm.constrained.outlines_backend import TokenizerInfo, complete_utf8
 
 
 class LLGuidanceCompiler:
@@ -59,9 +59,9 @@ class LLGuidanceCompiler:
                                                    + json.dumps(schema))
             return LLMatcher.grammar_from_json_schema(schema)
         if kind == "regex":
-            regex = _user_regex(spec)
+            regex = user_regex(spec)
         elif kind == "choices":
-            regex = _choices_regex(spec)
+            regex = choices_regex(spec)
         else:
             raise GrammarError(f"unknown constraint kind {kind!r}", feature="kind")
         return LLMatcher.grammar_from_regex(("(?: )?" if lead else "") + "(?:" + regex + ")")
@@ -160,4 +160,4 @@ class LLGuidanceMatcher(GrammarMatcher):
     def jump_forward(self) -> str | None:
         if self._ended:
             return None
-        return _complete_utf8(bytes(self._matcher.compute_ff_bytes()))
+        return complete_utf8(bytes(self._matcher.compute_ff_bytes()))

@@ -552,11 +552,12 @@ class OutlinesMatcher(GrammarMatcher):
             if nxt is None:
                 break
             current = nxt
-        return _complete_utf8(bytes(forced))
+        return complete_utf8(bytes(forced))
 
 
-def _complete_utf8(data: bytes) -> str | None:
-    """The longest prefix of ``data`` that is whole UTF-8 characters (None if empty)."""
+def complete_utf8(data: bytes) -> str | None:
+    """The longest prefix of ``data`` that is whole UTF-8 characters (None if empty or if
+    ``data`` starts inside a character)."""
     for cut in range(len(data), max(len(data) - 4, -1), -1):
         try:
             text = data[:cut].decode("utf-8")

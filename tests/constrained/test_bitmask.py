@@ -1,4 +1,4 @@
-"""apply_token_bitmask: the torch op against a brute-force loop, the Triton kernel against the op."""
+"""apply_token_bitmask: the torch op against a brute-force loop, Triton against the op."""
 
 from __future__ import annotations
 

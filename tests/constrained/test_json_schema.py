@@ -23,7 +23,8 @@ CASES = {
         {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"},
                                           "c": {"type": "null"}},
          "required": ["b"], "additionalProperties": False},
-        [{"b": True}, {"a": 1, "b": False}, {"b": True, "c": None}, {"a": -3, "b": True, "c": None}],
+        [{"b": True}, {"a": 1, "b": False}, {"b": True, "c": None},
+         {"a": -3, "b": True, "c": None}],
         [{}, {"a": 1}, {"b": 1}, {"b": True, "d": 1}],
     ),
     "all_optional": (
@@ -76,7 +77,8 @@ CASES = {
         {"type": "object", "properties": {"e": {"enum": ["x", 2, None, [1, "y"]]},
                                           "c": {"const": {"k": True}}},
          "required": ["e", "c"], "additionalProperties": False},
-        [{"e": "x", "c": {"k": True}}, {"e": [1, "y"], "c": {"k": True}}, {"e": None, "c": {"k": True}}],
+        [{"e": "x", "c": {"k": True}}, {"e": [1, "y"], "c": {"k": True}},
+         {"e": None, "c": {"k": True}}],
         [{"e": "z", "c": {"k": True}}, {"e": 2, "c": {"k": False}}],
     ),
     "local_ref_and_recursion_bound": (
