@@ -36,6 +36,7 @@ from radixlm.constrained.vocab import TokenVocab, build_token_vocab
 
 STRUCT = -1
 EOS_MARK = -1
+_MAX_CACHED_MASKS = 8192
 _MAX_FORCED_BYTES = 256
 
 Config = tuple[int, int, int, int]
@@ -185,6 +186,7 @@ class OutlinesGrammar(Grammar):
         self._slot_starts: dict[int, tuple[tuple[int, int], ...]] = {}
         self._slot_exits: dict[tuple[int, int], int] = {}
         self._config_masks: dict[tuple, torch.Tensor] = {}
+        self._cached_states: list[_State] = []
         self._quote_token = int(info.byte_token[QUOTE])
         first = self.index.get_next_state(self.index.get_initial_state(), info.fake.start)
         if first is None:
@@ -360,13 +362,28 @@ class OutlinesGrammar(Grammar):
         if state.mask is None:
             with self._lock:
                 if state.mask is None:
-                    packed = torch.zeros(self.info.words, dtype=torch.int32)
-                    for config in state.configs:
-                        packed |= self._config_mask(config)
-                    if state.final:
-                        packed |= self.info.eos_bits
-                    state.mask = packed
+                    self._bound_cache()
+                    parts = [self._config_mask(c) for c in state.configs]
+                    if len(parts) == 1 and not state.final:
+                        state.mask = parts[0]  # share the configuration's tensor
+                    else:
+                        packed = torch.zeros(self.info.words, dtype=torch.int32)
+                        for part in parts:
+                            packed |= part
+                        if state.final:
+                            packed |= self.info.eos_bits
+                        state.mask = packed
+                    self._cached_states.append(state)
         return state.mask
+
+    def _bound_cache(self) -> None:
+        """Forget every cached mask once too many are held (16 KB each at 128k tokens)."""
+        if len(self._cached_states) + len(self._config_masks) < _MAX_CACHED_MASKS:
+            return
+        for state in self._cached_states:
+            state.mask = None
+        self._cached_states.clear()
+        self._config_masks.clear()
 
     def _config_mask(self, config: Config) -> torch.Tensor:
         s, k, phase, chars = config
