@@ -71,7 +71,8 @@ class TokenizerInfo:
         self.crossing_ids = np.nonzero(self.crossing)[0]
         self._content: ContentTables | None = None
         self._value_entries: dict[tuple[str, str], np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._exit_rests: dict[int, tuple] = {}
+        self._lock = threading.RLock()
 
     @property
     def content(self) -> ContentTables:
@@ -80,6 +81,24 @@ class TokenizerInfo:
             if self._content is None:
                 self._content = ContentTables.build(self.vocab.token_bytes)
             return self._content
+
+    def exit_rests(self, phase: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+        """Tokens that close a string from content ``phase``: (ids, index of what follows the
+        content -- the quote and after -- in ``rests``, rests)."""
+        with self._lock:
+            found = self._exit_rests.get(phase)
+            if found is None:
+                found = self._build_exit_rests(phase)
+                self._exit_rests[phase] = found
+            return found
+
+    def _build_exit_rests(self, phase: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+        tables = self.content
+        ids = np.nonzero(tables.end[phase] == EXIT)[0]
+        index: dict[bytes, int] = {}
+        rest_of = np.array([index.setdefault(self.vocab.token_bytes[t][tables.exit_at[phase, t]:],
+                                             len(index)) for t in ids], dtype=np.int64)
+        return ids, rest_of, list(index)
 
     def value_entry_tokens(self, separators: tuple[str, str]) -> np.ndarray:
         """Tokens that may enter a value slot mid-token: a byte that can precede a value slot
@@ -447,15 +466,17 @@ class OutlinesGrammar(Grammar):
     def _in_value(self, config: Config) -> np.ndarray:
         info = self.info
         phase = self._walker.in_string(config[2])
-        if phase is not None:
-            end = info.content.end[phase]
-            allowed = end >= 0
-            candidates = np.nonzero(end == EXIT)[0]
-        else:
+        if phase is None:
             allowed = np.zeros(info.vocab.size, dtype=bool)
-            candidates = np.nonzero(self._prefix_filter(config))[0]
-        allowed = allowed.copy()
-        self._walk_candidates(config, candidates, allowed)
+            self._walk_candidates(config, np.nonzero(self._prefix_filter(config))[0], allowed)
+            return allowed
+        allowed = info.content.end[phase] >= 0
+        ids, rest_of, rests = info.exit_rests(phase)
+        # every closing token hits the quote at phase N: walk each distinct "quote + rest" once
+        s, k, (stack, mode, _phase), chars = config
+        start = ((s, k, (stack, mode, N), chars),)
+        rest_ok = np.array([bool(self._walk(start, rest)) for rest in rests], dtype=bool)
+        allowed[ids[rest_ok[rest_of]]] = True
         return allowed
 
     def _in_content(self, config: Config) -> np.ndarray:
@@ -469,12 +490,32 @@ class OutlinesGrammar(Grammar):
         if high is not None:
             unfinished = (end > N).astype(added.dtype)  # a character still being spelled
             allowed = allowed & (added + unfinished <= high - chars)
-        exits = np.nonzero(end == EXIT)[0]
-        total = chars + added[exits]
-        exits = exits[(total >= low) & ((total <= high) if high is not None else True)]
         allowed = allowed.copy()
-        self._walk_candidates(config, exits, allowed)
+        ids, rest_of, rests = self.info.exit_rests(phase)
+        total = chars + added[ids]
+        ok = (total >= low) & ((total <= high) if high is not None else True)
+        if kind == "key":
+            ok &= self._key_exit_ok(config, ids)
+        after = self._slot_exits.get((_s, k))
+        if after is None or not ok.any():
+            return allowed
+        # tokens closing the string differ only in what follows the quote: walk each distinct
+        # continuation once from the state after the slot
+        start = self._canonical(after)
+        rest_ok = np.zeros(len(rests), dtype=bool)
+        for r in np.unique(rest_of[ok]):
+            rest_ok[r] = bool(self._walk(start, rests[r]))
+        allowed[ids[ok & rest_ok[rest_of]]] = True
         return allowed
+
+    def _key_exit_ok(self, config: Config, ids: np.ndarray) -> np.ndarray:
+        """Exit tokens whose key text before the quote does not complete a declared name."""
+        trie = self._tries[config[1]]
+        node = config[2][1]
+        token_bytes = self.info.vocab.token_bytes
+        exit_at = self.info.content.exit_at[config[2][0]]
+        return np.array([not trie.excluded(trie.walk(node, token_bytes[t][: exit_at[t]]))
+                         for t in ids], dtype=bool)
 
     # ---- jump-forward ----
 
