@@ -1,8 +1,9 @@
 """The second backend: llguidance (an Earley parser over a lazily built lexer), same protocol.
 
-llguidance compiles JSON schemas and regexes itself; we only align the whitespace policy (the
-same separators as our compiler), add the SentencePiece dummy space, and wrap its matcher so a
-rejected token leaves the state unchanged and EOS is handled like in the default backend.
+llguidance compiles JSON schemas and regexes itself; we only align the policy (the same
+separators as our compiler; non-strict mode = llguidance's ``lenient`` + ``coerce_one_of``), add
+the SentencePiece dummy space, and wrap its matcher so a rejected token leaves the state
+unchanged and EOS is handled like in the default backend.
 Masks are computed by llguidance on every call (it keeps no per-state cache).
 """
 
@@ -67,9 +68,12 @@ class LLGuidanceCompiler:
         return LLMatcher.grammar_from_regex(("(?: )?" if lead else "") + "(?:" + regex + ")")
 
     def _json_options(self) -> dict:
+        # the same policy as the default backend: non-strict relaxes what it cannot enforce
+        # (llguidance: ignore unimplemented keywords, compile oneOf as anyOf)
+        lenient = not self.options.strict
         return {"item_separator": self.options.item_separator,
                 "key_separator": self.options.key_separator,
-                "whitespace_flexible": False}
+                "whitespace_flexible": False, "lenient": lenient, "coerce_one_of": lenient}
 
 
 def _schema_object(kind: str, spec: Any) -> Any:
