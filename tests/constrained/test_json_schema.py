@@ -216,6 +216,12 @@ def test_uri_needs_a_scheme():
     assert not pattern.fullmatch('"no scheme"')
 
 
+def test_enum_equality_keeps_booleans_apart_at_depth():
+    schema = {"allOf": [{"enum": [{"a": 0.0}, [1]]}, {"not": {"enum": [{"a": False}, [True]]}}]}
+    pattern = re.compile(compile_json_schema(schema).expanded_regex())
+    assert pattern.fullmatch('{"a": 0.0}') and pattern.fullmatch("[1]")
+
+
 def test_whitespace_policy_is_json_dumps_defaults():
     schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}},
                                                "b": {"type": "string"}}}
