@@ -76,3 +76,12 @@ def test_batch_bitmask_round_trip(compiler3, llg3, llama3):
     digits = set(torch.nonzero(logits[2] == 0).reshape(-1).tolist())
     assert digits == set(matchers[1].allowed_token_ids())
     assert llama3.encode("7", add_special_tokens=False)[0] in digits
+
+
+def test_oversized_index_is_refused_before_building(compiler3):
+    started = time.monotonic()
+    with pytest.raises(GrammarError) as info:
+        compiler3.compile_regex('"[^"]{0,3000}"')  # ~24,000 DFA states x 128k tokens
+    assert info.value.feature == "size"
+    assert "DFA states" in str(info.value)
+    assert time.monotonic() - started < 30
