@@ -317,6 +317,8 @@ class Scheduler:
         finish = check_finish(req, res.next_token_id, self.limits)
         if finish is None and self.grammar is not None and req.matcher is not None:
             finish, new_ids = self.grammar.advance(req, res.next_token_id)
+            if finish is None and new_ids != [res.next_token_id]:
+                finish = self._stop_in_forced_text(req)
             if finish is None and len(req.output_ids) >= req.params.max_new_tokens:
                 finish = FinishReason(FinishKind.LENGTH)
         out = self._output(req, new_ids, res)
@@ -329,6 +331,20 @@ class Scheduler:
             self.running.remove(req)
             self.prefilling.append(req)
         return out
+
+    def _stop_in_forced_text(self, req: Request) -> FinishReason | None:
+        """Stop strings inside jump-forward text, which the per-token check never saw.
+
+        Jump-forward may also have rewritten the sampled token, so the checker restarts from
+        the request's current output rather than appending to what it had seen.
+        """
+        if req.stop_checker is None or self.make_stop_checker is None:
+            return None
+        req.stop_checker = self.make_stop_checker(req)
+        req.stop_checker.append(list(req.output_ids))
+        if req.stop_checker.stopped:
+            return FinishReason(FinishKind.STOP, matched=req.stop_checker.matched_stop)
+        return None
 
     def _output(self, req: Request, new_ids: list[int], res) -> TokenOutput:
         out = TokenOutput(

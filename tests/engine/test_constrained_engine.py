@@ -142,3 +142,21 @@ def test_unconstrained_request_streams_while_a_slow_schema_compiles(core3):
                 slow_done = time.monotonic() - start
     assert fast_done is not None and slow_done is not None
     assert fast_done < slow_done, (fast_done, slow_done)
+
+
+def test_stop_string_inside_jump_forward_text_finishes(core3):
+    """`"age"` is a fixed key of the schema, so jump-forward splices it in without sampling."""
+    prompt = core3.tokenizer.encode("Give me a person as JSON:")
+    reqs = {f"s{i}": {"max_new_tokens": 80, "temperature": 1.0, "seed": i, "stop": ['"age"'],
+                      "json_schema": json.dumps(PERSON)} for i in range(3)}
+    results = run(core3, reqs, prompt)
+    for rid, res in results.items():
+        finish = res["finish"]
+        text = text_of(core3, res["ids"])
+        if finish.kind.value == "length":
+            assert '"age"' not in text, rid
+            continue
+        assert finish.kind.value == "stop" and finish.matched == '"age"', (rid, finish)
+        # generation ends with the splice that spelled the key; the frontend cuts its text
+        assert text.count('"age"') == 1 and len(text.split('"age"')[1]) <= 2, (rid, text)
+        assert res["jump"] > 0, rid
