@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from radixlm.model.arch import ModelArch
+from radixlm.model.loader import resolve_device, resolve_dtype
 
 SHARD_BYTES = 2 * 2**30
 RANDOM_MODEL_FORMAT = "radixlm-bench-random-v1"
@@ -417,6 +418,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     roof.add_argument("--tflops", type=float, default=None,
                       help="bf16 matmul TFLOP/s; measured when absent")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What a model benchmark resolves from its arguments before it runs anything."""
+
+    device: torch.device
+    model_dir: Path
+    arch: ModelArch
+    dtype: torch.dtype
+    ceil: Ceilings
+
+    @property
+    def cost(self) -> ModelCost:
+        return ModelCost.of(self.arch, self.dtype)
+
+
+def resolve_setup(args: argparse.Namespace) -> BenchSetup:
+    """Device, model directory (written first for ``--random-model``), dtype and ceilings."""
+    device = resolve_device(args.device)
+    model_dir = resolve_model_dir(args, device)
+    arch = ModelArch.from_dir(model_dir)
+    dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
+    return BenchSetup(device, model_dir, arch, dtype,
+                      measure_ceilings(device, args.hbm_gbps, args.tflops))
 
 
 def resolve_model_dir(args: argparse.Namespace, device: torch.device) -> Path:

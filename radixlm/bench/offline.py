@@ -46,16 +46,13 @@ from radixlm.bench.common import (
     add_model_args,
     engine_options,
     format_table,
-    measure_ceilings,
     percentile,
-    resolve_model_dir,
+    resolve_setup,
     run_header,
     synchronize,
     workload_roofline,
     write_json,
 )
-from radixlm.model.arch import ModelArch
-from radixlm.model.loader import resolve_device, resolve_dtype
 
 WARMUP_OUTPUT_LEN = 8
 COLUMNS = [
@@ -317,17 +314,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table; write JSON with --out."""
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    model_dir = resolve_model_dir(args, device)
-    arch = ModelArch.from_dir(model_dir)
-    dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
-    ceil = measure_ceilings(device, args.hbm_gbps, args.tflops)
+    setup = resolve_setup(args)
+    device, model_dir, arch, ceil = setup.device, setup.model_dir, setup.arch, setup.ceil
     requests = make_dataset(args, arch.vocab_size)
     warmup = _warmup_requests(args, arch.vocab_size)
     run = run_radixlm(engine_config(model_dir, args), requests, warmup, args, device)
-    rows = [_radixlm_row(args, run, requests, ModelCost.of(arch, dtype), ceil)]
+    rows = [_radixlm_row(args, run, requests, setup.cost, ceil)]
     if args.baseline == "hf":
-        rows += _hf_rows(model_dir, requests, rows[0], args, device, dtype)
+        rows += _hf_rows(model_dir, requests, rows[0], args, device, setup.dtype)
     report(args, device, ceil, model_dir, rows)
     if run.aborted:  # the figures above then describe a broken run, not the engine's speed
         print(f"INVALID RUN: {len(run.aborted)} request(s) aborted, e.g. {run.aborted[0]}")

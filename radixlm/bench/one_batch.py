@@ -36,15 +36,12 @@ from radixlm.bench.common import (
     add_model_args,
     engine_options,
     format_table,
-    measure_ceilings,
-    resolve_model_dir,
+    resolve_setup,
     run_header,
     static_batch_roofline,
     synchronize,
     write_json,
 )
-from radixlm.model.arch import ModelArch
-from radixlm.model.loader import resolve_device, resolve_dtype
 
 RESULT_COLUMNS = [
     ("batch", "batch"), ("input_len", "in"), ("output_len", "out"),
@@ -196,12 +193,9 @@ def run_hf(model_dir: Path, cases: list[tuple[dict[str, Any], list[list[int]]]],
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the tables; write JSON with --out."""
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    model_dir = resolve_model_dir(args, device)
-    arch = ModelArch.from_dir(model_dir)
-    dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
-    ceil = measure_ceilings(device, args.hbm_gbps, args.tflops)
-    cases = run_engine(model_dir, args, ModelCost.of(arch, dtype), ceil, device)
+    setup = resolve_setup(args)
+    device, model_dir, ceil = setup.device, setup.model_dir, setup.ceil
+    cases = run_engine(model_dir, args, setup.cost, ceil, device)
     rows = [row for row, _ in cases]
     header = run_header(device, ceil, model_dir)
     print(f"one-batch on {header['device']}: HBM {ceil.hbm_gbps:.4g} GB/s, "
@@ -209,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, RESULT_COLUMNS), flush=True)
     save(args, header, rows, [])  # the engine's figures survive a baseline that fails
     if args.baseline == "hf":
-        hf_rows = run_hf(model_dir, cases, args, device, dtype)
+        hf_rows = run_hf(model_dir, cases, args, device, setup.dtype)
         print(format_table(hf_rows, HF_COLUMNS))
         save(args, header, rows, hf_rows)
     return 0

@@ -134,10 +134,14 @@ async def completions(body: CompletionRequest, request: Request,
     plan = completion_plan(body, ctx)
     outcome = await _run(ctx, plan, request, body)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_events(ctx, plan, body, outcome, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return _event_stream(_completion_events, ctx, plan, body, outcome)
     return completion_response(plan, outcome, ctx.served_model_name, body.echo, body.logprobs)
+
+
+def _event_stream(make_events, ctx: ServerContext, plan, body, outcome) -> StreamingResponse:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    events = make_events(ctx, plan, body, outcome, include_usage)
+    return StreamingResponse(events, media_type="text/event-stream")
 
 
 def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
@@ -328,9 +332,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     plan = chat_plan(body, ctx)
     outcome = await _run(ctx, plan, request, body)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events(ctx, plan, body, outcome, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return _event_stream(_chat_events, ctx, plan, body, outcome)
     return chat_response(plan, outcome, ctx.served_model_name, body.logprobs)
 
 
