@@ -81,7 +81,9 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(400, exc.message, exc.param)
     if isinstance(exc, QueueFullError):
         message = str(exc) or "the request queue is full"
-        return APIError(503, f"{message}; retry later", code="queue_full")
+        if "retry later" not in message:  # the engine's own message may already say so
+            message += "; retry later"
+        return APIError(503, message, code="queue_full")
     if isinstance(exc, EngineDeadError):
         message = str(exc) or "the engine has stopped"
         return APIError(503, message, code="engine_dead")

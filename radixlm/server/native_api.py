@@ -20,6 +20,7 @@ from radixlm.server.protocol import (
     GenerateRequest,
     TokenizeRequest,
     message_dicts,
+    native_sampling_params,
 )
 from radixlm.server.runner import Job, new_rid
 
@@ -52,8 +53,10 @@ def native_jobs(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Job], b
     Returns:
         The jobs and whether the request was a single prompt with n == 1.
     """
-    prompts, single_prompt = _native_prompts(body)
+    prompts, single_prompt = _native_prompts(body, ctx)
     params_list = _per_prompt(body.sampling_params, len(prompts), "sampling_params", {})
+    vocab = ctx.engine.vocab_size
+    params_list = [native_sampling_params(params or {}, vocab) for params in params_list]
     groups = _per_prompt(body.rid, len(prompts), "rid", None)
     common = {"return_logprob": body.return_logprob, "top_logprobs_num": body.top_logprobs_num,
               "logprob_start_len": body.logprob_start_len}
@@ -67,17 +70,37 @@ def native_jobs(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Job], b
     return jobs, single_prompt and len(jobs) == 1
 
 
-def _native_prompts(body: GenerateRequest) -> tuple[list[dict[str, Any]], bool]:
+def _native_prompts(body: GenerateRequest, ctx: ServerContext
+                    ) -> tuple[list[dict[str, Any]], bool]:
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of 'text' or 'input_ids'", "text")
     if body.text is not None:
         texts = [body.text] if isinstance(body.text, str) else body.text
         _non_empty(texts, "text")
+        # "" is a prompt only where the tokenizer adds a BOS; zero tokens would reach the engine
+        if "" in texts and not ctx.tokenizer.encode(""):
+            raise APIError(400, "'text' must not be empty", "text")
         return [{"prompt": t} for t in texts], isinstance(body.text, str)
     ids = body.input_ids
     batch = [ids] if ids and isinstance(ids[0], int) else ids
     _non_empty(batch, "input_ids")
+    for prompt_ids in batch:
+        check_token_ids(prompt_ids, ctx.engine.vocab_size, "input_ids")
     return [{"input_ids": list(b)} for b in batch], batch is not ids
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """400 unless ``ids`` is a non-empty list of ids in the vocabulary.
+
+    The engine checks this too, but an empty prompt inside a batch (``[[]]``) fails there with
+    an internal error, and decoding an id out of range (for ``echo``) overflows the tokenizer.
+    """
+    if not ids:
+        raise APIError(400, f"'{param}' must not contain an empty prompt", param)
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} in '{param}' is outside the vocabulary "
+                            f"(size {vocab_size})", param)
 
 
 def _non_empty(items: list, param: str) -> None:
@@ -214,6 +237,8 @@ async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_conte
                    ) -> dict[str, Any]:
     """Token ids of a text (``prompt``/``text``) or of chat ``messages`` after the template."""
     check_model(ctx, body.model)
+    if body.prompt is not None and body.text is not None:
+        raise APIError(400, "give 'prompt' or its alias 'text', not both", "text")
     text = body.prompt if body.prompt is not None else body.text
     if (text is None) == (body.messages is None):
         raise APIError(400, "give exactly one of 'prompt' (or 'text') or 'messages'", "prompt")

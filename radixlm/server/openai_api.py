@@ -18,7 +18,13 @@ from fastapi.responses import StreamingResponse
 from radixlm.engine.errors import RequestError
 from radixlm.server.app import SSE_DONE, ServerContext, get_context, sse
 from radixlm.server.errors import APIError
-from radixlm.server.native_api import chat_prompt_ids, check_model, fan_out, stream_error
+from radixlm.server.native_api import (
+    chat_prompt_ids,
+    check_model,
+    check_token_ids,
+    fan_out,
+    stream_error,
+)
 from radixlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -146,7 +152,7 @@ def _event_stream(make_events, ctx: ServerContext, plan, body, outcome) -> Strea
 
 def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
     """Tokenize the prompt(s) and build one job per choice."""
-    prompt_ids, texts = _completion_prompts(body.prompt, ctx.tokenizer)
+    prompt_ids, texts = _completion_prompts(body.prompt, ctx.tokenizer, ctx.engine.vocab_size)
     max_tokens = completion_max_tokens(body)
     vocab = ctx.engine.vocab_size
     params = [sampling_params(body, max_tokens if max_tokens is not None
@@ -159,7 +165,8 @@ def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
                 texts, body.n)
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
+def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int
+                        ) -> tuple[list[list[int]], list[str]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -172,6 +179,7 @@ def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], l
             ids.append(tokenizer.encode(item))
             texts.append(item)
         else:
+            check_token_ids(item, vocab_size, "prompt")
             ids.append(list(item))
             texts.append(tokenizer.decode(item))
     if any(not i for i in ids):

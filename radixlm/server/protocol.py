@@ -8,11 +8,12 @@ is tested without a server.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from radixlm.server.errors import APIError
+from radixlm.server.errors import APIError, validation_message
 
 # Parameters the OpenAI API defines but radixlm does not implement: rejected loudly rather than
 # silently ignored, because ignoring them would change what the caller gets.
@@ -22,6 +23,12 @@ UNSUPPORTED_OPENAI_FIELDS = (
 )
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
+
+# JSON as Python parses it allows NaN and Infinity; no sampling value means anything with them,
+# and a NaN slips through every range check (all comparisons are false).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# A logit_bias key: the decimal text of a token id (int() alone would take " 1", "1_0", "١").
+_TOKEN_KEY = re.compile(r"-?[0-9]+")
 
 # Engine sampling field -> the OpenAI name a client knows it by (for error messages).
 OPENAI_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
@@ -63,14 +70,14 @@ class _SamplingFields(_Lenient):
     """Fields shared by /v1/completions and /v1/chat/completions (with radixlm extensions)."""
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
+    logit_bias: dict[str, FiniteFloat] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -78,8 +85,8 @@ class _SamplingFields(_Lenient):
     best_of: int | None = None
     # radixlm / SGLang extensions
     top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    min_p: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
@@ -138,6 +145,59 @@ class GenerateRequest(BaseModel):
     logprob_start_len: int = Field(default=-1, ge=-1)
     top_logprobs_num: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     rid: str | list[str] | None = None
+
+
+class NativeSamplingParams(BaseModel):
+    """Types of /generate's ``sampling_params``, checked before anything reaches the engine.
+
+    The engine checks ranges (and names the field), but a value of the wrong type can get past
+    its checks and fail later: an unhashable ``regex`` kills the engine core, a string
+    ``skip_special_tokens`` breaks the detokenizer. Keys not declared here go to the engine
+    as given, which rejects unknown ones by name.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: FiniteFloat = 1.0
+    top_p: FiniteFloat = 1.0
+    top_k: int = -1
+    min_p: FiniteFloat = 0.0
+    frequency_penalty: FiniteFloat = 0.0
+    presence_penalty: FiniteFloat = 0.0
+    repetition_penalty: FiniteFloat = 1.0
+    stop: str | list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    n: int = 1
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    logit_bias: dict[str, FiniteFloat] = {}
+    regex: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    choices: list[str] | None = None
+
+
+def native_sampling_params(values: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """Check the types of one native ``sampling_params`` dict.
+
+    Returns:
+        The dict with only the keys the caller gave, values coerced to their types and
+        ``logit_bias`` keys as token ids.
+
+    Raises:
+        APIError: a value of the wrong type, naming the field.
+    """
+    try:
+        checked = NativeSamplingParams.model_validate(values)
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors())
+        raise APIError(400, message, (param or "sampling_params").split(".")[0]) from None
+    out = checked.model_dump(exclude_unset=True)
+    if "logit_bias" in out:
+        out["logit_bias"] = logit_bias(out["logit_bias"], vocab_size)
+    return out
 
 
 class TokenizeRequest(BaseModel):
@@ -219,10 +279,9 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     """Check and convert OpenAI's ``{"token_id": bias}`` map (bias in [-100, 100])."""
     out: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise APIError(400, f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+        if not _TOKEN_KEY.fullmatch(key):
+            raise APIError(400, f"logit_bias key {key!r} is not a token id", "logit_bias")
+        token = int(key)
         if not 0 <= token < vocab_size:
             raise APIError(400, f"logit_bias token id {token} is outside the vocabulary "
                                 f"(size {vocab_size})", "logit_bias")

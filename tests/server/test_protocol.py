@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from pydantic import ValidationError
@@ -17,6 +18,7 @@ from radixlm.server.protocol import (
     logit_bias,
     max_tokens_field,
     message_dicts,
+    native_sampling_params,
     openai_param,
     response_format_constraint,
     sampling_params,
@@ -152,3 +154,50 @@ def test_engine_errors_map_to_statuses():
     assert from_exception(EngineDeadError("core exited")).status == 503
     with pytest.raises(KeyError):  # anything else is a bug, re-raised for the 500 handler
         from_exception(KeyError("x"))
+
+
+@pytest.mark.parametrize("values, param", [
+    ({"regex": ["a"]}, "regex"),  # unhashable: killed the engine core's grammar cache
+    ({"choices": {"a": 1}}, "choices"),
+    ({"logit_bias": [1, 2]}, "logit_bias"),  # a 500: list has no .values()
+    ({"skip_special_tokens": [1]}, "skip_special_tokens"),  # a 500 in the detokenizer
+    ({"stop": {"a": 1}}, "stop"),  # was taken as the stop string "a"
+    ({"ignore_eos": {"a": 1}}, "ignore_eos"),
+    ({"temperature": math.nan}, "temperature"),  # NaN passes every range check
+    ({"top_p": math.inf}, "top_p"),
+    ({"logit_bias": {"1": math.nan}}, "logit_bias"),
+    ({"max_new_tokens": None}, "max_new_tokens"),
+    ({"json_schema": 5}, "json_schema"),
+])
+def test_native_sampling_params_reject_wrong_types_by_field(values, param):
+    with pytest.raises(APIError) as err:
+        native_sampling_params(values, vocab_size=100)
+    assert (err.value.status, err.value.param) == (400, param)
+    assert param in err.value.message
+
+
+def test_native_sampling_params_keep_only_what_was_given():
+    out = native_sampling_params({"max_new_tokens": 4, "stop": "x", "logit_bias": {"5": 1},
+                                  "json_schema": {"type": "object"}, "seed": None}, 100)
+    assert out == {"max_new_tokens": 4, "stop": "x", "logit_bias": {5: 1.0},
+                   "json_schema": {"type": "object"}, "seed": None}
+    # unknown keys are the engine's to reject (it names them)
+    assert native_sampling_params({"temprature": 1}, 100) == {"temprature": 1}
+    assert SamplingParams.from_dict(native_sampling_params({"n": 2, "top_k": 5}, 100)).n == 2
+
+
+@pytest.mark.parametrize("key", [" 1", "1 ", "1_0", "\u0661", "+1", "1.0", "0x1", ""])
+def test_logit_bias_keys_are_decimal_token_ids_only(key):
+    with pytest.raises(APIError, match="not a token id"):
+        logit_bias({key: 1.0}, vocab_size=100)
+    assert logit_bias({"07": 1.0}, vocab_size=100) == {7: 1.0}
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty",
+                                   "frequency_penalty", "min_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_openai_floats_must_be_finite(field, value):
+    with pytest.raises(ValidationError, match="finite"):
+        CompletionRequest(prompt="x", **{field: value})
+    with pytest.raises(ValidationError, match="finite"):
+        CompletionRequest(prompt="x", logit_bias={"1": value})
