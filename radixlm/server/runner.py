@@ -46,25 +46,41 @@ class Job:
 
 
 class Inflight:
-    """Engine request ids currently running, grouped by the id the client knows."""
+    """Engine request ids currently running, grouped by the id the client knows.
+
+    A rid belongs to the job that claimed it: two requests sent at once with the same ``rid``
+    both pass the route's check, and the loser must neither release nor abort the winner's.
+    """
 
     def __init__(self) -> None:
-        self._group_of: dict[str, str] = {}
+        self._jobs: dict[str, Job] = {}
 
-    def add(self, job: Job) -> None:
-        self._group_of[job.rid] = job.group
+    def claim(self, job: Job) -> None:
+        """Take ``job.rid`` for ``job``.
 
-    def discard(self, rid: str) -> None:
-        self._group_of.pop(rid, None)
+        Raises:
+            APIError: 400, another running job holds the rid.
+        """
+        holder = self._jobs.setdefault(job.rid, job)
+        if holder is not job:
+            raise APIError(400, f"request id {job.rid!r} is already in use", "rid")
+
+    def holds(self, job: Job) -> bool:
+        return self._jobs.get(job.rid) is job
+
+    def discard(self, job: Job) -> None:
+        """Release ``job.rid`` if ``job`` holds it."""
+        if self.holds(job):
+            del self._jobs[job.rid]
 
     def rids(self, group: str | None = None) -> list[str]:
         """Running engine ids, all of them or those of one client id (or the engine id)."""
         if group is None:
-            return list(self._group_of)
-        return [rid for rid, g in self._group_of.items() if group in (g, rid)]
+            return list(self._jobs)
+        return [rid for rid, job in self._jobs.items() if group in (job.group, rid)]
 
     def __len__(self) -> int:
-        return len(self._group_of)
+        return len(self._jobs)
 
 
 class Runner:
@@ -80,6 +96,10 @@ class Runner:
         self.engine = engine
         self.metrics = metrics
         self.inflight = inflight
+
+    def abort_held(self, jobs: list[Job]) -> None:
+        """Abort the jobs that hold their rid (a job that lost its rid to another is not ours)."""
+        self.abort([job.rid for job in jobs if self.inflight.holds(job)])
 
     def abort(self, rids: list[str]) -> None:
         """Abort engine requests (finished or unknown ids are ignored by the engine)."""
@@ -109,7 +129,7 @@ class Runner:
         try:
             await self._wait_all(tasks, watcher, jobs)
         except asyncio.CancelledError:  # the server gave up on this request (drain timeout)
-            self.abort([job.rid for job in jobs])
+            self.abort_held(jobs)
             for task in tasks:
                 task.cancel()
             raise
@@ -134,18 +154,18 @@ class Runner:
                 raise failed.exception()
 
     async def _abandon(self, jobs: list[Job], pending: set[asyncio.Task]) -> None:
-        self.abort([job.rid for job in jobs])
+        self.abort_held(jobs)
         if pending:
             _, still = await asyncio.wait(pending, timeout=ABORT_GRACE_S)
             for task in still:
                 task.cancel()
 
     async def _run_one(self, job: Job) -> dict[str, Any]:
-        self.inflight.add(job)
+        self.inflight.claim(job)
         try:
             result = await self.engine.async_generate(**job.args, rid=job.rid)
         finally:
-            self.inflight.discard(job.rid)
+            self.inflight.discard(job)
         self.metrics.observe_result(result)
         return result
 
@@ -172,7 +192,7 @@ class Runner:
             await self._wait_all(firsts, watcher, jobs)
         except BaseException:
             for job in jobs:
-                self.inflight.discard(job.rid)
+                self.inflight.discard(job)
             raise
         finally:
             watcher.cancel()
@@ -181,14 +201,14 @@ class Runner:
     async def _submit_streams(self, jobs: list[Job]) -> list[AsyncIterator[dict[str, Any]]]:
         streams: list[AsyncIterator[dict[str, Any]]] = []
         for index, job in enumerate(jobs):
-            self.inflight.add(job)
             try:
+                self.inflight.claim(job)
                 streams.append(await self.engine.async_generate(**job.args, rid=job.rid,
                                                                 stream=True))
             except BaseException:
-                self.abort([j.rid for j in jobs[:index]])
+                self.abort_held(jobs[:index])
                 for j in jobs[: index + 1]:
-                    self.inflight.discard(j.rid)
+                    self.inflight.discard(j)
                 raise
         return streams
 
@@ -206,7 +226,7 @@ class Runner:
                 index, chunk = await queue.get()
                 if chunk is _END:
                     unfinished.discard(index)
-                    self.inflight.discard(jobs[index].rid)
+                    self.inflight.discard(jobs[index])
                     continue
                 if isinstance(chunk, BaseException):
                     raise chunk
@@ -218,9 +238,9 @@ class Runner:
 
     def _close_streams(self, jobs: list[Job], unfinished: set[int],
                        pumps: list[asyncio.Task]) -> None:
-        self.abort([jobs[i].rid for i in unfinished])
+        self.abort_held([jobs[i] for i in unfinished])
         for i in unfinished:
-            self.inflight.discard(jobs[i].rid)
+            self.inflight.discard(jobs[i])
         for pump in pumps:
             pump.cancel()
 

@@ -526,6 +526,33 @@ def test_concurrent_bad_requests_leave_good_ones_intact(server, http):
         assert result == {"text": expected[i], "finish": "length", "tokens": 6}, i
 
 
+async def _same_rid(url: str, count: int, stream: bool) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        return await asyncio.gather(*(client.post("/generate", json={
+            "text": "mine", "rid": "shared-rid", "stream": stream,
+            "sampling_params": {"max_new_tokens": 20, "ignore_eos": True}})
+            for _ in range(count)))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_duplicate_rids_sent_at_once_do_not_abort_the_request_that_holds_it(server, stream):
+    # Regression: both passed the route's check; the engine refused the second, and the server
+    # then aborted "its" rid -- the first request's -- which finished after one token.
+    responses = asyncio.run(_same_rid(server.url, 16, stream))
+    refused = [r for r in responses if r.status_code == 400]
+    assert all(assert_error_shape(r.json())["param"] == "rid" for r in refused)
+    served = [r for r in responses if r.status_code == 200]
+    assert len(served) + len(refused) == len(responses) and served
+    for response in served:
+        if response.text.startswith("data: "):
+            _check_stream(response.text, "stream")
+            last = json.loads(response.text.split("data: ")[-2])
+        else:
+            last = response.json()
+        assert last["meta_info"]["finish_reason"]["type"] == "length", last
+        assert last["meta_info"]["completion_tokens"] == 20
+
+
 # ---- after all of it ----------------------------------------------------------------------
 
 
