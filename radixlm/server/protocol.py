@@ -29,6 +29,9 @@ MAX_TOP_LOGPROBS = 20
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # A logit_bias key: the decimal text of a token id (int() alone would take " 1", "1_0", "١").
 _TOKEN_KEY = re.compile(r"-?[0-9]+")
+# JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer, grammar compiler or
+# UTF-8 response can take.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Engine sampling field -> the OpenAI name a client knows it by (for error messages).
 OPENAI_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
@@ -226,6 +229,31 @@ class AbortRequest(BaseModel):
 
     rid: str | None = None
     abort_all: bool = False
+
+
+def check_unicode(body: BaseModel) -> None:
+    """400 if any string in the request, or any key, is not valid Unicode (a lone surrogate).
+
+    Raises:
+        APIError: naming the first field found that holds one.
+    """
+    stack: list[tuple[Any, str | None]] = [(body.model_dump(by_alias=True), None)]
+    while stack:  # a loop, not recursion: a body may nest as deep as the JSON parser allows
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(str(key), path)
+                stack.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+
+
+def _check_text(text: str, param: str | None) -> None:
+    if _SURROGATE.search(text):
+        raise APIError(400, f"{param or 'a key'} is not valid Unicode: it contains a lone "
+                            "surrogate (a \\uD800-\\uDFFF escape without its pair)", param)
 
 
 # ---- OpenAI request -> engine sampling params ---------------------------------------------

@@ -106,8 +106,11 @@ def post(http: httpx.Client, path: str, body: object) -> httpx.Response:
 # has some bad field and the paths past validation would hardly be exercised.
 
 NON_FINITE = [math.nan, math.inf, -math.inf]
+# JSON's \ud800 escapes: valid JSON, not valid Unicode (hypothesis' text() almost never has them)
+LONE_SURROGATES = ["\ud800", "a\udc00b", "\udfff\ud800"]
 junk = st.recursive(
-    st.none() | st.booleans() | st.integers(-BIG, BIG) | st.floats() | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-BIG, BIG) | st.floats() | st.text(max_size=8)
+    | st.sampled_from(LONE_SURROGATES),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                  max_size=3),
     max_leaves=6)
@@ -444,6 +447,18 @@ REGRESSIONS = [
     ("/v1/completions", {"prompt": [[1], [-1]], "max_tokens": 2}, "prompt"),
     # both spellings of the prompt: one was silently dropped
     ("/tokenize", {"prompt": "x", "text": "y"}, "text"),
+    # lone surrogates: a 500 from the tokenizer (TypeError) or from the UTF-8 response (rid)
+    ("/generate", {"text": "\ud800"}, "text"),
+    ("/generate", {"text": "x", "rid": "\ud800", "sampling_params": {"max_new_tokens": 1}},
+     "rid"),
+    ("/generate", _gen(choices=["\udc00"]), "sampling_params"),
+    ("/v1/completions", {"prompt": "a\udc00", "max_tokens": 1}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1, "logit_bias": {"\ud800": 1}},
+     "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}],
+                              "max_tokens": 1}, "messages"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+    ("/abort", {"rid": "\udfff"}, "rid"),
 ]
 
 

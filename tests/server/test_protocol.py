@@ -14,6 +14,7 @@ from radixlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
+    check_unicode,
     completion_max_tokens,
     logit_bias,
     max_tokens_field,
@@ -201,3 +202,21 @@ def test_openai_floats_must_be_finite(field, value):
         CompletionRequest(prompt="x", **{field: value})
     with pytest.raises(ValidationError, match="finite"):
         CompletionRequest(prompt="x", logit_bias={"1": value})
+
+
+def test_lone_surrogates_anywhere_are_named():
+    check_unicode(_chat(messages=[{"role": "user", "content": "\U0001F600 fine"}]))
+    deep: dict = {"type": "string"}
+    for _ in range(2000):  # deeper than the recursion limit: the walk is a loop
+        deep = {"not": deep}
+    check_unicode(CompletionRequest(prompt="x", json_schema=deep))
+    cases = [(_chat(messages=[{"role": "user", "content": "a\ud800"}]), "messages.0.content"),
+             (CompletionRequest(prompt=["ok", "\udc00"]), "prompt.1"),
+             (CompletionRequest(prompt="x", logit_bias={"\ud800": 1}), "logit_bias"),
+             (GenerateRequest(text="x", sampling_params={"stop": ["\udfff"]}),
+              "sampling_params.stop.0")]
+    for request, param in cases:
+        with pytest.raises(APIError) as err:
+            check_unicode(request)
+        assert (err.value.status, err.value.param) == (400, param)
+        err.value.message.encode("utf-8")  # the message itself must be sendable
