@@ -32,6 +32,11 @@ _TYPE_BY_STATUS = {
 }
 
 
+# FastAPI's detail when the body fails to parse other than as a JSON syntax error
+# (json.loads raised RecursionError, ValueError for a 5000-digit integer, UnicodeDecodeError).
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 class APIError(Exception):
     """An error the server answers with directly (raised inside route handlers).
 
@@ -117,11 +122,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        allow = (exc.headers or {}).get("Allow")
         if exc.status_code == 404 and message == "Not Found":
             message = "no such route; see docs/server.md for the API"
-        return error_response(exc.status_code, message)
+        elif exc.status_code == 405 and allow:
+            message = f"{request.method} is not allowed on {request.url.path}; use {allow}"
+        elif message == _FASTAPI_BODY_ERROR:
+            message = ("malformed JSON body: not UTF-8, nested too deep, or an integer with "
+                       "too many digits")
+        response = error_response(exc.status_code, message)
+        if allow:  # a 405 must say which methods the route takes
+            response.headers["Allow"] = allow
+        return response
 
     @app.exception_handler(RequestError)
     @app.exception_handler(QueueFullError)

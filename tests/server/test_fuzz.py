@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -29,9 +30,11 @@ VOCAB = 2048  # the demo model's vocabulary (checked against /server_info below)
 CONTEXT = 4096
 BIG = 10**30
 REQUEST_TIMEOUT_S = 60
-FUZZ = settings(max_examples=60, deadline=None,
+# RADIXLM_FUZZ_EXAMPLES=1000 hunts longer (the default keeps this file well under a minute)
+EXAMPLES = int(os.environ.get("RADIXLM_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FUZZ_CHEAP = settings(FUZZ, max_examples=80)
+FUZZ_CHEAP = settings(FUZZ, max_examples=EXAMPLES * 4 // 3)
 
 
 @pytest.fixture(scope="module")
@@ -471,6 +474,23 @@ def test_regression_input_is_a_400_naming_the_field(http, route, request_body, p
     # the OpenAI models name the exact place ("logit_bias.1"); the field is what matters
     assert assert_error_shape(response.json())["param"].split(".")[0] == param
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000,
+                                     b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+                                     b'{"prompt": "caf\xe9"}'],
+                         ids=["nested-too-deep", "5000-digit-integer", "latin-1"])
+def test_unparsable_bodies_say_why(http, content):
+    response = http.post("/v1/completions", content=content,
+                         headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "malformed JSON body" in assert_error_shape(response.json())["message"]
+
+
+def test_wrong_method_names_the_right_one(http):
+    response = http.get("/v1/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert "use POST" in assert_error_shape(response.json())["message"]
 
 
 def test_queue_full_message_says_retry_once(http):
