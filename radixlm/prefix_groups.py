@@ -95,7 +95,8 @@ def find_prefix_groups_flat(
     """Like :func:`find_prefix_groups`, on the slot lists already concatenated (CSR).
 
     Args:
-        flat_slots: every sequence's slots, one after the other (int64, on the host).
+        flat_slots: every sequence's slots, one after the other (int64, on the host; a device
+            tensor is copied back, which waits for the device).
         seq_lens: each sequence's slot count.
         min_shared: fewest shared slots for a group to count (>= 1).
         device: where the group tensors go.
@@ -108,7 +109,8 @@ def find_prefix_groups_flat(
     """
     if min_shared < 1:
         raise ValueError(f"min_shared must be >= 1, got {min_shared}")
-    flat = flat_slots.numpy() if isinstance(flat_slots, torch.Tensor) else flat_slots
+    # A CPU tensor shares its memory; a device tensor would cost a copy and a sync.
+    flat = flat_slots.cpu().numpy() if isinstance(flat_slots, torch.Tensor) else flat_slots
     lens = np.asarray(seq_lens, dtype=np.int64)
     starts = np.zeros(len(lens), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
