@@ -8,6 +8,10 @@ kernel, so the grid depends on shapes only: the launch can be captured in a CUDA
 replayed for any sequence lengths. Stage 2, on a grid of (batch, q_heads), merges the splits.
 With ``DecodeConfig.fused_merge`` the last stage-1 program of each (sequence, KV head) merges
 instead (an atomic counter finds it); measured slower on an H100, so off by default.
+
+For cascade attention (``cascade.py``) both stages take per-sequence start offsets
+(``kv_begin``): stage 1 attends only to a sequence's own part after its group's shared prefix,
+and the merge folds in the shared-prefix kernel's partials (``PrefixPartials``) as more splits.
 """
 
 from __future__ import annotations
