@@ -36,8 +36,9 @@ def make_slots(groups: int, size: int, shared: int, own: int, seed: int) -> list
     return [torch.cat([prefixes[i // size], owns[i]]) for i in range(groups * size)]
 
 
-def median_us(fn: Callable[[], object], repeats: int,
-              prepare: Callable[[], object] | None = None) -> float:
+def median_us(
+    fn: Callable[[], object], repeats: int, prepare: Callable[[], object] | None = None
+) -> float:
     """Median µs of ``fn(prepare())`` (untimed ``prepare``), or of ``fn()`` without one."""
     times = []
     for i in range(repeats + 1):
@@ -90,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
          median_us(lambda: ForwardBatch.build(tokens, slots, prefix_min_shared=args.min_shared),
                    args.repeats)),
     ]  # fmt: skip
-    print(f"{len(slots)} sequences x {lens[0]} slots, {args.groups} groups of "
-          f"{args.group_size} sharing {args.shared_len}; torch threads {torch.get_num_threads()}; "
-          f"groups found as built: {ok}")
+    print(
+        f"{len(slots)} sequences x {lens[0]} slots, {args.groups} groups of "
+        f"{args.group_size} sharing {args.shared_len}; torch threads {torch.get_num_threads()}; "
+        f"groups found as built: {ok}"
+    )
     for name, us in rows:
         print(f"  {name:<48} {us:9.1f} us median of {args.repeats}")
     return 0 if ok else 1

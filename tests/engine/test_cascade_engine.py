@@ -33,8 +33,7 @@ def generate(model_dir, page_size: int, **options) -> dict[str, list[tuple[int, 
         out[f"r{i}"] = []
     while core.has_work():
         for o in core.step():
-            out[o.rid].extend((tok, lp) for tok, (lp, _) in zip(o.new_token_ids,
-                                                                o.output_logprobs))
+            out[o.rid].extend((tok, lp) for tok, (lp, _) in zip(o.new_token_ids, o.output_logprobs))
         core.check_invariants()
     return out
 

@@ -39,8 +39,9 @@ class GroupSpec:
     suffix: list[int] | None = None  # per member; default: varied lengths 1..
 
 
-def make_slots(groups: list[GroupSpec], loners: list[int], page_size: int,
-               gen: torch.Generator) -> tuple[list[torch.Tensor], int]:
+def make_slots(
+    groups: list[GroupSpec], loners: list[int], page_size: int, gen: torch.Generator
+) -> tuple[list[torch.Tensor], int]:
     """Shared prefixes on shared pages, every suffix on fresh pages, pages in random order.
 
     Returns:
@@ -145,10 +146,24 @@ def test_cascade_equals_reference_and_plain_decode(page_size, group):
 @pytest.mark.parametrize(
     "config",
     [
-        CascadeConfig(max_rows=16, block_n=16, min_split_len=16, target_programs=1,
-                      max_splits=1, num_warps=1, num_stages=1),  # fmt: skip
-        CascadeConfig(max_rows=64, block_n=32, min_split_len=16, target_programs=512,
-                      max_splits=8, num_warps=1, num_stages=1),  # fmt: skip
+        CascadeConfig(
+            max_rows=16,
+            block_n=16,
+            min_split_len=16,
+            target_programs=1,
+            max_splits=1,
+            num_warps=1,
+            num_stages=1,
+        ),  # fmt: skip
+        CascadeConfig(
+            max_rows=64,
+            block_n=32,
+            min_split_len=16,
+            target_programs=512,
+            max_splits=8,
+            num_warps=1,
+            num_stages=1,
+        ),  # fmt: skip
     ],
     ids=["one-split-small-tiles", "many-splits-one-chunk"],
 )

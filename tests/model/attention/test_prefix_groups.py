@@ -42,6 +42,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def oracle_groups(seqs: list[list[int]], min_shared: int) -> set[tuple[tuple[int, ...], int]]:
     """Classes of 'share >= min_shared slots, each keeping one of its own', and their prefix."""
+
     def linked(i: int, j: int) -> bool:
         cap = min(len(seqs[i]), len(seqs[j])) - 1
         return min(common_prefix(seqs[i], seqs[j]), cap) >= min_shared
