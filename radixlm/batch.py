@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from radixlm.prefix_groups import PrefixGroups, find_prefix_groups_flat
+
 
 class ForwardMode(enum.Enum):
     EXTEND = "extend"
@@ -37,6 +39,8 @@ class ForwardBatch:
         kv_indices: [sum(seq_lens)] int64 pool slots of every token of every sequence.
         logits_indices: [L] int64 rows of T whose logits the model returns.
         seq_lens_cpu / extend_lens_cpu: host copies, so no backend needs a device sync.
+        prefix_groups: DECODE only, when asked for: sequences sharing a long leading run of
+            slots, for cascade attention (None: no groups looked for, or none found).
     """
 
     mode: ForwardMode
@@ -51,6 +55,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
+    prefix_groups: PrefixGroups | None = None
 
     @property
     def batch_size(self) -> int:
@@ -76,6 +81,7 @@ class ForwardBatch:
         logits_rows: list[list[int]] | None = None,
         mode: ForwardMode | None = None,
         device: torch.device | str = "cpu",
+        prefix_min_shared: int | None = None,
     ) -> ForwardBatch:
         """Build from Python lists.
 
@@ -87,6 +93,8 @@ class ForwardBatch:
                 new tokens) need logits; default: the last one.
             mode: forced mode; default DECODE when every sequence brings exactly one token.
             device: where the tensors live.
+            prefix_min_shared: if set and the batch is DECODE, group the sequences that share
+                at least this many leading slots (``prefix_groups``, for cascade attention).
 
         Returns:
             The batch, tensors on ``device``.
@@ -106,6 +114,9 @@ class ForwardBatch:
         all_slots = torch.cat(slot_tensors) if slot_tensors else torch.zeros(0, dtype=torch.int64)
         new_slots = [s[len(s) - n :] for s, n in zip(slot_tensors, extend_lens)]
         out_loc = torch.cat(new_slots) if new_slots else torch.zeros(0, dtype=torch.int64)
+        groups = None
+        if prefix_min_shared is not None and mode is ForwardMode.DECODE:
+            groups = find_prefix_groups_flat(all_slots, seq_lens, prefix_min_shared, device)
         return cls(
             mode=mode,
             input_ids=_long([t for toks in new_tokens for t in toks], device),
@@ -119,6 +130,7 @@ class ForwardBatch:
             logits_indices=_long(rows, device),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
+            prefix_groups=groups,
         )
 
 

@@ -41,6 +41,15 @@ class ModelConfig:
     cuda_graph_max_batch_size: int = _opt(
         256, "Replay decode steps from CUDA graphs up to this batch size (0 disables; GPU only)."
     )
+    cascade_attention: bool = _opt(
+        False,
+        "Cascade decode attention (triton backend): sequences sharing a cached prefix read its "
+        "KV once per group, not once each; such steps run without CUDA graphs. Off by default: "
+        "checked on CPU under the Triton interpreter only, not yet timed on a GPU.",
+    )
+    cascade_min_shared: int = _opt(
+        256, "Fewest shared prefix tokens for sequences to form a cascade-attention group."
+    )
 
 
 @dataclass(frozen=True)

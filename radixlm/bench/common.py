@@ -412,6 +412,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--page-size", type=int, default=1)
     group.add_argument("--cuda-graph-max-batch-size", type=int, default=None,
                        help="decode CUDA graphs up to this batch (0 disables; engine default)")
+    group.add_argument("--cascade-attention", action="store_true",
+                       help="cascade decode attention over shared prefixes (triton backend)")
     roof = parser.add_argument_group("roofline")
     roof.add_argument("--hbm-gbps", type=float, default=None,
                       help="HBM bandwidth (GB/s, read + write); measured when absent")
@@ -461,6 +463,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             "random_seed": args.seed}
     if args.cuda_graph_max_batch_size is not None:
         opts["cuda_graph_max_batch_size"] = args.cuda_graph_max_batch_size
+    if args.cascade_attention:
+        opts["cascade_attention"] = True
     return opts
 
 
