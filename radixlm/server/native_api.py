@@ -19,7 +19,7 @@ from radixlm.server.protocol import (
     DetokenizeRequest,
     GenerateRequest,
     TokenizeRequest,
-    check_unicode,
+    check_values,
     message_dicts,
     native_sampling_params,
 )
@@ -39,8 +39,8 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 async def generate(body: GenerateRequest, request: Request,
                    ctx: ServerContext = Depends(get_context)) -> Any:
     """Native generation; the response is the engine's result dict (a list for batches/n>1)."""
-    check_unicode(body)
-    jobs, single = native_jobs(body, ctx)
+    jobs, single = native_jobs(body, ctx)  # first: it names sampling fields as the engine does
+    check_values(body)
     if body.stream:
         streams = await ctx.runner.open_streams(jobs, request)
         events = _native_events(ctx, jobs, streams, tag_index=len(jobs) > 1)
@@ -238,7 +238,7 @@ def _version() -> str:
 async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_context)
                    ) -> dict[str, Any]:
     """Token ids of a text (``prompt``/``text``) or of chat ``messages`` after the template."""
-    check_unicode(body)
+    check_values(body)
     check_model(ctx, body.model)
     if body.prompt is not None and body.text is not None:
         raise APIError(400, "give 'prompt' or its alias 'text', not both", "text")
@@ -256,7 +256,7 @@ async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_conte
 async def detokenize(body: DetokenizeRequest, ctx: ServerContext = Depends(get_context)
                      ) -> dict[str, Any]:
     """Text of a list of token ids."""
-    check_unicode(body)
+    check_values(body)
     check_model(ctx, body.model)
     vocab = len(ctx.tokenizer)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
@@ -269,7 +269,7 @@ async def detokenize(body: DetokenizeRequest, ctx: ServerContext = Depends(get_c
 @router.post("/abort")
 async def abort(body: AbortRequest, ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
     """Abort one request (by the ``rid`` the client gave or got back) or every request."""
-    check_unicode(body)
+    check_values(body)
     if body.abort_all:
         rids = ctx.inflight.rids()
     elif body.rid:

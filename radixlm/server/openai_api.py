@@ -28,7 +28,7 @@ from radixlm.server.native_api import (
 from radixlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    check_unicode,
+    check_values,
     completion_max_tokens,
     max_tokens_field,
     message_dicts,
@@ -112,7 +112,7 @@ def _openai_error(exc: RequestError, body: CompletionRequest | ChatCompletionReq
 
 
 def _check_common(body: CompletionRequest | ChatCompletionRequest, ctx: ServerContext) -> None:
-    check_unicode(body)
+    check_values(body)
     body.reject_unsupported()
     check_model(ctx, body.model)
     if body.best_of is not None and body.best_of != body.n:

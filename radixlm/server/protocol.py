@@ -8,6 +8,7 @@ is tested without a server.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -231,8 +232,11 @@ class AbortRequest(BaseModel):
     abort_all: bool = False
 
 
-def check_unicode(body: BaseModel) -> None:
-    """400 if any string in the request, or any key, is not valid Unicode (a lone surrogate).
+def check_values(body: BaseModel) -> None:
+    """400 for a string or key that is not valid Unicode, or a number that is NaN or infinite.
+
+    Typed float fields refuse non-finite numbers themselves; this also covers the untyped parts
+    of a request (a JSON schema, unknown fields) that would carry them on to the engine.
 
     Raises:
         APIError: naming the first field found that holds one.
@@ -242,6 +246,9 @@ def check_unicode(body: BaseModel) -> None:
         value, path = stack.pop()
         if isinstance(value, str):
             _check_text(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise APIError(400, f"{path}: {value} is not a number JSON allows (NaN and Infinity "
+                                "are extensions)", path)
         elif isinstance(value, dict):
             for key, item in value.items():
                 _check_text(str(key), path)

@@ -450,6 +450,13 @@ REGRESSIONS = [
     ("/v1/completions", {"prompt": [[1], [-1]], "max_tokens": 2}, "prompt"),
     # both spellings of the prompt: one was silently dropped
     ("/tokenize", {"prompt": "x", "text": "y"}, "text"),
+    # NaN inside a schema: compiled into a grammar whose output ("NaN") is not JSON
+    ("/generate", _gen(json_schema={"enum": [math.nan]}), "sampling_params"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                              "response_format": {"type": "json_schema", "json_schema": {
+                                  "name": "n", "schema": {"type": "number",
+                                                          "maximum": math.inf}}}},
+     "response_format"),
     # lone surrogates: a 500 from the tokenizer (TypeError) or from the UTF-8 response (rid)
     ("/generate", {"text": "\ud800"}, "text"),
     ("/generate", {"text": "x", "rid": "\ud800", "sampling_params": {"max_new_tokens": 1}},

@@ -14,7 +14,7 @@ from radixlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
-    check_unicode,
+    check_values,
     completion_max_tokens,
     logit_bias,
     max_tokens_field,
@@ -205,11 +205,11 @@ def test_openai_floats_must_be_finite(field, value):
 
 
 def test_lone_surrogates_anywhere_are_named():
-    check_unicode(_chat(messages=[{"role": "user", "content": "\U0001F600 fine"}]))
+    check_values(_chat(messages=[{"role": "user", "content": "\U0001F600 fine"}]))
     deep: dict = {"type": "string"}
     for _ in range(2000):  # deeper than the recursion limit: the walk is a loop
         deep = {"not": deep}
-    check_unicode(CompletionRequest(prompt="x", json_schema=deep))
+    check_values(CompletionRequest(prompt="x", json_schema=deep))
     cases = [(_chat(messages=[{"role": "user", "content": "a\ud800"}]), "messages.0.content"),
              (CompletionRequest(prompt=["ok", "\udc00"]), "prompt.1"),
              (CompletionRequest(prompt="x", logit_bias={"\ud800": 1}), "logit_bias"),
@@ -217,6 +217,19 @@ def test_lone_surrogates_anywhere_are_named():
               "sampling_params.stop.0")]
     for request, param in cases:
         with pytest.raises(APIError) as err:
-            check_unicode(request)
+            check_values(request)
         assert (err.value.status, err.value.param) == (400, param)
         err.value.message.encode("utf-8")  # the message itself must be sendable
+
+
+def test_non_finite_numbers_in_untyped_parts_are_named():
+    for request, param in [
+            (CompletionRequest(prompt="x", json_schema={"enum": [1, math.nan]}),
+             "json_schema.enum.1"),
+            (CompletionRequest(prompt="x", bogus={"a": math.inf}), "bogus.a"),
+            (GenerateRequest(text="x", sampling_params={"json_schema": {"maximum": -math.inf}}),
+             "sampling_params.json_schema.maximum")]:
+        with pytest.raises(APIError) as err:
+            check_values(request)
+        assert (err.value.status, err.value.param) == (400, param)
+    check_values(CompletionRequest(prompt="x", json_schema={"maximum": 1e308}))
