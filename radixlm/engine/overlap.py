@@ -61,6 +61,7 @@ class StepLoop:
         self.runner = runner
         self.overlap = overlap
         self.in_flight: InFlightStep | None = None
+        self.steps_launched = 0
         # Outputs of a step processed outside step() (a drain for flush_cache), returned next.
         self._held: list[TokenOutput] = []
 
@@ -114,6 +115,7 @@ class StepLoop:
             logger.error("forward pass failed:\n%s", traceback.format_exc())
             return self._abort_rows(batch, f"internal error in the forward pass: {exc}")
         self.in_flight = InFlightStep(batch, pending)
+        self.steps_launched += 1
         return []
 
     def _process(self, step: InFlightStep) -> list[TokenOutput]:
