@@ -19,18 +19,22 @@ import torch
 from radixlm.batch import ScheduledBatch, ScheduledSeq, future_row
 from radixlm.outputs import SeqStepResult, StepResult
 
+# The null model hashes this many trailing tokens of a sequence (and its length).
+HASH_WINDOW = 64
+
 
 class NullStep:
     """A launched null step: its results are known, the emulated device finishes at ``ready_at``.
 
     Args:
         result: the step's results.
-        token_ids: [B] sampled id per row (0 where a row does not sample).
+        token_list: sampled id per row (0 where a row does not sample).
         ready_at: ``time.perf_counter()`` value at which the emulated device is done.
     """
 
-    def __init__(self, result: StepResult, token_ids: torch.Tensor, ready_at: float):
-        self.token_ids = token_ids
+    def __init__(self, result: StepResult, token_list: list[int], ready_at: float):
+        self.token_list = token_list
+        self.token_ids = torch.tensor(token_list, dtype=torch.int64)
         self.ready_at = ready_at
         self._result = result
 
@@ -65,11 +69,15 @@ class NullRunner:
         self.device_busy_seconds = 0.0
 
     def next_token(self, seq: list[int]) -> int:
-        """The deterministic 'model': a rolling hash of the sequence."""
+        """The deterministic 'model': a rolling hash of the sequence's last 64 tokens and its
+        length."""
+        return self._hash(seq[-HASH_WINDOW:], len(seq))
+
+    def _hash(self, tail: list[int], length: int) -> int:
         acc = 17
-        for token in seq[-64:]:
+        for token in tail:
             acc = (acc * 1_000_003 + token) & 0xFFFFFFFF
-        return (acc + len(seq)) % self.vocab_size
+        return (acc + length) % self.vocab_size
 
     def forward(self, batch: ScheduledBatch) -> StepResult:
         """Run one step and wait for it (``launch(batch).result()``).
@@ -98,24 +106,25 @@ class NullRunner:
         for seq in batch.seqs:
             res = SeqStepResult()
             if seq.sample:
-                res.next_token_id = self.next_token(self._sequence(seq, futures))
+                tail, length = self._sequence_tail(seq, futures)
+                res.next_token_id = self._hash(tail, length)
                 res.logprob = 0.0
             results.append(res)
             token_ids.append(res.next_token_id or 0)
-        return NullStep(StepResult(results), torch.tensor(token_ids, dtype=torch.int64),
-                        self._occupy_device())
+        return NullStep(StepResult(results), token_ids, self._occupy_device())
 
     @staticmethod
-    def _sequence(seq: ScheduledSeq, futures: NullStep | None) -> list[int]:
-        """The row's whole sequence, its placeholder (if any) resolved from ``futures``.
+    def _sequence_tail(seq: ScheduledSeq, futures: NullStep | None) -> tuple[list[int], int]:
+        """The last tokens of the row's sequence and its length, placeholders resolved.
 
         ``output_ids`` is read now, at launch, as the real runner does: the scheduler appends
         the in-flight token to it only after this step has been launched.
         """
-        tokens = list(seq.prompt_ids) + list(seq.output_ids)
+        tail = list(seq.prompt_ids[-HASH_WINDOW:]) + list(seq.output_ids[-HASH_WINDOW:])
         for token in seq.new_tokens[: seq.future_tokens]:
-            tokens.append(int(futures.token_ids[future_row(token)]))
-        return tokens
+            tail.append(futures.token_list[future_row(token)])
+        length = len(seq.prompt_ids) + len(seq.output_ids) + seq.future_tokens
+        return tail[-HASH_WINDOW:], length
 
     def _occupy_device(self) -> float:
         """Queue ``device_seconds`` of work behind the steps launched before; its end time."""

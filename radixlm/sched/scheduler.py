@@ -311,8 +311,7 @@ class Scheduler:
         return out
 
     def _schedule_decode(self, future_rows: dict[str, tuple[int, int]]) -> ScheduledBatch | None:
-        self._retract_until_fits(future_rows)
-        decoders = self._decoders(future_rows)
+        decoders = self._retract_until_fits(future_rows)
         if not self.kv.allocate_decode(decoders):
             raise RuntimeError("decode allocation failed after retraction made room")
         rows = [self._decode_row(req, self._in_flight_row(req, future_rows)) for req in decoders]
@@ -330,18 +329,22 @@ class Scheduler:
         need = self.kv.page_size * sum(1 for r in decoders if len(r.spare_slots) == 0)
         return need > self.kv.available_tokens()
 
-    def _retract_until_fits(self, future_rows: dict[str, tuple[int, int]]) -> None:
+    def _retract_until_fits(self, future_rows: dict[str, tuple[int, int]]) -> list[Request]:
         """Retract the newest requests until every remaining one has room for one token.
 
         A retracted request whose row is in flight loses that row's token (its epoch changes,
         so the result is dropped) and samples it again after its re-prefill.
+
+        Returns:
+            The requests of the next decode (:meth:`_decoders`), all of which fit.
         """
-        while self.running:
-            if not self._decode_needs_retraction(self._decoders(future_rows)):
-                return
+        decoders = self._decoders(future_rows)
+        while decoders and self._decode_needs_retraction(decoders):
             # Partial prefills hold slots too; the newest request goes first, whatever it does.
             victim = max(self.running + self.prefilling, key=lambda r: r.arrival)
             self._requeue(victim, self.running if victim in self.running else self.prefilling)
+            decoders = self._decoders(future_rows)
+        return decoders
 
     def _requeue(self, victim: Request, queue: list[Request]) -> None:
         """Retract: cache what ``victim`` computed, free the rest, put it first in line."""
