@@ -12,6 +12,7 @@ waiting for the host. That measures how much host work overlap hides, not GPU sp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -42,6 +43,7 @@ def build(batch_size: int, prompt_len: int, steps: int, page_size: int) -> Sched
 
 
 def measure(batch_size: int, prompt_len: int, steps: int, page_size: int) -> dict:
+    gc.collect()
     sched = build(batch_size, prompt_len, steps, page_size)
     runner = NullRunner(vocab_size=32000)
     while sched.waiting or sched.prefilling:  # prefill everything first
@@ -74,6 +76,7 @@ def measure_overlap(batch_size: int, prompt_len: int, steps: int, page_size: int
     Returns:
         steps/s, wall ms per step, host CPU ms per step and the device's idle share.
     """
+    gc.collect()  # the previous run's garbage would otherwise be collected inside this one
     sched = build(batch_size, prompt_len, steps, page_size)
     runner = NullRunner(vocab_size=32000, device_ms=device_ms)
     loop = StepLoop(sched, runner, overlap)

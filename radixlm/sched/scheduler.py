@@ -143,6 +143,8 @@ class Scheduler:
             return True
         if any(seq.params.has_penalties for seq in batch.seqs):
             return True
+        if self.kv.page_size * len(self.running) <= self.kv.available_tokens():
+            return False  # a page for every running request fits: no retraction (the usual case)
         return self._decode_needs_retraction(self._decoders(self._future_rows(batch)))
 
     def _finalize(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
