@@ -86,9 +86,10 @@ class SchedulerConfig:
         True,
         "Overlap scheduling: build and launch step t+1 while the device runs step t, and "
         "process step t's results afterwards, so the device never waits for host work. "
-        "Decode steps overlap; a step after a prefill, or after a decode with constrained or "
-        "penalised requests (their next step needs the previous token on the host), waits "
-        "for the previous step's results first. Outputs are the same either way.",
+        "Decode steps overlap; a step after a prefill, after a decode with constrained or "
+        "penalised requests (their next step needs the previous token on the host), or one "
+        "that must retract requests waits for the previous step's results first. Outputs are "
+        "the same either way.",
     )
 
 

@@ -365,7 +365,8 @@ class Scheduler:
         return [index[s.rid] for s in batch.seqs]
 
     def _live_rows(self, batch: ScheduledBatch):
-        """(request, row) of each row whose request still runs in the epoch it was scheduled in.
+        """(row index, request, row) of each row whose request still runs in the epoch it was
+        scheduled in.
 
         Rows of requests that finished, were aborted or retracted after the batch was
         scheduled (possible while it was in flight) are skipped: their slots are already freed.

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_scheduler import EOS, Harness
 
-from radixlm.batch import ForwardMode, future_row
+from radixlm.batch import ForwardMode, future_row, future_token
 from radixlm.executor.null_runner import NullRunner
 from radixlm.request import FinishKind
 
@@ -135,8 +135,9 @@ def test_max_new_tokens_one_and_two_schedule_no_wasted_row():
 )
 def test_random_workloads_with_stops_and_aborts_in_flight(page_size, capacity_pages, chunk,
                                                           seed):
-    """Stop tokens, EOS, tiny max_new_tokens, retraction and aborts while a step is in flight:
-    every request still gets its solo output (a prefix of it when aborted), slots never leak."""
+    """Stop tokens, tiny max_new_tokens, retraction, drains and aborts while a step is in
+    flight: every request still gets its solo output (a prefix of it when aborted), and slots
+    never leak (the harness checks the invariants after every step)."""
     rng = random.Random(seed)
     capacity = capacity_pages * page_size
     h = Harness(capacity=capacity, page_size=page_size, chunked_prefill_size=chunk,
@@ -150,7 +151,10 @@ def test_random_workloads_with_stops_and_aborts_in_flight(page_size, capacity_pa
         max_new = rng.randint(1, min(20, capacity - len(prompt) - page_size))
         solo = reference(prompt, max_new, ignore_eos=True)
         stop = [rng.choice(solo)] if rng.random() < 0.4 else []
-        h.add(f"r{i}", prompt, max_new, ignore_eos=True, stop_token_ids=stop)
+        # A penalised request makes the loop drain (the null model ignores the penalty).
+        penalty = 0.5 if rng.random() < 0.15 else 0.0
+        h.add(f"r{i}", prompt, max_new, ignore_eos=True, stop_token_ids=stop,
+              frequency_penalty=penalty)
         expected[f"r{i}"] = reference(prompt, max_new, frozenset(stop), ignore_eos=True)
     aborted = set()
     for _ in range(20_000):
@@ -170,3 +174,36 @@ def test_random_workloads_with_stops_and_aborts_in_flight(page_size, capacity_pa
         else:
             assert got == want, rid
     h.assert_no_leak()
+
+
+def test_a_penalised_request_makes_every_decode_wait_for_the_previous_results():
+    h, log = recording_harness(capacity=4096)
+    h.add("plain", [1, 2, 3], 8, ignore_eos=True)
+    h.add("penalised", [4, 5, 6], 8, ignore_eos=True, presence_penalty=0.5)
+    h.run()
+    for n in range(1, len(h.runner.batches)):
+        assert log.index(("result", n - 1)) < log.index(("launch", n)), log
+    assert not any(b.has_future_tokens for b in h.runner.batches)
+    assert h.outputs["plain"] == reference([1, 2, 3], 8, ignore_eos=True)
+    h.assert_no_leak()
+
+
+def test_drain_rules_and_one_step_by_hand():
+    h = Harness(capacity=4096, overlap=True)
+    h.add("a", [1, 2, 3], 8, ignore_eos=True)
+    extend = h.sched.schedule()
+    assert extend.mode is ForwardMode.EXTEND and h.sched.needs_results_before_next(extend)
+    h.sched.process(extend, h.runner.forward(extend))
+    decode = h.sched.schedule()
+    assert decode.mode is ForwardMode.DECODE and not h.sched.needs_results_before_next(decode)
+    decode_step = h.runner.launch(decode)
+    nxt = h.sched.schedule(in_flight=decode)
+    assert nxt.seqs[0].new_tokens == [future_token(0)]
+    assert nxt.seqs[0].future_tokens == 1 and nxt.seqs[0].sample_step == 2
+    assert nxt.seqs[0].slots.shape[0] == decode.seqs[0].slots.shape[0] + 1
+    h.check()  # the slot of the token in flight belongs to the request
+    nxt_step = h.runner.launch(nxt, futures=decode_step)
+    h.sched.process(decode, decode_step.result())
+    h.sched.process(nxt, nxt_step.result())
+    assert h.sched.running[0].output_ids == reference([1, 2, 3], 3, ignore_eos=True)
+    h.check()
