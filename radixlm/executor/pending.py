@@ -102,23 +102,3 @@ class LaunchedStep:
             self._result = result
         return self._result
 
-
-class ReadyStep:
-    """A :class:`PendingStep` whose result is already known (a runner that computes eagerly).
-
-    Args:
-        result: the step's results.
-        token_ids: the sampled id of each row (0 where a row did not sample).
-    """
-
-    def __init__(self, result: StepResult, token_ids: torch.Tensor):
-        self.token_ids = token_ids
-        self._result = result
-
-    def result(self) -> StepResult:
-        """The step's results (already computed).
-
-        Returns:
-            One SeqStepResult per row.
-        """
-        return self._result
