@@ -121,12 +121,12 @@ class ForwardBatch:
             mode=mode,
             input_ids=_long([t for toks in new_tokens for t in toks], device),
             positions=_long(positions, device),
-            out_cache_loc=out_loc.to(device, non_blocking=True),
+            out_cache_loc=_to_device(out_loc, device),
             seq_lens=_int(seq_lens, device),
             extend_lens=_int(extend_lens, device),
             qo_indptr=_int(_cumsum(extend_lens), device),
             kv_indptr=_int(_cumsum(seq_lens), device),
-            kv_indices=all_slots.to(device, non_blocking=True),
+            kv_indices=_to_device(all_slots, device),
             logits_indices=_long(rows, device),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
@@ -141,12 +141,37 @@ def _cumsum(values: list[int]) -> list[int]:
     return out
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host-to-device copy that never makes the host wait for the device's queue.
+
+    A copy from pageable memory may synchronise with the stream; from pinned memory it is truly
+    asynchronous, which overlap scheduling relies on (the previous step may still be running).
+    """
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _long(values: list[int], device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+    return _to_device(torch.tensor(values, dtype=torch.int64), device)
 
 
 def _int(values: list[int], device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+    return _to_device(torch.tensor(values, dtype=torch.int32), device)
+
+
+def future_token(row: int) -> int:
+    """Placeholder input id for the token that row ``row`` of the in-flight step will sample.
+
+    Token ids are never negative, so ``-(row + 1)`` cannot be mistaken for one; the executor
+    replaces it on the device with that row's sampled id (:func:`future_row` inverts it).
+    """
+    return -(row + 1)
+
+
+def future_row(token: int) -> int | None:
+    """The in-flight row a placeholder from :func:`future_token` points at; None for a real id."""
+    return -token - 1 if token < 0 else None
 
 
 @dataclass
@@ -164,6 +189,12 @@ class ScheduledSeq:
         prompt_ids / output_ids: for penalties; ``len(output_ids)`` is the sampling step.
         return_logprob / top_logprobs_num: what logprobs to compute.
         bitmask_row: row of ``ScheduledBatch.bitmask`` constraining this sequence, or None.
+        future_tokens: tokens of the sequence that the in-flight step is still sampling: 1 when
+            ``new_tokens`` is a :func:`future_token` placeholder (overlap scheduling), else 0.
+            They come after ``output_ids``, so the token sampled now is number
+            ``len(output_ids) + future_tokens`` (see :attr:`sample_step`).
+        epoch: the request's epoch when this row was scheduled; the scheduler drops the row's
+            result if the request has stopped running since (finished, aborted, retracted).
     """
 
     rid: str
@@ -177,6 +208,13 @@ class ScheduledSeq:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     bitmask_row: int | None = None
+    future_tokens: int = 0
+    epoch: int = 0
+
+    @property
+    def sample_step(self) -> int:
+        """Index of the output token this row samples (seeds and min_new_tokens key on it)."""
+        return len(self.output_ids) + self.future_tokens
 
 
 @dataclass
@@ -196,3 +234,8 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.new_tokens) for s in self.seqs)
+
+    @property
+    def has_future_tokens(self) -> bool:
+        """Some row's input is a placeholder for a token the in-flight step is sampling."""
+        return any(s.future_tokens for s in self.seqs)

@@ -91,6 +91,15 @@ class SchedulerConfig:
     enable_jump_forward: bool = _opt(
         True, "Append forced grammar continuations without running the model."
     )
+    enable_overlap: bool = _opt(
+        True,
+        "Overlap scheduling: build and launch step t+1 while the device runs step t, and "
+        "process step t's results afterwards, so the device never waits for host work. "
+        "Decode steps overlap; a step after a prefill, after a decode with constrained or "
+        "penalised requests (their next step needs the previous token on the host), or one "
+        "that must retract requests waits for the previous step's results first. Outputs are "
+        "the same either way.",
+    )
 
 
 @dataclass(frozen=True)

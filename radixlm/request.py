@@ -90,6 +90,9 @@ class Request:
     # stop strings are checked on the core side with an incremental detokenizer
     stop_checker: Any = None
     num_retractions: int = 0
+    # Bumped whenever the request stops running (finish, abort, retraction): a launched step
+    # that carries an older epoch in its row is stale and its result for this request is dropped.
+    epoch: int = 0
     # input-token logprobs gathered over prefill chunks, sent once the prefill completes
     input_logprobs: list = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)

@@ -110,6 +110,12 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether a repetition, frequency or presence penalty applies."""
+        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty
+                    or self.presence_penalty)
+
+    @property
     def constraint(self) -> tuple[str, Any] | None:
         """``(kind, spec)`` of the output constraint, or None."""
         for kind in ("regex", "json_schema", "choices"):

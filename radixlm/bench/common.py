@@ -414,6 +414,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="decode CUDA graphs up to this batch (0 disables; engine default)")
     group.add_argument("--cascade-attention", action="store_true",
                        help="cascade decode attention over shared prefixes (triton backend)")
+    group.add_argument("--enable-overlap", action=argparse.BooleanOptionalAction, default=True,
+                       help="overlap scheduling (--no-enable-overlap runs steps serially)")
     roof = parser.add_argument_group("roofline")
     roof.add_argument("--hbm-gbps", type=float, default=None,
                       help="HBM bandwidth (GB/s, read + write); measured when absent")
@@ -460,7 +462,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine options every benchmark passes through."""
     opts = {"dtype": args.dtype, "device": args.device,
             "attention_backend": args.attention_backend, "page_size": args.page_size,
-            "random_seed": args.seed}
+            "random_seed": args.seed, "enable_overlap": args.enable_overlap}
     if args.cuda_graph_max_batch_size is not None:
         opts["cuda_graph_max_batch_size"] = args.cuda_graph_max_batch_size
     if args.cascade_attention:

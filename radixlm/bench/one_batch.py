@@ -4,7 +4,10 @@ For every batch size x input length, B random prompts go into an in-process ``En
 once (radix cache off, every prompt admitted in one extend step); each ``step()`` is timed with
 the host clock after a device sync (a step returns only once its sampled tokens are on the host).
 The prefill is the step that produces the first tokens, the decode steps are the rest. A warm-up
-run of the same shape (other token ids) comes first, so Triton compilation is not timed.
+run of the same shape (other token ids) comes first, so Triton compilation is not timed. Steps
+run serially (overlap scheduling off): a device sync around every step would defeat overlap, and
+an overlapped step returns the previous step's tokens. ``radixlm bench offline`` measures the
+overlapped loop.
 
 Beside each result the roofline of that batch (see radixlm.bench.common): the prefill floor and
 the median decode-step floor, from the HBM bandwidth and matmul rate measured in the same run.
@@ -94,8 +97,9 @@ def build_core(model_dir: Path, args: argparse.Namespace):
 
     biggest = max(args.batch_sizes)
     longest = max(args.input_lens) + args.output_len
+    options = dict(engine_options(args), enable_overlap=False)  # per-step timing: see above
     config = EngineConfig.from_kwargs(
-        model=str(model_dir), **engine_options(args),
+        model=str(model_dir), **options,
         kv_cache_tokens=biggest * (longest + args.page_size) + 4 * args.page_size,
         max_running_requests=biggest, enable_radix_cache=False, schedule_policy="fcfs",
         max_prefill_tokens=biggest * max(args.input_lens), chunked_prefill_size=None)

@@ -1,16 +1,24 @@
 """Scheduler overhead: CPU time per step with a null model, apart from any model cost.
 
-Usage: ``radixlm bench scheduler [--batch-sizes 1 64 256] [--prompt-len 512] [--steps 200]``
+Usage: ``radixlm bench scheduler [--batch-sizes 1 64 256] [--prompt-len 512] [--steps 200]
+[--device-ms 5]``
+
+With ``--device-ms`` it also runs decode steps through the engine's step loop against a null
+runner that emulates an asynchronous device taking that long per step, serially and with
+overlap scheduling, and reports steps/s and the share of time the emulated device sat idle
+waiting for the host. That measures how much host work overlap hides, not GPU speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
 
 from radixlm.config import SchedulerConfig
+from radixlm.engine.overlap import StepLoop
 from radixlm.executor.null_runner import NullRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
@@ -35,6 +43,7 @@ def build(batch_size: int, prompt_len: int, steps: int, page_size: int) -> Sched
 
 
 def measure(batch_size: int, prompt_len: int, steps: int, page_size: int) -> dict:
+    gc.collect()
     sched = build(batch_size, prompt_len, steps, page_size)
     runner = NullRunner(vocab_size=32000)
     while sched.waiting or sched.prefilling:  # prefill everything first
@@ -60,12 +69,53 @@ def measure(batch_size: int, prompt_len: int, steps: int, page_size: int) -> dic
             "us_per_request": statistics.median(total) / batch_size}
 
 
+def measure_overlap(batch_size: int, prompt_len: int, steps: int, page_size: int,
+                    device_ms: float, overlap: bool) -> dict:
+    """Decode ``steps`` steps through the step loop against an emulated asynchronous device.
+
+    Returns:
+        steps/s, wall ms per step, host CPU ms per step and the device's idle share.
+    """
+    gc.collect()  # the previous run's garbage would otherwise be collected inside this one
+    sched = build(batch_size, prompt_len, steps, page_size)
+    runner = NullRunner(vocab_size=32000, device_ms=device_ms)
+    loop = StepLoop(sched, runner, overlap)
+    while sched.waiting or sched.prefilling:  # prefill everything first
+        loop.step()
+    loop.drain()
+    busy_before, launched_before = runner.device_busy_seconds, loop.steps_launched
+    wall_start, cpu_start = time.perf_counter(), time.thread_time()
+    for _ in range(steps):
+        loop.step()
+    loop.drain()
+    wall = time.perf_counter() - wall_start
+    cpu = time.thread_time() - cpu_start
+    launched = loop.steps_launched - launched_before
+    busy = runner.device_busy_seconds - busy_before
+    return {"batch_size": batch_size, "device_ms": device_ms, "overlap": overlap,
+            "steps": launched, "steps_per_s": launched / wall, "ms_per_step": wall / launched * 1e3,
+            "host_cpu_ms_per_step": cpu / launched * 1e3, "device_idle": max(0.0, 1 - busy / wall)}
+
+
+def print_overlap(rows: list[dict]) -> None:
+    print(f"\n{'batch':>6} {'device ms':>9} {'loop':>8} {'steps/s':>8} {'ms/step':>8} "
+          f"{'host CPU ms/step':>16} {'device idle':>11}")
+    for r in rows:
+        loop = "overlap" if r["overlap"] else "serial"
+        print(f"{r['batch_size']:>6} {r['device_ms']:>9.1f} {loop:>8} {r['steps_per_s']:>8.1f} "
+              f"{r['ms_per_step']:>8.2f} {r['host_cpu_ms_per_step']:>16.2f} "
+              f"{r['device_idle']:>10.1%}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="radixlm bench scheduler", description=__doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--page-size", type=int, default=1)
+    parser.add_argument("--device-ms", type=float, default=0.0,
+                        help="also compare serial and overlapped loops against an emulated "
+                             "device taking this long per step")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     rows = [measure(b, args.prompt_len, args.steps, args.page_size) for b in args.batch_sizes]
@@ -74,6 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['batch_size']:>6} {r['schedule_us_p50']:>12.1f} {r['process_us_p50']:>11.1f} "
               f"{r['step_us_p50']:>12.1f} {r['step_us_p99']:>12.1f} {r['us_per_request']:>11.2f}")
+    if args.device_ms > 0:
+        overlap_rows = [measure_overlap(b, args.prompt_len, args.steps, args.page_size,
+                                        args.device_ms, overlap)
+                        for b in args.batch_sizes for overlap in (False, True)]
+        print_overlap(overlap_rows)
+        rows = rows + overlap_rows
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -13,6 +13,7 @@ from typing import Any
 from radixlm.config import EngineConfig
 from radixlm.constrained import GrammarCompiler
 from radixlm.engine import ipc
+from radixlm.engine.overlap import StepLoop
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
@@ -59,6 +60,7 @@ class EngineCore:
                                     config.scheduler.enable_jump_forward)
         self.scheduler = Scheduler(config.scheduler, limits, self.kv, self.grammar,
                                    self._stop_checker, seed=config.model.random_seed)
+        self.loop = StepLoop(self.scheduler, self.runner, config.scheduler.enable_overlap)
 
     def _max_running(self) -> int:
         configured = self.config.scheduler.max_running_requests
@@ -82,39 +84,43 @@ class EngineCore:
         self.scheduler.add(req)
 
     def abort(self, rid: str, message: str = "aborted") -> TokenOutput | None:
+        """Finish request ``rid`` now, even with a step of it in flight (that row's result is
+        dropped; its slots are freed at once, which is safe because any later reuse of them is
+        queued on the device behind the step in flight).
+
+        Returns:
+            Its final output, or None if the request is unknown or already finished.
+        """
         return self.scheduler.abort(rid, message)
 
     def step(self) -> list[TokenOutput]:
-        """Schedule and run one batch. Returns the outputs it produced (maybe none)."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return self.scheduler.take_pending_outputs()
-        try:
-            result = self.runner.forward(batch)
-        except Exception as exc:  # a failing batch must not take the engine down
-            logger.error("forward pass failed:\n%s", traceback.format_exc())
-            return self._abort_batch(batch, f"internal error in the forward pass: {exc}")
-        return self.scheduler.process(batch, result)
+        """Run one step of the loop (see :mod:`radixlm.engine.overlap`).
 
-    def _abort_batch(self, batch, message: str) -> list[TokenOutput]:
-        outs = self.scheduler.take_pending_outputs()
-        for seq in batch.seqs:
-            out = self.scheduler.abort(seq.rid, message)
-            if out is not None:
-                outs.append(out)
-        return outs
+        Serially: schedule, run and process one batch. With overlap: schedule and launch the
+        next batch, then process the one launched by the previous call.
+
+        Returns:
+            The outputs produced (maybe none).
+        """
+        return self.loop.step()
 
     def close(self) -> None:
         """Stop helper workers (grammar compilation)."""
         self.grammar.close()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """Requests queued or running, or a step in flight whose outputs are still to come."""
+        return self.loop.has_work()
 
     # ---- control --------------------------------------------------------------------------
 
     def flush_cache(self) -> bool:
-        """Empty the radix cache. False (nothing done) while requests are in flight."""
+        """Empty the radix cache. False (nothing done) while requests are in flight.
+
+        A step still in flight is processed first (its outputs come with the next ``step()``),
+        so a flush right after the last request finished succeeds.
+        """
+        self.loop.drain()
         if self.scheduler.has_work():
             return False
         self.kv.flush()
@@ -148,7 +154,11 @@ class EngineCore:
         }
 
     def check_invariants(self) -> None:
-        """Every slot is in exactly one place; raises AssertionError otherwise."""
+        """Every slot is in exactly one place; raises AssertionError otherwise.
+
+        Valid with a step in flight: its slots belong to their requests (or, for a request
+        that finished meanwhile, are already back on the free list).
+        """
         live = self.kv.live_slots(self.scheduler.all_requests())
         self.kv.tree.check_invariants(self.allocator, live)
 
@@ -186,7 +196,7 @@ def run_core_loop(config: EngineConfig, conn) -> None:
 def _drain_messages(core: EngineCore, conn) -> bool:
     """Handle every pending message; block while idle. False on shutdown."""
     timeout = None if not core.has_work() else 0
-    if core.has_work() and not core.scheduler.running and not core.scheduler.prefilling:
+    if core.loop.only_waiting():
         timeout = IDLE_POLL_SECONDS
     while conn.poll(timeout):
         msg = conn.recv()

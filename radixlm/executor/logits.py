@@ -8,6 +8,7 @@ import torch
 
 from radixlm.batch import ScheduledSeq
 from radixlm.outputs import SeqStepResult
+from radixlm.sampling.transfer import int_tensor
 
 
 @dataclass
@@ -37,17 +38,31 @@ class LogitsLayout:
         return cls(rows_per_seq, first, last)
 
 
-def gather_input_logprobs(
-    seqs: list[ScheduledSeq],
-    logits: torch.Tensor,
-    layout: LogitsLayout,
-    results: list[SeqStepResult],
-) -> None:
-    """Fill ``input_logprobs`` (and top-k) for sequences that asked for prompt logprobs.
+@dataclass
+class InputLogprobs:
+    """Prompt-token logprobs of one sequence, still on the device.
+
+    Attributes:
+        seq_index: the sequence's row in the batch.
+        values: [R] float32 logprob of each following prompt token.
+        top_values / top_ids: [R, k] top-k alternatives, or None when not asked for.
+    """
+
+    seq_index: int
+    values: torch.Tensor
+    top_values: torch.Tensor | None
+    top_ids: torch.Tensor | None
+
+
+def input_logprobs_on_device(
+    seqs: list[ScheduledSeq], logits: torch.Tensor, layout: LogitsLayout
+) -> list[InputLogprobs]:
+    """Prompt-token logprobs for the sequences that asked for them, without a host sync.
 
     Row ``r`` of a sequence predicts the token at absolute position ``start + r + 1``; only
     rows whose target is still a prompt token count.
     """
+    out = []
     for i, seq in enumerate(seqs):
         if seq.logits_from is None:
             continue
@@ -56,12 +71,30 @@ def gather_input_logprobs(
         if not rows:
             continue
         offset = layout.first_row[i] - layout.rows_per_seq[i][0]
-        index = torch.tensor([offset + r for r in rows], device=logits.device)
+        index = int_tensor([offset + r for r in rows], logits.device)
         logprobs = torch.log_softmax(logits[index].float(), dim=-1)
-        targets = torch.tensor([seq.prompt_ids[start + r + 1] for r in rows], device=logits.device)
-        results[i].input_logprobs = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        targets = int_tensor([seq.prompt_ids[start + r + 1] for r in rows], logits.device)
+        values = logprobs.gather(1, targets[:, None])[:, 0]
+        top_values = top_ids = None
         if seq.top_logprobs_num:
-            values, ids = logprobs.topk(seq.top_logprobs_num, dim=-1)
-            results[i].input_top_logprobs = [
-                list(zip(v, t)) for v, t in zip(values.tolist(), ids.tolist())
-            ]
+            top_values, top_ids = logprobs.topk(seq.top_logprobs_num, dim=-1)
+        out.append(InputLogprobs(i, values, top_values, top_ids))
+    return out
+
+
+def store_input_logprobs(
+    found: list[InputLogprobs], host: list[list | None], results: list[SeqStepResult]
+) -> None:
+    """Fill ``input_logprobs`` (and top-k) from the host copies of ``found``.
+
+    Args:
+        found: what :func:`input_logprobs_on_device` returned.
+        host: ``values, top_values, top_ids`` of each entry of ``found``, as lists, in order.
+        results: the batch's per-row results.
+    """
+    for k, item in enumerate(found):
+        values, top_values, top_ids = host[3 * k : 3 * k + 3]
+        res = results[item.seq_index]
+        res.input_logprobs = values
+        if top_values is not None:
+            res.input_top_logprobs = [list(zip(v, t)) for v, t in zip(top_values, top_ids)]

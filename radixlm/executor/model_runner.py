@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -11,13 +12,20 @@ from radixlm.batch import ForwardBatch, ScheduledBatch, ScheduledSeq
 from radixlm.config import CacheConfig, ModelConfig
 from radixlm.constrained.bitmask import apply_token_bitmask
 from radixlm.executor.cuda_graph import DecodeGraphRunner
-from radixlm.executor.logits import LogitsLayout, gather_input_logprobs
+from radixlm.executor.logits import (
+    InputLogprobs,
+    LogitsLayout,
+    input_logprobs_on_device,
+    store_input_logprobs,
+)
+from radixlm.executor.pending import HostTransfer, LaunchedStep, PendingStep
 from radixlm.kvcache.pool import KVPool
 from radixlm.model.attention import TritonAttentionBackend, create_attention_backend
 from radixlm.model.loader import load_model, resolve_device
 from radixlm.outputs import SeqStepResult, StepResult
 from radixlm.sampling.penalty_cache import PenaltyCache
-from radixlm.sampling.sampler import SamplingBatch, sample
+from radixlm.sampling.sampler import SampleOutput, SamplingBatch, sample
+from radixlm.sampling.transfer import int_tensor, to_device
 
 # Pool size on CPU when none is given: plenty for tests and the demo, small in host memory.
 DEFAULT_CPU_KV_TOKENS = 65536
@@ -103,61 +111,117 @@ class ModelRunner:
             vocab_size=self.vocab_size, context_length=self.context_length,
             kv_capacity_tokens=self.pool.capacity_tokens, page_size=self.pool.page_size)
 
-    @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> StepResult:
-        """Run one step: the model over the batch, then sampling and logprobs.
+        """Run one step and wait for it (``launch(batch).result()``).
 
         Returns:
             One SeqStepResult per row of ``batch``.
         """
-        start = time.perf_counter()
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, futures: PendingStep | None = None) -> PendingStep:
+        """Enqueue one step: the model over the batch, bitmask, sampling, logprobs.
+
+        Nothing here waits for the device: inputs go up from pinned memory, placeholders are
+        resolved on the device, and the sampled ids and logprobs start their way to pinned host
+        memory behind an event that ``result()`` waits on. Everything that reads the logits is
+        enqueued here, because a CUDA graph's logits buffer is overwritten by the next replay.
+
+        Args:
+            batch: the scheduled rows.
+            futures: the step still in flight whose sampled ids the batch's placeholders
+                (:func:`radixlm.batch.future_token`) point into; needed iff it has any.
+
+        Returns:
+            The pending step; its ``token_ids`` feed the next step's placeholders.
+        """
+        started = time.perf_counter()
         layout = LogitsLayout.of(batch.seqs)
         fb = ForwardBatch.build(
             [s.new_tokens for s in batch.seqs], [s.slots for s in batch.seqs],
             logits_rows=layout.rows_per_seq, mode=batch.mode, device=self.device,
             prefix_min_shared=self.cascade_min_shared)
+        if batch.has_future_tokens:
+            if futures is None:
+                raise ValueError("the batch has placeholder tokens but no step in flight")
+            fb.input_ids = resolve_future_tokens(fb.input_ids, futures.token_ids)
         if self.graphs is not None and self.graphs.can_run(fb):
             logits = self.graphs.run(fb)
         else:
             logits = self.model(fb, self.pool, self.attn)
-        results = [SeqStepResult() for _ in batch.seqs]
-        self._sample(batch, logits, layout, results)
-        gather_input_logprobs(batch.seqs, logits, layout, results)
-        return StepResult(results, forward_seconds=time.perf_counter() - start)
+        rows = [i for i, s in enumerate(batch.seqs) if s.sample]
+        sampled = self._sample(batch, logits, layout, rows)
+        token_ids = self._row_token_ids(len(batch.seqs), rows, sampled)
+        inputs = input_logprobs_on_device(batch.seqs, logits, layout)
+        tensors = [token_ids, sampled.logprobs, sampled.top_logprob_ids,
+                   sampled.top_logprob_values] if sampled is not None else [token_ids] + [None] * 3
+        for item in inputs:
+            tensors.extend([item.values, item.top_values, item.top_ids])
+        build = partial(_build_result, batch.seqs, rows, inputs)
+        return LaunchedStep(token_ids, HostTransfer(tensors), build, started)
 
     def _sample(self, batch: ScheduledBatch, logits: torch.Tensor, layout: LogitsLayout,
-                results: list[SeqStepResult]) -> None:
-        rows = [i for i, s in enumerate(batch.seqs) if s.sample]
+                rows: list[int]) -> SampleOutput | None:
         if not rows:
-            return
+            return None
         seqs = [batch.seqs[i] for i in rows]
-        picked = logits[torch.tensor([layout.last_row[i] for i in rows], device=logits.device)]
+        picked = logits[int_tensor([layout.last_row[i] for i in rows], logits.device)]
         if batch.bitmask is not None:
             mask_rows = [batch.seqs[i].bitmask_row for i in rows]
             self._apply_bitmask(picked, batch.bitmask, mask_rows)
         sbatch = SamplingBatch.build(
             params=[s.params for s in seqs], output_token_ids=[s.output_ids for s in seqs],
-            prompt_token_ids=[s.prompt_ids for s in seqs], vocab_size=picked.shape[-1],
+            prompt_token_ids=[s.prompt_ids for s in seqs],
+            steps=[s.sample_step for s in seqs], vocab_size=picked.shape[-1],
             device=self.device, eos_token_ids=self.eos_token_ids, generator=self.generator,
             request_ids=[s.rid for s in seqs], penalty_cache=self.penalty_cache)
         top_k = max((s.top_logprobs_num for s in seqs), default=0)
         want_logprob = any(s.return_logprob for s in seqs)
-        out = sample(picked, sbatch, top_logprobs_num=top_k, return_logprob=want_logprob)
-        self._store_samples(seqs, [results[i] for i in rows], out)
+        return sample(picked, sbatch, top_logprobs_num=top_k, return_logprob=want_logprob)
+
+    def _row_token_ids(self, num_rows: int, rows: list[int],
+                       sampled: SampleOutput | None) -> torch.Tensor:
+        """[num_rows] sampled id per batch row (0 where a row does not sample), on the device."""
+        if sampled is not None and len(rows) == num_rows:
+            return sampled.next_token_ids
+        token_ids = torch.zeros(num_rows, dtype=torch.int64, device=self.device)
+        if sampled is not None:
+            token_ids.index_copy_(0, int_tensor(rows, self.device), sampled.next_token_ids)
+        return token_ids
 
     def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                        mask_rows: list[int | None]) -> None:
         rows = torch.tensor([-1 if r is None else r for r in mask_rows], dtype=torch.int32)
-        apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True),
-                            rows.to(logits.device, non_blocking=True))
+        apply_token_bitmask(logits, to_device(bitmask, logits.device),
+                            to_device(rows, logits.device))
 
-    @staticmethod
-    def _store_samples(seqs: list[ScheduledSeq], results: list[SeqStepResult], out) -> None:
-        host = out.to_host()
-        for j, (seq, res) in enumerate(zip(seqs, results)):
-            res.next_token_id = host.next_token_ids[j]
-            res.logprob = host.logprobs[j] if host.logprobs is not None else None
-            if seq.top_logprobs_num and host.top_logprob_ids is not None:
-                k = seq.top_logprobs_num
-                res.top_logprobs = list(zip(host.top_logprob_values[j][:k],
-                                            host.top_logprob_ids[j][:k]))
+
+def resolve_future_tokens(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """Replace each placeholder ``-(row + 1)`` in ``input_ids`` by ``sampled[row]``, on the device.
+
+    Args:
+        input_ids: [T] int64 token ids, some of them placeholders.
+        sampled: [B] int64 sampled ids of the step in flight, one per row of its batch.
+
+    Returns:
+        [T] int64 real token ids (no host synchronisation: a gather and a select).
+    """
+    rows = (-input_ids - 1).clamp_(min=0)
+    return torch.where(input_ids < 0, sampled[rows], input_ids)
+
+
+def _build_result(seqs: list[ScheduledSeq], rows: list[int], inputs: list[InputLogprobs],
+                  host: list[list | None]) -> StepResult:
+    """The StepResult from the host copies made by ``ModelRunner.launch`` (in its order)."""
+    token_ids, logprobs, top_ids, top_values = host[:4]
+    results = [SeqStepResult() for _ in seqs]
+    for j, i in enumerate(rows):
+        res, seq = results[i], seqs[i]
+        res.next_token_id = token_ids[i]
+        res.logprob = logprobs[j] if logprobs is not None else None
+        if seq.top_logprobs_num and top_ids is not None:
+            k = seq.top_logprobs_num
+            res.top_logprobs = list(zip(top_values[j][:k], top_ids[j][:k]))
+    store_input_logprobs(inputs, host[4:], results)
+    return StepResult(results)

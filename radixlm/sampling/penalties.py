@@ -117,7 +117,7 @@ class Penalties:
         Without a cache this copies the penalised rows' prompt and output ids to the device
         every step; with ``cache`` and ``request_ids`` only the new tokens travel.
         """
-        rows = [i for i, p in enumerate(params) if _has_penalty(p)]
+        rows = [i for i, p in enumerate(params) if p.has_penalties]
         if not rows:
             return None
         chosen = [params[i] for i in rows]
@@ -141,12 +141,6 @@ class Penalties:
             sub = torch.where(self.seen, penalised, sub)
         sub = sub - self.frequency * self.counts - self.presence * (self.counts > 0)
         logits.index_copy_(0, self.rows, sub)
-
-
-def _has_penalty(params: SamplingParams) -> bool:
-    return bool(
-        params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-    )
 
 
 def _penalty_columns(chosen: list[SamplingParams], device: torch.device):

@@ -167,9 +167,13 @@ class KVManager:
         self.tree.reset()
 
     def live_slots(self, reqs: list[Request]) -> list[torch.Tensor]:
-        """Slots owned by live requests (for invariant checks)."""
+        """Slots owned by live requests (for invariant checks).
+
+        That is everything past the tree prefix, including slots of tokens a launched step is
+        still computing (beyond ``num_computed`` while a step is in flight), plus the spares.
+        """
         out = []
         for req in reqs:
-            out.append(req.kv_slots[req.tree_len : req.num_computed])
+            out.append(req.kv_slots[req.tree_len :])
             out.append(req.spare_slots)
         return out

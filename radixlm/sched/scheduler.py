@@ -3,6 +3,13 @@
 Each step is either an EXTEND (new requests and prefill chunks, reusing cached prefixes) or a
 DECODE (one token for every running request). When both kinds of work exist they alternate, so
 long prefills never starve decoding. Results come back through :meth:`Scheduler.process`.
+
+With overlap scheduling (:mod:`radixlm.engine.overlap`) the next batch is built while a DECODE
+batch is still in flight: ``schedule(in_flight=batch)``. A request with a row in that batch is
+one token ahead of its ``output_ids``: its K/V slot for that token is already allocated, and its
+next row feeds a placeholder (:func:`radixlm.batch.future_token`) that the executor replaces with
+the token the in-flight row samples. Each row carries the request's ``epoch``; finishing,
+aborting or retracting a request bumps it, so a result for a row scheduled before is dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from radixlm.batch import ForwardMode, ScheduledBatch, ScheduledSeq
+from radixlm.batch import ForwardMode, ScheduledBatch, ScheduledSeq, future_token
 from radixlm.config import SchedulerConfig
 from radixlm.outputs import StepResult, TokenOutput
 from radixlm.request import FinishKind, FinishReason, Request, RequestStatus
@@ -63,6 +70,7 @@ class Scheduler:
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
         self.last_mode: ForwardMode | None = None
+        self._pending_outputs: list[TokenOutput] = []
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "retractions": 0}
 
@@ -92,17 +100,27 @@ class Scheduler:
 
     # ---- scheduling -----------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledBatch | None:
-        """Build the next batch, or None when nothing can run now."""
-        failed = self._poll_grammars()
-        self._pending_outputs = failed
+    def schedule(self, in_flight: ScheduledBatch | None = None) -> ScheduledBatch | None:
+        """Build the next batch, or None when nothing can run now.
+
+        Args:
+            in_flight: a DECODE batch that was launched but not processed yet (overlap
+                scheduling); its requests decode from placeholders for the tokens it samples.
+                None when every launched batch has been processed.
+
+        Returns:
+            The batch, its KV slots allocated.
+        """
+        if in_flight is not None and in_flight.mode is not ForwardMode.DECODE:
+            raise ValueError("only a DECODE batch can be in flight while scheduling")
+        self._pending_outputs.extend(self._poll_grammars())
         want_extend = bool(self.prefilling or self._admissible())
         if want_extend and (not self.running or self.last_mode is not ForwardMode.EXTEND):
             batch = self._schedule_extend()
             if batch is not None:
                 return self._finalize(batch)
         if self.running:
-            batch = self._schedule_decode()
+            batch = self._schedule_decode(self._future_rows(in_flight))
             if batch is None and (self.prefilling or self._admissible()):
                 batch = self._schedule_extend()  # decode retracted everyone: prefill instead
             return self._finalize(batch)
@@ -110,8 +128,24 @@ class Scheduler:
 
     def take_pending_outputs(self) -> list[TokenOutput]:
         """Outputs produced outside a forward pass (failed grammar compiles)."""
-        out, self._pending_outputs = getattr(self, "_pending_outputs", []), []
+        out, self._pending_outputs = self._pending_outputs, []
         return out
+
+    def needs_results_before_next(self, batch: ScheduledBatch) -> bool:
+        """Whether the batch after ``batch`` can only be built once ``batch`` is processed.
+
+        True after an EXTEND (finished prefills move to the running set only when processed),
+        after a grammar-constrained row (the next bitmask needs the sampled token; jump-forward
+        may rewrite it), after a penalised row (its token counts need the sampled token) and
+        when the next decode could only fit by retracting a request.
+        """
+        if batch.mode is not ForwardMode.DECODE or batch.bitmask is not None:
+            return True
+        if any(seq.params.has_penalties for seq in batch.seqs):
+            return True
+        if self.kv.page_size * len(self.running) <= self.kv.available_tokens():
+            return False  # a page for every running request fits: no retraction (the usual case)
+        return self._decode_needs_retraction(self._decoders(self._future_rows(batch)))
 
     def _finalize(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
         if batch is not None:
@@ -225,9 +259,10 @@ class Scheduler:
             return None
         return self._row(req, req.seq[start : start + num_new], start)
 
-    def _row(self, req: Request, new_tokens: list[int], start: int) -> ScheduledSeq:
+    def _row(self, req: Request, new_tokens: list[int], start: int,
+             future_tokens: int = 0) -> ScheduledSeq:
         end = start + len(new_tokens)
-        completes = end == req.seq_len
+        completes = end == req.seq_len + future_tokens
         logits_from = None
         if req.logprob.wants_input_logprobs and not req.output_ids:
             first_row = max(req.logprob.logprob_start_len, 1) - 1
@@ -237,36 +272,87 @@ class Scheduler:
             rid=req.rid,
             new_tokens=new_tokens,
             slots=req.kv_slots[:end],
-            sample=completes and req.remaining_new_tokens > 0,
+            sample=completes and req.remaining_new_tokens > future_tokens,
             params=req.params,
             prompt_ids=req.input_ids,
             output_ids=req.output_ids,
             logits_from=logits_from,
             return_logprob=req.logprob.return_logprob,
             top_logprobs_num=req.logprob.top_logprobs_num,
+            future_tokens=future_tokens,
+            epoch=req.epoch,
         )
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        self._retract_until_fits()
-        if not self.kv.allocate_decode(self.running):
+    @staticmethod
+    def _future_rows(in_flight: ScheduledBatch | None) -> dict[str, tuple[int, int]]:
+        """rid -> (row, epoch) of the in-flight batch's sampling rows."""
+        if in_flight is None:
+            return {}
+        return {s.rid: (i, s.epoch) for i, s in enumerate(in_flight.seqs) if s.sample}
+
+    def _in_flight_row(self, req: Request, future_rows: dict[str, tuple[int, int]]) -> int | None:
+        """The request's row in the in-flight batch, if that row will give it a token."""
+        found = future_rows.get(req.rid)
+        if found is None or found[1] != req.epoch:
+            return None
+        return found[0]
+
+    def _decoders(self, future_rows: dict[str, tuple[int, int]]) -> list[Request]:
+        """Running requests that take part in the next decode.
+
+        A request whose in-flight token certainly ends it (its last allowed token, or the
+        context is full) sits out: processing that token will finish it.
+        """
+        out = []
+        for req in self.running:
+            if self._in_flight_row(req, future_rows) is not None and (
+                    req.remaining_new_tokens <= 1
+                    or req.seq_len + 1 >= self.limits.context_length):
+                continue
+            out.append(req)
+        return out
+
+    def _schedule_decode(self, future_rows: dict[str, tuple[int, int]]) -> ScheduledBatch | None:
+        decoders = self._retract_until_fits(future_rows)
+        if not self.kv.allocate_decode(decoders):
             raise RuntimeError("decode allocation failed after retraction made room")
-        rows = [self._row(req, [req.output_ids[-1]], req.num_computed) for req in self.running]
+        rows = [self._decode_row(req, self._in_flight_row(req, future_rows)) for req in decoders]
         return ScheduledBatch(ForwardMode.DECODE, rows) if rows else None
 
-    def _retract_until_fits(self) -> None:
-        """Retract the newest requests until every remaining one has room for one token."""
-        while self.running:
-            need = self.kv.page_size * sum(1 for r in self.running if len(r.spare_slots) == 0)
-            if need <= self.kv.available_tokens():
-                return
+    def _decode_row(self, req: Request, in_flight_row: int | None) -> ScheduledSeq:
+        if in_flight_row is None:
+            return self._row(req, [req.output_ids[-1]], req.num_computed)
+        # The in-flight row computes the K/V of position num_computed and samples the token
+        # that this row feeds at num_computed + 1.
+        return self._row(req, [future_token(in_flight_row)], req.num_computed + 1,
+                         future_tokens=1)
+
+    def _decode_needs_retraction(self, decoders: list[Request]) -> bool:
+        need = self.kv.page_size * sum(1 for r in decoders if len(r.spare_slots) == 0)
+        return need > self.kv.available_tokens()
+
+    def _retract_until_fits(self, future_rows: dict[str, tuple[int, int]]) -> list[Request]:
+        """Retract the newest requests until every remaining one has room for one token.
+
+        A retracted request whose row is in flight loses that row's token (its epoch changes,
+        so the result is dropped) and samples it again after its re-prefill.
+
+        Returns:
+            The requests of the next decode (:meth:`_decoders`), all of which fit.
+        """
+        decoders = self._decoders(future_rows)
+        while decoders and self._decode_needs_retraction(decoders):
             # Partial prefills hold slots too; the newest request goes first, whatever it does.
             victim = max(self.running + self.prefilling, key=lambda r: r.arrival)
             self._requeue(victim, self.running if victim in self.running else self.prefilling)
+            decoders = self._decoders(future_rows)
+        return decoders
 
     def _requeue(self, victim: Request, queue: list[Request]) -> None:
         """Retract: cache what ``victim`` computed, free the rest, put it first in line."""
         queue.remove(victim)
         self.kv.release(victim)
+        victim.epoch += 1
         victim.status = RequestStatus.WAITING
         victim.num_retractions += 1
         self.stats["retractions"] += 1
@@ -278,6 +364,19 @@ class Scheduler:
         index = {r.rid: r for r in self.prefilling + self.running}
         return [index[s.rid] for s in batch.seqs]
 
+    def _live_rows(self, batch: ScheduledBatch):
+        """(row index, request, row) of each row whose request still runs in the epoch it was
+        scheduled in.
+
+        Rows of requests that finished, were aborted or retracted after the batch was
+        scheduled (possible while it was in flight) are skipped: their slots are already freed.
+        """
+        index = {r.rid: r for r in self.prefilling + self.running}
+        for i, row in enumerate(batch.seqs):
+            req = index.get(row.rid)
+            if req is not None and req.epoch == row.epoch:
+                yield i, req, row
+
     def process(self, batch: ScheduledBatch, result: StepResult) -> list[TokenOutput]:
         """Apply one step's results: advance requests, finish some, cache what they computed.
 
@@ -285,7 +384,8 @@ class Scheduler:
             One output per request that produced tokens or finished this step.
         """
         outputs = self.take_pending_outputs()
-        for req, row, res in zip(self._by_rid(batch), batch.seqs, result.seqs):
+        for i, req, row in list(self._live_rows(batch)):
+            res = result.seqs[i]
             req.num_computed += len(row.new_tokens)
             if res.input_logprobs:
                 req.input_logprobs.extend(res.input_logprobs)
@@ -381,6 +481,7 @@ class Scheduler:
 
     def _release(self, req: Request, finish: FinishReason) -> None:
         req.finish = finish
+        req.epoch += 1
         req.status = RequestStatus.FINISHED
         if req.tree_node is not None or req.num_computed or len(req.spare_slots):
             self.kv.release(req)

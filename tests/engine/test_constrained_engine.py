@@ -55,18 +55,24 @@ def text_of(core: EngineCore, ids: list[int]) -> str:
     return core.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-@pytest.fixture(scope="module")
-def core3(tiny_llama3_dir):
-    return make_core(tiny_llama3_dir)
+@pytest.fixture(scope="module", params=[True, False], ids=["overlap", "serial"])
+def overlap(request) -> bool:
+    """Constrained rows make the overlap loop drain; both loops must give valid outputs."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def core2(tiny_llama2_dir):
-    return make_core(tiny_llama2_dir)
+def core3(tiny_llama3_dir, overlap):
+    return make_core(tiny_llama3_dir, enable_overlap=overlap)
+
+
+@pytest.fixture(scope="module")
+def core2(tiny_llama2_dir, overlap):
+    return make_core(tiny_llama2_dir, enable_overlap=overlap)
 
 
 @pytest.mark.parametrize("which", ["core3", "core2"])
-def test_json_schema_outputs_parse_and_validate(which, request):
+def test_json_schema_outputs_parse_and_validate(which, request, overlap):
     core = request.getfixturevalue(which)
     prompt = core.tokenizer.encode("Give me a person as JSON:")
     reqs = {f"j{i}": {"max_new_tokens": 80, "temperature": 1.0, "seed": i,
@@ -85,7 +91,7 @@ def test_json_schema_outputs_parse_and_validate(which, request):
 
 
 @pytest.mark.parametrize("which", ["core3", "core2"])
-def test_regex_and_choices(which, request):
+def test_regex_and_choices(which, request, overlap):
     core = request.getfixturevalue(which)
     prompt = core.tokenizer.encode("Contact:")
     reqs = {f"r{i}": {"max_new_tokens": 40, "temperature": 1.0, "seed": i, "regex": EMAIL}

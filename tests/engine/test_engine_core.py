@@ -1,4 +1,8 @@
-"""The engine core in-process with a tiny random Llama: batching, caching, retraction, logprobs."""
+"""The engine core in-process with a tiny random Llama: batching, caching, retraction, logprobs.
+
+Every test runs twice: with overlap scheduling (step t+1 launched before step t is processed)
+and serially.
+"""
 
 from __future__ import annotations
 
@@ -51,9 +55,14 @@ def assert_all_free(core: EngineCore) -> None:
     assert info["kv_free_tokens"] == info["kv_capacity_tokens"]
 
 
+@pytest.fixture(scope="module", params=[True, False], ids=["overlap", "serial"])
+def overlap(request) -> bool:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def core(tiny_llama3_dir):
-    return make_core(tiny_llama3_dir, kv_cache_tokens=16384)
+def core(tiny_llama3_dir, overlap):
+    return make_core(tiny_llama3_dir, kv_cache_tokens=16384, enable_overlap=overlap)
 
 
 def mixed_workload(seed: int, count: int) -> list[tuple[str, list[int], dict]]:
@@ -79,8 +88,8 @@ def test_200_concurrent_requests_equal_their_solo_runs(core):
     assert_all_free(core)
 
 
-def test_small_pool_retracts_and_still_matches(tiny_llama3_dir, core):
-    small = make_core(tiny_llama3_dir, kv_cache_tokens=400)
+def test_small_pool_retracts_and_still_matches(tiny_llama3_dir, core, overlap):
+    small = make_core(tiny_llama3_dir, kv_cache_tokens=400, enable_overlap=overlap)
     rng = random.Random(3)
     work = [(f"s{i}", [rng.randrange(128000) for _ in range(30)],
              {"max_new_tokens": 40, "temperature": 0.0, "ignore_eos": True}) for i in range(8)]
@@ -92,8 +101,9 @@ def test_small_pool_retracts_and_still_matches(tiny_llama3_dir, core):
     assert_all_free(small)
 
 
-def test_chunked_prefill_equals_unchunked(tiny_llama3_dir, core):
-    chunked = make_core(tiny_llama3_dir, kv_cache_tokens=4096, chunked_prefill_size=16)
+def test_chunked_prefill_equals_unchunked(tiny_llama3_dir, core, overlap):
+    chunked = make_core(tiny_llama3_dir, kv_cache_tokens=4096, chunked_prefill_size=16,
+                        enable_overlap=overlap)
     ids = [random.Random(5).randrange(128000) for _ in range(100)]
     params = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
     lp = LogprobOptions(return_logprob=True, logprob_start_len=0)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixlm.config import SchedulerConfig
+from radixlm.engine.overlap import StepLoop
 from radixlm.executor.null_runner import NullRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
@@ -21,10 +22,13 @@ EOS = 999
 
 
 class Harness:
-    """A scheduler over a real allocator and radix tree, driven step by step."""
+    """A scheduler over a real allocator and radix tree, driven step by step.
+
+    Steps go through the engine's StepLoop: serially, or overlapped one step deep.
+    """
 
     def __init__(self, capacity: int, page_size: int = 1, enable_cache: bool = True,
-                 max_running: int = 64, **sched_kwargs):
+                 max_running: int = 64, overlap: bool = False, **sched_kwargs):
         self.allocator = PageAllocator(capacity // page_size, page_size, first_slot=page_size)
         tree = RadixCache(page_size, free_fn=self.allocator.free, disabled=not enable_cache)
         self.kv = KVManager(self.allocator, tree, enable_cache)
@@ -32,6 +36,7 @@ class Harness:
                                  eos_token_ids=frozenset({EOS}))
         self.sched = Scheduler(SchedulerConfig(**sched_kwargs), limits, self.kv)
         self.runner = NullRunner(vocab_size=1000)
+        self.loop = StepLoop(self.sched, self.runner, overlap)
         self.outputs: dict[str, list[int]] = {}
         self.finish: dict[str, object] = {}
         self.cached: dict[str, int] = {}
@@ -42,21 +47,24 @@ class Harness:
         self.outputs[rid] = []
 
     def step(self) -> bool:
-        batch = self.sched.schedule()
-        if batch is None:
-            return False
-        for out in self.sched.process(batch, self.runner.forward(batch)):
+        """One loop step; False when it neither launched nor processed anything."""
+        had_in_flight = self.loop.in_flight is not None
+        launched = self.loop.steps_launched
+        self.collect(self.loop.step())
+        self.check()
+        return had_in_flight or self.loop.steps_launched > launched
+
+    def collect(self, outputs) -> None:
+        for out in outputs:
             self.outputs[out.rid].extend(out.new_token_ids)
             self.cached[out.rid] = out.cached_tokens
             if out.finish is not None:
                 self.finish[out.rid] = out.finish
-        self.check()
-        return True
 
     def run(self, max_steps: int = 100_000) -> None:
         for _ in range(max_steps):
             if not self.step():
-                assert not self.sched.has_work(), "work left but nothing schedulable"
+                assert not self.loop.has_work(), "work left but nothing schedulable"
                 return
         raise AssertionError("did not finish")
 
@@ -91,10 +99,14 @@ def random_workload(rng: random.Random, count: int) -> list[tuple[str, list[int]
     return work
 
 
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+
+
+@OVERLAP
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_many_concurrent_requests_match_running_alone(page_size):
+def test_many_concurrent_requests_match_running_alone(page_size, overlap):
     rng = random.Random(0)
-    h = Harness(capacity=16_384, page_size=page_size, max_prefill_tokens=2048)
+    h = Harness(capacity=16_384, page_size=page_size, max_prefill_tokens=2048, overlap=overlap)
     work = random_workload(rng, 200)
     for rid, prompt, max_new in work:
         h.add(rid, prompt, max_new)
@@ -105,10 +117,11 @@ def test_many_concurrent_requests_match_running_alone(page_size):
     h.assert_no_leak()
 
 
+@OVERLAP
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_small_pool_forces_retraction_and_outputs_stay_the_same(page_size):
+def test_small_pool_forces_retraction_and_outputs_stay_the_same(page_size, overlap):
     rng = random.Random(1)
-    h = Harness(capacity=512, page_size=page_size, max_prefill_tokens=512)
+    h = Harness(capacity=512, page_size=page_size, max_prefill_tokens=512, overlap=overlap)
     work = [(f"r{i}", [rng.randrange(1000) for _ in range(40)], 60) for i in range(12)]
     for rid, prompt, max_new in work:
         h.add(rid, prompt, max_new, ignore_eos=True)
@@ -171,16 +184,20 @@ def test_shared_uncached_prefix_is_computed_once_within_a_batch():
     h.assert_no_leak()
 
 
-def test_abort_returns_every_slot():
-    h = Harness(capacity=2048)
+@OVERLAP
+def test_abort_returns_every_slot(overlap):
+    h = Harness(capacity=2048, overlap=overlap)
     h.add("a", list(range(50)), 100, ignore_eos=True)
     h.add("b", list(range(60)), 100, ignore_eos=True)
     for _ in range(5):
         h.step()
+    assert (h.loop.in_flight is not None) == overlap
     out = h.sched.abort("a")
     assert out.finish.kind is FinishKind.ABORT
     h.check()
     h.run()
+    assert h.outputs["b"] == reference_output_ignore_eos(list(range(60)), 100)
+    assert h.outputs["a"] == reference_output_ignore_eos(list(range(50)), 100)[:len(h.outputs["a"])]
     h.assert_no_leak()
 
 
@@ -222,11 +239,12 @@ def test_dfs_weight_keeps_siblings_together():
     assert order == ["r0", "r2", "r4", "r1", "r3"]
 
 
+@OVERLAP
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_long_chunked_prompts_in_a_small_pool_all_finish(page_size):
+def test_long_chunked_prompts_in_a_small_pool_all_finish(page_size, overlap):
     rng = random.Random(21)
     h = Harness(capacity=320, page_size=page_size, chunked_prefill_size=48,
-                max_prefill_tokens=96)
+                max_prefill_tokens=96, overlap=overlap)
     work = [(f"r{i}", [rng.randrange(1000) for _ in range(220)], 24) for i in range(3)]
     for rid, prompt, max_new in work:
         h.add(rid, prompt, max_new, ignore_eos=True)
@@ -236,21 +254,22 @@ def test_long_chunked_prompts_in_a_small_pool_all_finish(page_size):
     h.assert_no_leak()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     page_size=st.sampled_from([1, 2, 4]),
     capacity_pages=st.integers(80, 200),
     chunk=st.sampled_from([None, 8, 32]),
     policy=st.sampled_from(["lpm", "fcfs", "dfs-weight", "random"]),
+    overlap=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_random_workloads_always_finish_with_solo_outputs(page_size, capacity_pages, chunk,
-                                                          policy, seed):
+                                                          policy, overlap, seed):
     rng = random.Random(seed)
     capacity = capacity_pages * page_size
     h = Harness(capacity=capacity, page_size=page_size, chunked_prefill_size=chunk,
                 schedule_policy=policy, max_prefill_tokens=rng.choice([32, 128, 1024]),
-                max_running=rng.choice([2, 8, 64]))
+                max_running=rng.choice([2, 8, 64]), overlap=overlap)
     base = [rng.randrange(1000) for _ in range(rng.randint(1, 40))]
     work = []
     for i in range(rng.randint(1, 12)):

@@ -35,6 +35,13 @@ def test_only_given_options_reach_the_engine():
     assert args.port == 1234 and args.host == "127.0.0.1"
 
 
+def test_overlap_scheduling_is_on_by_default_and_can_be_switched_off():
+    assert EngineConfig().scheduler.enable_overlap
+    kwargs = cli.engine_kwargs(_parse("--no-enable-overlap"))
+    assert kwargs == {"enable_overlap": False}
+    assert not EngineConfig.from_kwargs(**kwargs).scheduler.enable_overlap
+
+
 def test_defaults_give_the_default_config():
     kwargs = cli.engine_kwargs(_parse())
     assert kwargs == {}

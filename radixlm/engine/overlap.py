@@ -1,0 +1,135 @@
+"""The step loop: schedule → launch → process, serially or overlapped one step deep.
+
+Serial: each call schedules a batch, launches it, waits for its results and processes them.
+
+Overlapped (``SchedulerConfig.enable_overlap``), one call does::
+
+    schedule(t+1)  while step t runs on the device (t+1's decode rows feed placeholders for
+                   the tokens step t samples; their K/V slots are already allocated)
+    launch(t+1)    queued on the device behind t; placeholders resolved there, no host sync
+    process(t)     wait for t's tokens, append them, stop checks, cache, free
+
+so the device never waits for the host's scheduling and bookkeeping. A call returns the outputs
+of step t. Before scheduling, the loop processes step t first ("drains") when the next batch
+depends on t's results on the host (``Scheduler.needs_results_before_next``: t was a prefill,
+or has constrained or penalised rows, or the next decode needs a retraction). Requests that
+finish when t is processed still have a row in t+1; the scheduler drops that row's result (the
+request's epoch moved on) and its slot was freed with the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Protocol
+
+from radixlm.batch import ScheduledBatch
+from radixlm.executor.pending import PendingStep
+from radixlm.outputs import TokenOutput
+from radixlm.sched.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What the loop needs from an executor (``ModelRunner`` or ``NullRunner``)."""
+
+    def launch(self, batch: ScheduledBatch, futures: PendingStep | None = None) -> PendingStep:
+        ...
+
+
+@dataclass
+class InFlightStep:
+    """A launched batch whose results have not been processed yet."""
+
+    batch: ScheduledBatch
+    pending: PendingStep
+
+
+class StepLoop:
+    """Drives the scheduler and a runner one step per call.
+
+    Args:
+        scheduler: builds batches and applies results.
+        runner: launches batches (``launch(batch, futures) -> PendingStep``).
+        overlap: schedule and launch step t+1 before processing step t.
+    """
+
+    def __init__(self, scheduler: Scheduler, runner: Runner, overlap: bool):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.overlap = overlap
+        self.in_flight: InFlightStep | None = None
+        self.steps_launched = 0
+        # Outputs of a step processed outside step() (a drain for flush_cache), returned next.
+        self._held: list[TokenOutput] = []
+
+    def has_work(self) -> bool:
+        """Requests to run, a step in flight, or outputs not returned yet."""
+        return bool(self.scheduler.has_work() or self.in_flight is not None or self._held)
+
+    def only_waiting(self) -> bool:
+        """Work exists, but only requests in the queue (e.g. waiting for a grammar)."""
+        sched = self.scheduler
+        busy = sched.running or sched.prefilling or self.in_flight is not None or self._held
+        return sched.has_work() and not busy
+
+    def step(self) -> list[TokenOutput]:
+        """Schedule and launch one batch; process the previous one (overlap) or this one.
+
+        Returns:
+            The outputs of the step processed in this call (maybe none).
+        """
+        outputs, self._held = self._held, []
+        if self.in_flight is not None and self._must_drain(self.in_flight):
+            outputs += self._process(self._take_in_flight())
+        previous = self._take_in_flight()
+        batch = self.scheduler.schedule(previous.batch if previous is not None else None)
+        if batch is not None:
+            outputs += self._launch(batch, previous)
+        if previous is not None:
+            outputs += self._process(previous)
+        if not self.overlap and self.in_flight is not None:
+            outputs += self._process(self._take_in_flight())
+        outputs += self.scheduler.take_pending_outputs()
+        return outputs
+
+    def drain(self) -> None:
+        """Process the step in flight, if any; its outputs come with the next ``step()``."""
+        if self.in_flight is not None:
+            self._held += self._process(self._take_in_flight())
+
+    def _must_drain(self, step: InFlightStep) -> bool:
+        return not self.overlap or self.scheduler.needs_results_before_next(step.batch)
+
+    def _take_in_flight(self) -> InFlightStep | None:
+        step, self.in_flight = self.in_flight, None
+        return step
+
+    def _launch(self, batch: ScheduledBatch, previous: InFlightStep | None) -> list[TokenOutput]:
+        futures = previous.pending if previous is not None else None
+        try:
+            pending = self.runner.launch(batch, futures)
+        except Exception as exc:  # a failing batch must not take the engine down
+            logger.error("forward pass failed:\n%s", traceback.format_exc())
+            return self._abort_rows(batch, f"internal error in the forward pass: {exc}")
+        self.in_flight = InFlightStep(batch, pending)
+        self.steps_launched += 1
+        return []
+
+    def _process(self, step: InFlightStep) -> list[TokenOutput]:
+        try:
+            result = step.pending.result()
+        except Exception as exc:  # errors of asynchronous device work surface here
+            logger.error("forward pass failed:\n%s", traceback.format_exc())
+            return self._abort_rows(step.batch, f"internal error in the forward pass: {exc}")
+        return self.scheduler.process(step.batch, result)
+
+    def _abort_rows(self, batch: ScheduledBatch, message: str) -> list[TokenOutput]:
+        outputs = []
+        for seq in batch.seqs:
+            out = self.scheduler.abort(seq.rid, message)
+            if out is not None:
+                outputs.append(out)
+        return outputs
