@@ -39,7 +39,9 @@ class ModelConfig:
     )
     random_seed: int = _opt(0, "Seed for requests that do not bring their own.")
     cuda_graph_max_batch_size: int = _opt(
-        256, "Replay decode steps from CUDA graphs up to this batch size (0 disables; GPU only)."
+        512,
+        "Replay decode steps from CUDA graphs up to this batch size (0 disables; GPU only). "
+        "The default covers the default cap of 512 running requests.",
     )
     cascade_attention: bool = _opt(
         False,

@@ -14,7 +14,7 @@ import torch
 
 from radixlm.batch import ForwardBatch, ForwardMode
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
 
 class DecodeGraphRunner:
