@@ -519,6 +519,12 @@ BAD_BODIES = [(route, request) for route, request, _ in REGRESSIONS] + [
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}], "max_tokens": 2}),
     ("/generate", _gen(regex="([0-9")),
     ("/generate", _gen(json_schema={"type": "no-such-type"})),
+    # refused late (the engine core compiles the grammar), after the stream was opened
+    ("/generate", {**_gen(regex="([0-9"), "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                              "stream": True, "n": 2, "response_format": {
+                                  "type": "json_schema",
+                                  "json_schema": {"name": "bad", "schema": {"type": "nope"}}}}),
 ]
 
 
