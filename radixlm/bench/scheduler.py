@@ -1,5 +1,9 @@
 """Scheduler overhead: CPU time per step with a null model, apart from any model cost.
 
+Per decode step it times ``schedule()``, ``process()`` and, separately, ``ForwardBatch.build``
+of the scheduled batch on the CPU exactly as ``ModelRunner.launch`` calls it (the host part of
+a launch that does not depend on the model); "µs/request" covers schedule + process.
+
 Usage: ``radixlm bench scheduler [--batch-sizes 1 64 256] [--prompt-len 512] [--steps 200]
 [--device-ms 5]``
 
@@ -17,8 +21,10 @@ import json
 import statistics
 import time
 
+from radixlm.batch import ForwardBatch, ScheduledBatch
 from radixlm.config import SchedulerConfig
 from radixlm.engine.overlap import StepLoop
+from radixlm.executor.logits import LogitsLayout
 from radixlm.executor.null_runner import NullRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
@@ -42,6 +48,17 @@ def build(batch_size: int, prompt_len: int, steps: int, page_size: int) -> Sched
     return sched
 
 
+def time_forward_batch_build(batch: ScheduledBatch) -> float:
+    """Seconds ``ForwardBatch.build`` takes for ``batch``, called as the runner calls it (CPU
+    device, no cascade groups)."""
+    layout = LogitsLayout.of(batch.seqs)
+    t0 = time.perf_counter()
+    ForwardBatch.build(
+        [s.new_tokens for s in batch.seqs], [s.slots for s in batch.seqs],
+        logits_rows=layout.rows_per_seq, mode=batch.mode, device="cpu", prefix_min_shared=None)
+    return time.perf_counter() - t0
+
+
 def measure(batch_size: int, prompt_len: int, steps: int, page_size: int) -> dict:
     gc.collect()
     sched = build(batch_size, prompt_len, steps, page_size)
@@ -49,11 +66,12 @@ def measure(batch_size: int, prompt_len: int, steps: int, page_size: int) -> dic
     while sched.waiting or sched.prefilling:  # prefill everything first
         batch = sched.schedule()
         sched.process(batch, runner.forward(batch))
-    schedule_us, process_us = [], []
+    schedule_us, process_us, build_us = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         batch = sched.schedule()
         t1 = time.perf_counter()
+        build_us.append(time_forward_batch_build(batch) * 1e6)
         result = runner.forward(batch)
         t2 = time.perf_counter()
         sched.process(batch, result)
@@ -64,6 +82,7 @@ def measure(batch_size: int, prompt_len: int, steps: int, page_size: int) -> dic
     return {"batch_size": batch_size, "prompt_len": prompt_len, "page_size": page_size,
             "schedule_us_p50": statistics.median(schedule_us),
             "process_us_p50": statistics.median(process_us),
+            "build_us_p50": statistics.median(build_us),
             "step_us_p50": statistics.median(total),
             "step_us_p99": sorted(total)[int(len(total) * 0.99) - 1],
             "us_per_request": statistics.median(total) / batch_size}
@@ -120,10 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [measure(b, args.prompt_len, args.steps, args.page_size) for b in args.batch_sizes]
     print(f"{'batch':>6} {'schedule µs':>12} {'process µs':>11} {'step p50 µs':>12} "
-          f"{'step p99 µs':>12} {'µs/request':>11}")
+          f"{'step p99 µs':>12} {'µs/request':>11} {'build µs':>9}")
     for r in rows:
         print(f"{r['batch_size']:>6} {r['schedule_us_p50']:>12.1f} {r['process_us_p50']:>11.1f} "
-              f"{r['step_us_p50']:>12.1f} {r['step_us_p99']:>12.1f} {r['us_per_request']:>11.2f}")
+              f"{r['step_us_p50']:>12.1f} {r['step_us_p99']:>12.1f} {r['us_per_request']:>11.2f} "
+              f"{r['build_us_p50']:>9.1f}")
     if args.device_ms > 0:
         overlap_rows = [measure_overlap(b, args.prompt_len, args.steps, args.page_size,
                                         args.device_ms, overlap)

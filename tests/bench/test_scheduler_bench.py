@@ -19,3 +19,4 @@ def test_cli_prints_both_loops(capsys):
     main(["--batch-sizes", "2", "--prompt-len", "16", "--steps", "5", "--device-ms", "1"])
     out = capsys.readouterr().out
     assert "overlap" in out and "serial" in out and "device idle" in out
+    assert "build µs" in out
