@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# Temperatures below this sample greedily: dividing logits by a tinier one overflows them.
+GREEDY_TEMPERATURE = 1e-5
+
 
 class SamplingParamsError(ValueError):
     """An invalid sampling value; ``field`` names the offending parameter."""
@@ -61,6 +64,8 @@ class SamplingParams:
             values["json_schema"] = json.dumps(values["json_schema"])
         if isinstance(values.get("logit_bias"), dict):
             values["logit_bias"] = _int_keys(values["logit_bias"])
+        elif values.get("logit_bias") is not None:
+            raise SamplingParamsError("logit_bias", "must be an object of token id -> bias")
         params = cls(**values)
         params.validate()
         return params
@@ -83,15 +88,30 @@ class SamplingParams:
         _check_int(self, "n", 1)
         if self.seed is not None:
             _check_int(self, "seed", 0)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise SamplingParamsError("stop", "must be non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise SamplingParamsError("stop_token_ids", "must be non-negative integers")
-        if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
-            raise SamplingParamsError("logit_bias", "values must be in [-100, 100]")
+        self._validate_collections()
+        for name in ("ignore_eos", "skip_special_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise SamplingParamsError(name, f"must be true or false, got {value!r}")
         self._validate_constraint()
 
+    def _validate_collections(self) -> None:
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingParamsError("stop", "must be a string or a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                _is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", "must be a list of non-negative integers")
+        if not isinstance(self.logit_bias, dict):
+            raise SamplingParamsError("logit_bias", "must be an object of token id -> bias")
+        if any(not _is_number(v) or not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            raise SamplingParamsError("logit_bias", "values must be numbers in [-100, 100]")
+
     def _validate_constraint(self) -> None:
+        for name in ("regex", "json_schema"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SamplingParamsError(name, "must be a string")
+        if self.choices is not None and not isinstance(self.choices, list):
+            raise SamplingParamsError("choices", "must be a list of strings")
         given = [name for name in ("regex", "json_schema", "choices") if getattr(self, name)]
         if len(given) > 1:
             raise SamplingParamsError(given[1], f"cannot be combined with {given[0]}")
@@ -107,7 +127,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:
@@ -135,9 +155,17 @@ def _int_keys(bias: dict) -> dict[int, float]:
         raise SamplingParamsError("logit_bias", "keys must be token ids, values numbers") from None
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_int(params: SamplingParams, name: str, minimum: int) -> None:
     value = getattr(params, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise SamplingParamsError(name, f"must be an integer >= {minimum}, got {value!r}")
 
 
@@ -145,10 +173,11 @@ def _check_range(
     params: SamplingParams, name: str, low: float, high: float, low_open: bool = False
 ) -> None:
     value = getattr(params, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not _is_number(value):
         raise SamplingParamsError(name, f"must be a number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
+    # Written so that NaN, which fails every comparison, is out of range too.
+    in_range = (value > low if low_open else value >= low) and value <= high
+    if not in_range:
         bracket = "(" if low_open else "["
         raise SamplingParamsError(name, f"must be in {bracket}{low}, {high}], got {value}")
     setattr(params, name, float(value))

@@ -18,7 +18,7 @@ from radixlm.executor.model_runner import ModelRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
 from radixlm.outputs import TokenOutput
-from radixlm.request import Request
+from radixlm.request import FinishKind, FinishReason, Request
 from radixlm.sched.grammar_state import GrammarState
 from radixlm.sched.kv_manager import KVManager
 from radixlm.sched.scheduler import Scheduler, SchedulerLimits
@@ -77,11 +77,26 @@ class EngineCore:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def add_request(self, msg: ipc.AddRequest) -> None:
+    def add_request(self, msg: ipc.AddRequest) -> TokenOutput | None:
+        """Queue a request.
+
+        Returns:
+            None when queued; an ABORT output naming the reason when the request cannot even be
+            queued (a constraint the compiler cannot take, say), so one bad request never takes
+            the core down.
+        """
         req = Request(rid=msg.rid, input_ids=list(msg.input_ids), params=msg.params,
                       logprob=msg.logprob, namespace=msg.namespace)
-        self.grammar.submit(req)
-        self.scheduler.add(req)
+        try:
+            self.grammar.submit(req)
+            self.scheduler.add(req)
+        except Exception as exc:
+            logger.warning("request %s refused:\n%s", msg.rid, traceback.format_exc())
+            self.grammar.forget(req)
+            reason = FinishReason(FinishKind.ABORT, message=f"invalid request: {exc!r}")
+            return TokenOutput(rid=msg.rid, new_token_ids=[], finish=reason,
+                               prompt_tokens=len(req.input_ids), cached_tokens=0)
+        return None
 
     def abort(self, rid: str, message: str = "aborted") -> TokenOutput | None:
         """Finish request ``rid`` now, even with a step of it in flight (that row's result is
@@ -208,7 +223,9 @@ def _drain_messages(core: EngineCore, conn) -> bool:
 
 def _handle(core: EngineCore, conn, msg) -> bool:
     if isinstance(msg, ipc.AddRequest):
-        core.add_request(msg)
+        refused = core.add_request(msg)
+        if refused is not None:
+            conn.send(ipc.Outputs([refused]))
     elif isinstance(msg, ipc.AbortRequest):
         out = core.abort(msg.rid, msg.message)
         if out is not None:

@@ -102,19 +102,27 @@ class Engine:
                 future.set_result(msg.value)
 
     def _mark_dead(self, reason: str) -> None:
-        self._dead = reason
+        # Both the receiving thread and a failed send may find the core gone: first one wins.
         with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = reason
             states, self._states = list(self._states.values()), {}
         for state in states:
             state.fail(EngineDeadError(reason))
-        for future in self._replies.values():
-            future.set_exception(EngineDeadError(reason))
+        for future in list(self._replies.values()):
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
 
     def _send(self, msg: Any) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        with self._lock:
-            self._conn.send(msg)
+        try:
+            with self._lock:
+                self._conn.send(msg)
+        except OSError as exc:  # a broken pipe before the receiving thread noticed the exit
+            self._mark_dead(f"the engine core process exited ({exc})")
+            raise EngineDeadError(self._dead) from None
 
     # ---- submitting -----------------------------------------------------------------------
 
@@ -131,15 +139,21 @@ class Engine:
             busy = [r for r in rids if r in self._states or f"{r}-0" in self._states]
         if busy:
             raise RequestError(f"request id {busy[0]!r} is already in flight", "rid")
-        states = []
-        for base, ids, params in zip(rids, prompts, params_list):
-            for sub_rid, sub_params in _fan_out(base, params):
-                state = RequestState(sub_rid, ids, sub_params, logprob, self.tokenizer, stream,
-                                     loop)
-                with self._lock:
-                    self._states[sub_rid] = state
-                self._send(ipc.AddRequest(sub_rid, ids, sub_params, logprob))
-                states.append(state)
+        states: list[RequestState] = []
+        try:
+            for base, ids, params in zip(rids, prompts, params_list):
+                for sub_rid, sub_params in _fan_out(base, params):
+                    state = RequestState(sub_rid, ids, sub_params, logprob, self.tokenizer,
+                                         stream, loop)
+                    with self._lock:
+                        self._states[sub_rid] = state
+                    states.append(state)
+                    self._send(ipc.AddRequest(sub_rid, ids, sub_params, logprob))
+        except EngineDeadError:
+            with self._lock:  # nothing will ever finish these: do not count them as queued
+                for state in states:
+                    self._states.pop(state.rid, None)
+            raise
         return states
 
     def _prompt_ids(self, prompt, input_ids) -> list[list[int]]:
@@ -149,11 +163,19 @@ class Engine:
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise RequestError("prompt must be a string or a list of strings", "prompt")
-            return [self.tokenizer.encode(t) for t in texts]
+            return [self._encode(t) for t in texts]
         batch = [input_ids] if input_ids and isinstance(input_ids[0], int) else list(input_ids)
+        if not batch:
+            raise RequestError("input_ids must be a non-empty list of token ids", "input_ids")
         for ids in batch:
             self._validate_ids(ids)
         return [list(ids) for ids in batch]
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except Exception as exc:  # e.g. a lone surrogate the tokenizer cannot take
+            raise RequestError(f"the prompt cannot be tokenized: {exc}", "prompt") from None
 
     def _validate_ids(self, ids) -> None:
         if not isinstance(ids, (list, tuple)) or not ids:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from radixlm import Engine, RequestError
+from radixlm import Engine, EngineDeadError, RequestError
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,12 @@ def test_invalid_requests_raise_and_queue_nothing(engine):
         engine.generate(input_ids=[engine.vocab_size + 5])
     with pytest.raises(RequestError):
         engine.generate(prompt="x", sampling_params={"bogus": 1})
+    with pytest.raises(RequestError) as err:
+        engine.generate(input_ids=[])
+    assert err.value.param == "input_ids"
+    with pytest.raises(RequestError) as err:
+        engine.generate(prompt="half a surrogate \ud800 pair")
+    assert err.value.param == "prompt"
     assert engine.server_info()["waiting_requests"] == 0
 
 
@@ -97,3 +103,16 @@ def test_logprobs_shape(engine):
     assert all(len(top) == 2 for top in meta["output_top_logprobs"])
     assert meta["input_token_logprobs"][0][0] is None
     assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]
+
+
+def test_requests_after_the_core_died_fail_fast_and_leave_nothing_queued(tiny_llama3_dir):
+    dying = Engine(model=str(tiny_llama3_dir), kv_cache_tokens=4096)
+    try:
+        dying._proc.kill()
+        dying._proc.join(10)
+        for _ in range(3):
+            with pytest.raises(EngineDeadError):
+                dying.generate(prompt="anyone there?", sampling_params=GREEDY)
+        assert not dying._states, "refused requests must not stay counted as queued"
+    finally:
+        dying.shutdown()

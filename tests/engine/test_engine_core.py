@@ -187,3 +187,16 @@ def test_max_new_tokens_zero_returns_prompt_logprobs_only(core):
     assert got["ids"] == []
     assert [t for _, t in got["input"]] == ids[5:]
     assert all(v is not None for v, _ in got["input"])
+
+
+def test_a_request_the_core_cannot_queue_is_refused_alone(core):
+    # Skips validation on purpose: an unhashable constraint made the grammar cache raise
+    # inside the core, which used to kill the core process.
+    bad = SamplingParams(max_new_tokens=4)
+    bad.regex = ["a"]
+    refused = core.add_request(ipc.AddRequest("bad", [1, 2, 3], bad, LogprobOptions()))
+    assert refused is not None and refused.rid == "bad"
+    assert refused.finish.kind.value == "abort" and "invalid request" in refused.finish.message
+    results = run_all(core, [("good", [5, 6, 7], {"max_new_tokens": 3, "temperature": 0.0})])
+    assert len(results["good"]["ids"]) == 3 and "bad" not in results
+    assert_all_free(core)
