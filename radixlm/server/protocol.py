@@ -12,9 +12,10 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from radixlm.server.errors import APIError, validation_message
+from radixlm.sampling_params import SamplingParams, SamplingParamsError
+from radixlm.server.errors import APIError
 
 # Parameters the OpenAI API defines but radixlm does not implement: rejected loudly rather than
 # silently ignored, because ignoring them would change what the caller gets.
@@ -151,56 +152,27 @@ class GenerateRequest(BaseModel):
     rid: str | list[str] | None = None
 
 
-class NativeSamplingParams(BaseModel):
-    """Types of /generate's ``sampling_params``, checked before anything reaches the engine.
+def native_sampling_params(values: Any, vocab_size: int) -> dict[str, Any]:
+    """Check one native ``sampling_params`` dict by the engine's own rules, before queueing.
 
-    The engine checks ranges (and names the field), but a value of the wrong type can get past
-    its checks and fail later: an unhashable ``regex`` kills the engine core, a string
-    ``skip_special_tokens`` breaks the detokenizer. Keys not declared here go to the engine
-    as given, which rejects unknown ones by name.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: FiniteFloat = 1.0
-    top_p: FiniteFloat = 1.0
-    top_k: int = -1
-    min_p: FiniteFloat = 0.0
-    frequency_penalty: FiniteFloat = 0.0
-    presence_penalty: FiniteFloat = 0.0
-    repetition_penalty: FiniteFloat = 1.0
-    stop: str | list[str] = []
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
-    n: int = 1
-    seed: int | None = None
-    skip_special_tokens: bool = True
-    logit_bias: dict[str, FiniteFloat] = {}
-    regex: str | None = None
-    json_schema: str | dict[str, Any] | None = None
-    choices: list[str] | None = None
-
-
-def native_sampling_params(values: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    """Check the types of one native ``sampling_params`` dict.
+    ``SamplingParams`` is the one definition of the fields, their types and ranges; checking
+    here turns its error into a 400 naming the field instead of a failed job.
 
     Returns:
-        The dict with only the keys the caller gave, values coerced to their types and
-        ``logit_bias`` keys as token ids.
+        The dict as given, ``logit_bias`` keys converted to token ids.
 
     Raises:
-        APIError: a value of the wrong type, naming the field.
+        APIError: an unknown key or an invalid value, naming the field.
     """
-    try:
-        checked = NativeSamplingParams.model_validate(values)
-    except ValidationError as exc:
-        message, param = validation_message(exc.errors())
-        raise APIError(400, message, (param or "sampling_params").split(".")[0]) from None
-    out = checked.model_dump(exclude_unset=True)
-    if "logit_bias" in out:
+    if not isinstance(values, dict):
+        raise APIError(400, "'sampling_params' must be an object", "sampling_params")
+    out = dict(values)
+    if isinstance(out.get("logit_bias"), dict):
         out["logit_bias"] = logit_bias(out["logit_bias"], vocab_size)
+    try:
+        SamplingParams.from_dict(out)
+    except SamplingParamsError as exc:
+        raise APIError(400, f"sampling_params.{exc}", exc.field) from None
     return out
 
 
@@ -310,6 +282,10 @@ def _copy_if_set(req: BaseModel, params: dict[str, Any], names: dict[str, str]) 
             params[target] = value
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     """Check and convert OpenAI's ``{"token_id": bias}`` map (bias in [-100, 100])."""
     out: dict[int, float] = {}
@@ -320,9 +296,9 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
         if not 0 <= token < vocab_size:
             raise APIError(400, f"logit_bias token id {token} is outside the vocabulary "
                                 f"(size {vocab_size})", "logit_bias")
-        if not -100.0 <= value <= 100.0:
-            raise APIError(400, f"logit_bias value {value} for token {token} is outside "
-                                "[-100, 100]", "logit_bias")
+        if not _is_number(value) or not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias value {value!r} for token {token} is not a number "
+                                "in [-100, 100]", "logit_bias")
         out[token] = float(value)
     return out
 

@@ -59,7 +59,7 @@ def test_max_tokens_precedence():
 
 @pytest.mark.parametrize("bias, message", [
     ({"abc": 1}, "not a token id"), ({"100": 1}, "outside the vocabulary"),
-    ({"-1": 1}, "outside the vocabulary"), ({"3": 101}, r"outside \[-100, 100\]"),
+    ({"-1": 1}, "outside the vocabulary"), ({"3": 101}, r"not a number in \[-100, 100\]"),
 ])
 def test_logit_bias_rejects_bad_entries(bias, message):
     with pytest.raises(APIError, match=message) as err:
@@ -169,6 +169,8 @@ def test_engine_errors_map_to_statuses():
     ({"logit_bias": {"1": math.nan}}, "logit_bias"),
     ({"max_new_tokens": None}, "max_new_tokens"),
     ({"json_schema": 5}, "json_schema"),
+    ({"logit_bias": {"1": "high"}}, "logit_bias"),
+    ({"max_new_tokens": "5"}, "max_new_tokens"),
 ])
 def test_native_sampling_params_reject_wrong_types_by_field(values, param):
     with pytest.raises(APIError) as err:
@@ -182,8 +184,9 @@ def test_native_sampling_params_keep_only_what_was_given():
                                   "json_schema": {"type": "object"}, "seed": None}, 100)
     assert out == {"max_new_tokens": 4, "stop": "x", "logit_bias": {5: 1.0},
                    "json_schema": {"type": "object"}, "seed": None}
-    # unknown keys are the engine's to reject (it names them)
-    assert native_sampling_params({"temprature": 1}, 100) == {"temprature": 1}
+    with pytest.raises(APIError) as err:  # a misspelt key is named, not ignored
+        native_sampling_params({"temprature": 1}, 100)
+    assert err.value.param == "temprature"
     assert SamplingParams.from_dict(native_sampling_params({"n": 2, "top_k": 5}, 100)).n == 2
 
 
