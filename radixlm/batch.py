@@ -10,11 +10,15 @@ before attention runs.
 from __future__ import annotations
 
 import enum
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from radixlm.prefix_groups import PrefixGroups, find_prefix_groups_flat
+from radixlm.slots import as_slot_array, concat_slots
 
 
 class ForwardMode(enum.Enum):
@@ -77,18 +81,23 @@ class ForwardBatch:
     def build(
         cls,
         new_tokens: list[list[int]],
-        seq_slots: list[list[int] | torch.Tensor],
+        seq_slots: Sequence[np.ndarray | torch.Tensor | list[int]],
         logits_rows: list[list[int]] | None = None,
         mode: ForwardMode | None = None,
         device: torch.device | str = "cpu",
         prefix_min_shared: int | None = None,
     ) -> ForwardBatch:
-        """Build from Python lists.
+        """Build from per-sequence token lists and slot arrays.
+
+        The slots are concatenated once (numpy) and every per-token index array is computed
+        vectorized from the sequence lengths, so the cost per sequence is a few list
+        operations; each tensor then reaches ``device`` in one copy (pinned, non-blocking on
+        CUDA).
 
         Args:
             new_tokens: per sequence, the token ids to run now.
             seq_slots: per sequence, the pool slots of all its tokens (prefix, then new tokens),
-                as a list or an int64 tensor.
+                as an int64 numpy array (what the scheduler hands over), a list, or a tensor.
             logits_rows: per sequence, which of its new tokens (0-based within the sequence's
                 new tokens) need logits; default: the last one.
             mode: forced mode; default DECODE when every sequence brings exactly one token.
@@ -100,45 +109,61 @@ class ForwardBatch:
             The batch, tensors on ``device``.
         """
         extend_lens = [len(t) for t in new_tokens]
-        seq_lens = [len(s) for s in seq_slots]
+        slot_arrays = [as_slot_array(s) for s in seq_slots]
+        seq_lens = [len(s) for s in slot_arrays]
         if mode is None:
             mode = ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
-        if logits_rows is None:
-            logits_rows = [[n - 1] for n in extend_lens]
-        slot_tensors = [torch.as_tensor(s, dtype=torch.int64) for s in seq_slots]
-        positions, rows, offset = [], [], 0
-        for want, n, total in zip(logits_rows, extend_lens, seq_lens):
-            positions.extend(range(total - n, total))
-            rows.extend(offset + r for r in want)
-            offset += n
-        all_slots = torch.cat(slot_tensors) if slot_tensors else torch.zeros(0, dtype=torch.int64)
-        new_slots = [s[len(s) - n :] for s, n in zip(slot_tensors, extend_lens)]
-        out_loc = torch.cat(new_slots) if new_slots else torch.zeros(0, dtype=torch.int64)
+        all_slots = concat_slots(slot_arrays)
+        qo_indptr = _offsets(extend_lens)
+        kv_indptr = _offsets(seq_lens)
+        positions = _new_token_positions(extend_lens, seq_lens, qo_indptr)
+        # A new token's slot sits at its position within its sequence's run of slots.
+        ext = np.asarray(extend_lens, dtype=np.int64)
+        out_loc = all_slots[np.repeat(kv_indptr[:-1], ext) + positions]
         groups = None
         if prefix_min_shared is not None and mode is ForwardMode.DECODE:
             groups = find_prefix_groups_flat(all_slots, seq_lens, prefix_min_shared, device)
         return cls(
             mode=mode,
-            input_ids=_long([t for toks in new_tokens for t in toks], device),
-            positions=_long(positions, device),
-            out_cache_loc=_to_device(out_loc, device),
+            input_ids=_long(list(itertools.chain.from_iterable(new_tokens)), device),
+            positions=_to_device(torch.from_numpy(positions), device),
+            out_cache_loc=_to_device(torch.from_numpy(out_loc), device),
             seq_lens=_int(seq_lens, device),
             extend_lens=_int(extend_lens, device),
-            qo_indptr=_int(_cumsum(extend_lens), device),
-            kv_indptr=_int(_cumsum(seq_lens), device),
-            kv_indices=_to_device(all_slots, device),
-            logits_indices=_long(rows, device),
+            qo_indptr=_to_device(torch.from_numpy(qo_indptr.astype(np.int32)), device),
+            kv_indptr=_to_device(torch.from_numpy(kv_indptr.astype(np.int32)), device),
+            kv_indices=_to_device(torch.from_numpy(all_slots), device),
+            logits_indices=_long(_logits_indices(logits_rows, qo_indptr), device),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
             prefix_groups=groups,
         )
 
 
-def _cumsum(values: list[int]) -> list[int]:
-    out = [0]
-    for v in values:
-        out.append(out[-1] + v)
+def _offsets(lengths: list[int]) -> np.ndarray:
+    """[len + 1] int64 exclusive prefix sums: where each run starts, then the total."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
     return out
+
+
+def _new_token_positions(extend_lens: list[int], seq_lens: list[int],
+                         qo_indptr: np.ndarray) -> np.ndarray:
+    """[T] int64 absolute positions of the new tokens: sequence ``i``'s run is
+    ``seq_lens[i] - extend_lens[i] .. seq_lens[i] - 1``."""
+    ext = np.asarray(extend_lens, dtype=np.int64)
+    first = np.asarray(seq_lens, dtype=np.int64) - ext
+    # Row r of sequence i is its (r - qo_indptr[i])-th new token.
+    within = np.arange(int(qo_indptr[-1]), dtype=np.int64) - np.repeat(qo_indptr[:-1], ext)
+    return np.repeat(first, ext) + within
+
+
+def _logits_indices(logits_rows: list[list[int]] | None, qo_indptr: np.ndarray) -> list[int]:
+    """Rows of the T new tokens whose logits are wanted (default: each sequence's last)."""
+    if logits_rows is None:
+        return [end - 1 for end in qo_indptr[1:].tolist()]
+    starts = qo_indptr[:-1].tolist()
+    return [start + r for start, want in zip(starts, logits_rows) for r in want]
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -181,7 +206,8 @@ class ScheduledSeq:
     Attributes:
         rid: request id (for logs and results only).
         new_tokens: tokens to run now.
-        slots: pool slots of every token of the sequence up to and including ``new_tokens``.
+        slots: pool slots of every token of the sequence up to and including ``new_tokens``
+            (int64 numpy array, a view of the request's slots).
         sample: sample a next token from the last row.
         logits_from: first row (within ``new_tokens``) whose logits are wanted for input-token
             logprobs, or None.
@@ -199,7 +225,7 @@ class ScheduledSeq:
 
     rid: str
     new_tokens: list[int]
-    slots: torch.Tensor
+    slots: np.ndarray
     sample: bool
     params: object
     prompt_ids: list[int]

@@ -7,9 +7,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from radixlm.sampling_params import SamplingParams
+from radixlm.slots import EMPTY_SLOTS, SLOT_DTYPE
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class Request:
 
     The sequence is ``input_ids + output_ids``. The first ``num_computed`` tokens have K/V in the
     pool at ``kv_slots[:num_computed]``; of those, the first ``tree_len`` slots belong to the radix
-    tree (the request holds a lock on ``tree_node``), the rest to the request.
+    tree (the request holds a lock on ``tree_node``), the rest to the request. Slots are int64
+    numpy arrays (:mod:`radixlm.slots`): the scheduler touches them for every running request
+    every step, and numpy's per-operation cost is a fraction of torch's.
     """
 
     rid: str
@@ -76,9 +79,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish: FinishReason | None = None
     # KV bookkeeping (owned by sched.kv_manager)
-    _kv_buf: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    _kv_buf: np.ndarray = field(default_factory=lambda: EMPTY_SLOTS)
     _kv_len: int = 0
-    spare_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    spare_slots: np.ndarray = field(default_factory=lambda: EMPTY_SLOTS)
     num_computed: int = 0
     tree_len: int = 0
     tree_node: Any = None
@@ -98,24 +101,44 @@ class Request:
     input_top_logprobs: list = field(default_factory=list)
 
     @property
-    def kv_slots(self) -> torch.Tensor:
-        """Slots of the tokens computed or scheduled so far, in sequence order."""
+    def kv_slots(self) -> np.ndarray:
+        """Slots of the tokens computed or scheduled so far, in sequence order (a view)."""
         return self._kv_buf[: self._kv_len]
 
     @kv_slots.setter
-    def kv_slots(self, slots: torch.Tensor) -> None:
+    def kv_slots(self, slots: np.ndarray) -> None:
+        # Taken over, not copied: callers hand in an array nobody else holds.
         self._kv_buf = slots
         self._kv_len = len(slots)
 
-    def append_slots(self, slots: torch.Tensor) -> None:
+    def kv_slots_until(self, end: int) -> np.ndarray:
+        """``kv_slots[:end]`` in one slice (a view)."""
+        return self._kv_buf[: min(end, self._kv_len)]
+
+    def append_slots(self, slots: np.ndarray) -> None:
         """Append slots in amortised O(len(slots)): the buffer grows by doubling."""
         end = self._kv_len + len(slots)
-        if end > len(self._kv_buf):
-            grown = torch.empty(max(end, 2 * len(self._kv_buf), 64), dtype=torch.int64)
-            grown[: self._kv_len] = self._kv_buf[: self._kv_len]
-            self._kv_buf = grown
+        self._reserve_kv(end)
         self._kv_buf[self._kv_len : end] = slots
         self._kv_len = end
+
+    def append_slot(self, slot: int) -> None:
+        """Append one slot (a decode step's); amortised O(1)."""
+        end = self._kv_len + 1
+        self._reserve_kv(end)
+        self._kv_buf[self._kv_len] = slot
+        self._kv_len = end
+
+    def _reserve_kv(self, size: int) -> None:
+        """Grow the slot buffer (by doubling) so it holds ``size`` slots.
+
+        Slot views handed out earlier (scheduled rows) keep pointing at the old buffer, whose
+        first ``_kv_len`` entries never change, so they stay valid.
+        """
+        if size > len(self._kv_buf):
+            grown = np.empty(max(size, 2 * len(self._kv_buf), 64), dtype=SLOT_DTYPE)
+            grown[: self._kv_len] = self._kv_buf[: self._kv_len]
+            self._kv_buf = grown
 
     @property
     def seq(self) -> list[int]:

@@ -69,7 +69,7 @@ class Workload:
         present = self.cache.insert(key, slots)
         aligned = len(key) - len(key) % self.ps
         for part in (slots[:present], slots[aligned:]):
-            if part.numel():
+            if part.size:
                 self.alloc.free(part)
         return present
 

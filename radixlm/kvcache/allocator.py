@@ -3,8 +3,9 @@
 The free list is an array used as a stack of page ids, so ``alloc`` and ``free`` cost a handful of
 vectorized ops whatever the number of pages involved (no per-slot Python loop). The bookkeeping
 arrays are numpy rather than torch because each call is a few small ops and numpy's per-op
-overhead is several times lower on CPU; slots cross the API as torch tensors (shared memory, no
-copy). A per-page free flag catches double frees, which are always bugs in the caller.
+overhead is several times lower on CPU; slots cross the API as int64 numpy arrays too (see
+:mod:`radixlm.slots`). A per-page free flag catches double frees, which are always bugs in the
+caller.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from radixlm.slots import as_slot_array
+
 
 class PageAllocator:
     """Hands out whole pages of ``page_size`` consecutive KV slots.
 
     Usable slots are ``[first_slot, first_slot + num_pages * page_size)``; page ``p`` covers slots
-    ``first_slot + p * page_size + [0, page_size)``. Slots are CPU int64 tensors.
+    ``first_slot + p * page_size + [0, page_size)``. Slots are int64 numpy arrays.
 
     Args:
         num_pages: pages under management.
@@ -59,15 +62,15 @@ class PageAllocator:
         self._page_is_free[:] = True
         self._num_free = self.num_pages
 
-    def alloc(self, num_tokens: int) -> torch.Tensor | None:
+    def alloc(self, num_tokens: int) -> np.ndarray | None:
         """Take ``num_tokens // page_size`` whole pages.
 
         Args:
             num_tokens: slots wanted; a multiple of ``page_size``.
 
         Returns:
-            The slots (int64, page after page, each page's slots in order), or None when fewer
-            than ``num_tokens`` slots are free (nothing is taken then).
+            The slots (a new int64 array, page after page, each page's slots in order), or None
+            when fewer than ``num_tokens`` slots are free (nothing is taken then).
 
         Raises:
             ValueError: ``num_tokens`` is negative or not a multiple of ``page_size``.
@@ -83,13 +86,14 @@ class PageAllocator:
         pages = self._stack[top - num_pages : top][::-1]
         self._num_free = top - num_pages
         self._page_is_free[pages] = False
-        return torch.from_numpy(self._pages_to_slots(pages))
+        return self._pages_to_slots(pages)
 
-    def free(self, slots: torch.Tensor) -> None:
+    def free(self, slots: np.ndarray | torch.Tensor) -> None:
         """Return whole pages to the free list.
 
         Args:
-            slots: every slot of each page being freed (any order, any device).
+            slots: every slot of each page being freed (any order; a numpy array, or a torch
+                tensor on any device).
 
         Raises:
             ValueError: a slot outside the usable range, a partial page, a page listed twice,
@@ -108,9 +112,9 @@ class PageAllocator:
         self._num_free = top + pages.size
         self._page_is_free[pages] = True
 
-    def free_slots(self) -> torch.Tensor:
-        """All free slots (int64, unordered)."""
-        return torch.from_numpy(self._pages_to_slots(self._stack[: self._num_free]))
+    def free_slots(self) -> np.ndarray:
+        """All free slots (a new int64 array, unordered)."""
+        return self._pages_to_slots(self._stack[: self._num_free])
 
     def free_slot_set(self) -> set[int]:
         """All free slots as a Python set (for invariant checks and tests)."""
@@ -130,10 +134,9 @@ class PageAllocator:
         slots = pages[:, None] * self.page_size + self._page_offsets
         return slots.reshape(-1) + self.first_slot
 
-    def _slots_to_pages(self, slots: torch.Tensor) -> np.ndarray:
+    def _slots_to_pages(self, slots: np.ndarray | torch.Tensor) -> np.ndarray:
         """Page ids of whole pages given as slots; validates range and completeness."""
-        flat = slots.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
-        rel = flat - self.first_slot  # a new array: the caller's tensor is never written
+        rel = as_slot_array(slots) - self.first_slot  # a new array: the caller's is never written
         if rel.size % self.page_size:
             raise ValueError(f"free(): {rel.size} slots is not whole pages of {self.page_size}")
         if rel.size and (rel.min() < 0 or rel.max() >= self.capacity_tokens):

@@ -1,8 +1,9 @@
 """Radix tree of token ids over KV slots: the prefix cache behind RadixAttention.
 
 Each edge holds a run of token ids (``key``) and the KV slots of those tokens (``slots``, an int64
-tensor of the same length). The tree knows nothing of requests: callers match a prefix,
-lock the node where the match ends while they use its slots, insert what they computed, and unlock.
+numpy array of the same length; see :mod:`radixlm.slots`). The tree knows nothing of requests:
+callers match a prefix, lock the node where the match ends while they use its slots, insert what
+they computed, and unlock.
 
 Page granularity: with ``page_size > 1`` only whole pages are cached, edges are split only at page
 boundaries and children are keyed by their first page, so a cached prefix always ends on a page
@@ -28,9 +29,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-_EMPTY_SLOTS = torch.empty(0, dtype=torch.int64)
+from radixlm.slots import EMPTY_SLOTS, as_slot_array, concat_slots
+
 _TOKEN_BYTES = 4  # keys are native-endian int32 token ids
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -41,7 +44,7 @@ class TreeNode:
     Attributes:
         key: token ids of the edge, packed int32 (empty only for a namespace root); see
             ``token_ids()``.
-        slots: KV slots of those tokens (int64, one per token of ``key``).
+        slots: KV slots of those tokens (int64 array, one per token of ``key``).
         children: child nodes keyed by their first page (packed token ids).
         parent: the parent node; None for a root and for a node that has been evicted.
         lock_ref: number of locks taken on this node or any node below it.
@@ -50,7 +53,7 @@ class TreeNode:
 
     __slots__ = ("key", "slots", "children", "parent", "lock_ref", "last_access", "in_heap")
 
-    def __init__(self, key: bytes, slots: torch.Tensor, parent: TreeNode | None, now: int):
+    def __init__(self, key: bytes, slots: np.ndarray, parent: TreeNode | None, now: int):
         self.key = key
         self.slots = slots
         self.children: dict[bytes, TreeNode] = {}
@@ -77,13 +80,14 @@ class MatchResult:
     """The longest cached prefix of a key.
 
     Attributes:
-        slots: KV slots of the matched tokens (int64, ``length`` long; a fresh tensor).
+        slots: KV slots of the matched tokens (int64 array, ``length`` long; a new array, never
+            a view of the tree's own).
         node: the node where the match ends (the namespace root when nothing matched); pass it
             to ``lock``/``unlock``.
         length: matched tokens (a multiple of ``page_size``).
     """
 
-    slots: torch.Tensor
+    slots: np.ndarray
     node: TreeNode
     length: int
 
@@ -101,7 +105,7 @@ class RadixCache:
     def __init__(
         self,
         page_size: int = 1,
-        free_fn: Callable[[torch.Tensor], None] | None = None,
+        free_fn: Callable[[np.ndarray], None] | None = None,
         disabled: bool = False,
     ):
         if page_size < 1:
@@ -152,13 +156,16 @@ class RadixCache:
         """
         root = self._namespace_root(namespace)
         if self.disabled:
-            return MatchResult(_EMPTY_SLOTS.clone(), root, 0)
+            return MatchResult(concat_slots([]), root, 0)
         packed = _pack(token_ids)
         node, length, parts = self._descend(root, packed, _aligned(len(packed), self._page_bytes))
-        return MatchResult(_concat(parts), node, length)
+        return MatchResult(concat_slots(parts), node, length)
 
     def insert(
-        self, token_ids: Sequence[int], slots: torch.Tensor, namespace: str | None = None
+        self,
+        token_ids: Sequence[int],
+        slots: np.ndarray | torch.Tensor,
+        namespace: str | None = None,
     ) -> int:
         """Cache the first ``floor(len / page_size) * page_size`` tokens of ``token_ids``.
 
@@ -170,7 +177,8 @@ class RadixCache:
 
         Args:
             token_ids: the key.
-            slots: KV slots of the key's tokens; at least ``aligned`` long.
+            slots: KV slots of the key's tokens (int64 array, or a tensor); at least ``aligned``
+                long.
             namespace: the key's namespace.
 
         Returns:
@@ -179,6 +187,7 @@ class RadixCache:
         packed = _pack(token_ids)
         end = _aligned(len(packed), self._page_bytes)
         aligned = end // _TOKEN_BYTES
+        slots = as_slot_array(slots)
         if len(slots) < aligned:
             raise ValueError(f"insert(): {len(slots)} slots for {aligned} tokens")
         root = self._namespace_root(namespace)
@@ -189,7 +198,7 @@ class RadixCache:
         node, present, _ = self._descend(root, packed, end)
         if present < aligned:
             key = packed[present * _TOKEN_BYTES : end]
-            self._add_leaf(node, key, slots[present:aligned].clone())
+            self._add_leaf(node, key, slots[present:aligned].copy())
         return present
 
     # ---- locking ------------------------------------------------------------------------------
@@ -249,7 +258,7 @@ class RadixCache:
         Returns:
             Tokens actually freed (their slots went to ``free_fn``).
         """
-        freed: list[torch.Tensor] = []
+        freed: list[np.ndarray] = []
         count = 0
         while count < num_tokens and self._heap:
             queued_at, _, node = heapq.heappop(self._heap)
@@ -263,7 +272,7 @@ class RadixCache:
             freed.append(node.slots)
             self._remove_leaf(node)
         if freed:
-            self.free_fn(_concat(freed))
+            self.free_fn(concat_slots(freed))
         return count
 
     def reset(self) -> None:
@@ -277,19 +286,21 @@ class RadixCache:
         held = [node.slots for node in self._all_nodes()]
         self.reset_state()
         if held:
-            self.free_fn(_concat(held))
+            self.free_fn(concat_slots(held))
 
     def reset_state(self) -> None:
         """Forget the whole tree without freeing anything (for when the pool itself is reset)."""
         self._clock = 0
-        self._roots: dict[str | None, TreeNode] = {None: TreeNode(b"", _EMPTY_SLOTS, None, 0)}
+        self._roots: dict[str | None, TreeNode] = {None: TreeNode(b"", EMPTY_SLOTS, None, 0)}
         self._heap: list[tuple[int, int, TreeNode]] = []
         self._evictable = 0
         self._locked = 0
 
     # ---- invariants -------------------------------------------------------------------------
 
-    def check_invariants(self, allocator: Any, live_slots: Iterable[torch.Tensor] = ()) -> None:
+    def check_invariants(
+        self, allocator: Any, live_slots: Iterable[np.ndarray | torch.Tensor] = ()
+    ) -> None:
         """Assert the tree's structure and that every usable slot is in exactly one place.
 
         Args:
@@ -299,7 +310,7 @@ class RadixCache:
         Raises:
             AssertionError: with a message naming the broken invariant.
         """
-        tree_slots: list[torch.Tensor] = []
+        tree_slots: list[np.ndarray] = []
         evictable = locked = 0
         queued = self._check_heap()
         for node in self._all_nodes():
@@ -322,7 +333,7 @@ class RadixCache:
     def _namespace_root(self, namespace: str | None) -> TreeNode:
         root = self._roots.get(namespace)
         if root is None:
-            root = self._roots[namespace] = TreeNode(b"", _EMPTY_SLOTS, None, 0)
+            root = self._roots[namespace] = TreeNode(b"", EMPTY_SLOTS, None, 0)
         return root
 
     def _is_root(self, node: TreeNode) -> bool:
@@ -334,12 +345,12 @@ class RadixCache:
 
     def _descend(
         self, root: TreeNode, packed: bytes, end: int
-    ) -> tuple[TreeNode, int, list[torch.Tensor]]:
+    ) -> tuple[TreeNode, int, list[np.ndarray]]:
         """Walk ``packed[:end]`` (bytes) from ``root``, touching the path; split where a match
         ends inside an edge.
 
         Returns:
-            (node where the match ends, matched tokens, slot tensors along the path).
+            (node where the match ends, matched tokens, slot arrays along the path).
         """
         self._clock += 1
         now, page_bytes = self._clock, self._page_bytes
@@ -379,7 +390,7 @@ class RadixCache:
         upper.children[self._child_key(child.key)] = child
         return upper
 
-    def _add_leaf(self, parent: TreeNode, key: bytes, slots: torch.Tensor) -> None:
+    def _add_leaf(self, parent: TreeNode, key: bytes, slots: np.ndarray) -> None:
         leaf = TreeNode(key, slots, parent, self._clock)
         parent.children[self._child_key(key)] = leaf
         self._evictable += leaf.num_tokens
@@ -424,7 +435,7 @@ class RadixCache:
         key_len, ps = node.num_tokens, self.page_size
         assert len(node.key) % _TOKEN_BYTES == 0, f"{node!r}: key of {len(node.key)} bytes"
         assert key_len > 0 and key_len % ps == 0, f"{node!r}: edge of {key_len} tokens (page {ps})"
-        assert node.slots.dim() == 1 and node.slots.numel() == key_len, (
+        assert node.slots.ndim == 1 and node.slots.size == key_len, (
             f"{node!r}: key of {key_len} tokens but {tuple(node.slots.shape)} slots"
         )
         assert (
@@ -465,12 +476,6 @@ def _aligned(num_bytes: int, page_bytes: int) -> int:
     return num_bytes - num_bytes % page_bytes
 
 
-def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
-    if not parts:
-        return _EMPTY_SLOTS.clone()
-    return torch.cat(parts)
-
-
 def _common_prefix_bytes(packed: bytes, start: int, end: int, key: bytes) -> int:
     """Length in bytes of the common prefix of ``packed[start:end]`` and ``key``.
 
@@ -491,24 +496,26 @@ def _common_prefix_bytes(packed: bytes, start: int, end: int, key: bytes) -> int
 
 
 def _check_slot_partition(
-    allocator: Any, tree_slots: list[torch.Tensor], live_slots: list[torch.Tensor]
+    allocator: Any,
+    tree_slots: list[np.ndarray],
+    live_slots: list[np.ndarray | torch.Tensor],
 ) -> None:
     """Every usable slot appears exactly once among free, tree and live slots."""
     first, capacity = allocator.first_slot, allocator.capacity_tokens
     groups = {"free": [allocator.free_slots()], "tree": tree_slots, "live": live_slots}
-    counts = torch.zeros(capacity, dtype=torch.int64)
-    for name, tensors in groups.items():
-        if not tensors:
+    counts = np.zeros(capacity, dtype=np.int64)
+    for name, arrays in groups.items():
+        if not arrays:
             continue
-        slots = torch.cat([t.reshape(-1).cpu().to(torch.int64) for t in tensors]) - first
+        slots = concat_slots([as_slot_array(a) for a in arrays]) - first
         outside = slots[(slots < 0) | (slots >= capacity)]
-        assert outside.numel() == 0, (
+        assert outside.size == 0, (
             f"{name} slots outside the usable range: {(outside + first)[:8].tolist()}"
         )
-        counts += torch.bincount(slots, minlength=capacity)
-    twice = (counts > 1).nonzero().flatten()
-    assert twice.numel() == 0, f"slots in more than one place: {(twice + first)[:8].tolist()}"
-    missing = (counts == 0).nonzero().flatten()
-    assert missing.numel() == 0, (
+        counts += np.bincount(slots, minlength=capacity)
+    twice = np.flatnonzero(counts > 1)
+    assert twice.size == 0, f"slots in more than one place: {(twice + first)[:8].tolist()}"
+    missing = np.flatnonzero(counts == 0)
+    assert missing.size == 0, (
         f"leaked slots (not free, not live, not cached): {(missing + first)[:8].tolist()}"
     )

@@ -3,17 +3,19 @@
 The allocator hands out whole pages; a request fills its last page token by token, keeping the
 unused rest as ``spare_slots``. Only page-aligned prefixes enter the radix tree, so the unaligned
 tail of a sequence always stays with the request (and is freed with it).
+
+Slots are int64 numpy arrays (:mod:`radixlm.slots`); a decode step's allocation costs one
+allocator call for the whole batch and a few cheap scalar operations per request.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
 from radixlm.request import Request
-
-_EMPTY = torch.zeros(0, dtype=torch.int64)
+from radixlm.slots import EMPTY_SLOTS, concat_slots
 
 
 class KVManager:
@@ -49,7 +51,7 @@ class KVManager:
     def match(self, req: Request) -> int:
         """Give ``req`` its longest cached prefix (locked). Returns the prefix length."""
         if not self.enabled:
-            self._set_tree_prefix(req, _EMPTY, None)
+            self._set_tree_prefix(req, EMPTY_SLOTS, None)
             return 0
         limit = req.match_limit()
         result = self.tree.match_prefix(req.seq[:limit], namespace=req.namespace)
@@ -63,16 +65,16 @@ class KVManager:
             return 0
         return self.tree.match_prefix(req.seq[: req.match_limit()], namespace=req.namespace).length
 
-    def _set_tree_prefix(self, req: Request, slots: torch.Tensor, node) -> None:
+    def _set_tree_prefix(self, req: Request, slots: np.ndarray, node) -> None:
         req.kv_slots = slots
-        req.spare_slots = _EMPTY
+        req.spare_slots = EMPTY_SLOTS
         req.num_computed = len(slots)
         req.tree_len = len(slots)
         req.tree_node = node
 
     # ---- allocation -----------------------------------------------------------------------
 
-    def allocate(self, req: Request, num_new: int) -> torch.Tensor | None:
+    def allocate(self, req: Request, num_new: int) -> np.ndarray | None:
         """Slots for the next ``num_new`` tokens of ``req``, evicting cache if needed.
 
         Returns:
@@ -86,7 +88,7 @@ class KVManager:
             fresh = self.allocator.alloc(need)
             if fresh is None:
                 return None
-            req.spare_slots = torch.cat([req.spare_slots, fresh])
+            req.spare_slots = concat_slots([req.spare_slots, fresh])
         slots, req.spare_slots = req.spare_slots[:num_new], req.spare_slots[num_new:]
         req.append_slots(slots)
         return slots
@@ -97,17 +99,19 @@ class KVManager:
         Returns:
             False (nothing changed) when the pool cannot provide them even after eviction.
         """
-        needy = [r for r in reqs if len(r.spare_slots) == 0]
+        needy = [r for r in reqs if not len(r.spare_slots)]
         if needy:
             need = len(needy) * self.page_size
             fresh = self.allocator.alloc(need) if self.reserve(need) else None
             if fresh is None:
                 return False
-            for i, req in enumerate(needy):
-                req.spare_slots = fresh[i * self.page_size : (i + 1) * self.page_size]
+            # One row per needy request: iterating a 2-D array yields its rows as views.
+            for req, page in zip(needy, fresh.reshape(len(needy), self.page_size)):
+                req.spare_slots = page
         for req in reqs:
-            req.append_slots(req.spare_slots[:1])
-            req.spare_slots = req.spare_slots[1:]
+            spare = req.spare_slots
+            req.append_slot(spare[0])
+            req.spare_slots = spare[1:]
         return True
 
     def reserve(self, num_tokens: int) -> bool:
@@ -127,7 +131,7 @@ class KVManager:
         result = self.tree.match_prefix(req.seq[:aligned], namespace=req.namespace)
         self.tree.lock(result.node)
         self.tree.unlock(req.tree_node)
-        req.kv_slots = torch.cat([result.slots, req.kv_slots[result.length :]])
+        req.kv_slots = concat_slots([result.slots, req.kv_slots[result.length :]])
         req.tree_len = result.length
         req.tree_node = result.node
 
@@ -142,8 +146,8 @@ class KVManager:
         else:
             aligned = req.tree_len
         # The unaligned tail and the spare rest of its page make whole pages together.
-        self._free(torch.cat([req.kv_slots[aligned:], req.spare_slots]))
-        self._set_tree_prefix(req, _EMPTY, None)
+        self._free(concat_slots([req.kv_slots[aligned:], req.spare_slots]))
+        self._set_tree_prefix(req, EMPTY_SLOTS, None)
         req.num_computed = 0
 
     def _insert_computed(self, req: Request) -> int:
@@ -158,7 +162,7 @@ class KVManager:
         self._free(req.kv_slots[req.tree_len : max(present, req.tree_len)])
         return aligned
 
-    def _free(self, slots: torch.Tensor) -> None:
+    def _free(self, slots: np.ndarray) -> None:
         if len(slots):
             self.allocator.free(slots)
 
@@ -166,7 +170,7 @@ class KVManager:
         """Drop the whole radix cache (only valid when no request holds a lock)."""
         self.tree.reset()
 
-    def live_slots(self, reqs: list[Request]) -> list[torch.Tensor]:
+    def live_slots(self, reqs: list[Request]) -> list[np.ndarray]:
         """Slots owned by live requests (for invariant checks).
 
         That is everything past the tree prefix, including slots of tokens a launched step is

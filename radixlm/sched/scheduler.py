@@ -271,7 +271,7 @@ class Scheduler:
         return ScheduledSeq(
             rid=req.rid,
             new_tokens=new_tokens,
-            slots=req.kv_slots[:end],
+            slots=req.kv_slots_until(end),
             sample=completes and req.remaining_new_tokens > future_tokens,
             params=req.params,
             prompt_ids=req.input_ids,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -98,11 +98,11 @@ class Oracle:
         return len(self.units) * self.ps, locked
 
 
-@dataclass(eq=False)  # identity: LiveSeq holds tensors
+@dataclass(eq=False)  # identity: LiveSeq holds arrays
 class LiveSeq:
     ns: str | None
     tokens: list[int]
-    slots: torch.Tensor  # slots of every token (and the spare rest of the last page)
+    slots: np.ndarray  # slots of every token (and the spare rest of the last page)
     tree_len: int  # slots[:tree_len] belong to the tree (locked through node)
     node: TreeNode
 
@@ -113,17 +113,17 @@ class Harness:
     def __init__(self, page_size: int, num_pages: int = NUM_PAGES):
         self.ps = page_size
         self.alloc = PageAllocator(num_pages, page_size, first_slot=page_size)
-        self.tree_freed: list[torch.Tensor] = []
+        self.tree_freed: list[np.ndarray] = []
         self.cache = RadixCache(page_size, free_fn=self._tree_free)
         self.oracle = Oracle(page_size)
         self.live: list[LiveSeq] = []
 
-    def _tree_free(self, slots: torch.Tensor) -> None:
-        self.tree_freed.append(slots.clone())
+    def _tree_free(self, slots: np.ndarray) -> None:
+        self.tree_freed.append(slots.copy())
         self.alloc.free(slots)
 
-    def _free(self, slots: torch.Tensor) -> None:
-        if slots.numel():
+    def _free(self, slots: np.ndarray) -> None:
+        if slots.size:
             self.alloc.free(slots)
 
     def _round_up(self, n: int) -> int:
@@ -136,7 +136,7 @@ class Harness:
         assert result.slots.tolist() == slots, "matched slots differ from the oracle's"
         return result
 
-    def insert(self, ns, tokens: list[int], slots: torch.Tensor) -> int:
+    def insert(self, ns, tokens: list[int], slots: np.ndarray) -> int:
         present = self.cache.insert(tokens, slots, namespace=ns)
         expected = self.oracle.insert(ns, tokens, slots.tolist())
         assert present == expected, f"insert reports {present} present, oracle {expected}"
@@ -147,7 +147,7 @@ class Harness:
         locked = {s for u in self.oracle.units.values() if u.locks for s in u.slots}
         self.tree_freed.clear()
         got = self.cache.evict(num_tokens)
-        freed = torch.cat(self.tree_freed).tolist() if self.tree_freed else []
+        freed = np.concatenate(self.tree_freed).tolist() if self.tree_freed else []
         assert len(freed) == got and got % self.ps == 0
         assert got >= min(num_tokens, before), f"evicted {got} of {num_tokens}, {before} evictable"
         assert not locked & set(freed), "a locked slot was evicted"
@@ -178,7 +178,7 @@ class Harness:
             self.cache.unlock(result.node)
             self.oracle.lock(ns, tokens, result.length, -1)
             return False
-        slots = torch.cat([result.slots, own])
+        slots = np.concatenate([result.slots, own])
         self.live.append(LiveSeq(ns, tokens, slots, result.length, result.node))
         return True
 
@@ -195,7 +195,7 @@ class Harness:
         self.oracle.lock(seq.ns, seq.tokens, aligned, +1)
         self.cache.unlock(seq.node)
         self.oracle.lock(seq.ns, seq.tokens, seq.tree_len, -1)
-        seq.slots = torch.cat([result.slots, seq.slots[aligned:]])
+        seq.slots = np.concatenate([result.slots, seq.slots[aligned:]])
         seq.tree_len, seq.node = aligned, result.node
 
     def finish(self, seq: LiveSeq) -> None:

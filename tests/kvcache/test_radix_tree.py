@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,14 +19,14 @@ def make(page_size: int = 1, num_pages: int = 64, disabled: bool = False):
     return alloc, RadixCache(page_size, free_fn=alloc.free, disabled=disabled)
 
 
-def cache_seq(alloc: PageAllocator, cache: RadixCache, tokens: list[int], ns=None) -> torch.Tensor:
+def cache_seq(alloc: PageAllocator, cache: RadixCache, tokens: list[int], ns=None) -> np.ndarray:
     """Insert ``tokens`` with fresh slots the way a finished request would; returns its slots."""
     ps = cache.page_size
     slots = alloc.alloc(-(-len(tokens) // ps) * ps)
     present = cache.insert(tokens, slots[: len(tokens)], namespace=ns)
     aligned = len(tokens) - len(tokens) % ps
     for part in (slots[:present], slots[aligned:]):
-        if part.numel():
+        if part.size:
             alloc.free(part)
     return slots
 
@@ -33,7 +34,7 @@ def cache_seq(alloc: PageAllocator, cache: RadixCache, tokens: list[int], ns=Non
 def test_empty_tree_matches_nothing_at_root():
     _, cache = make()
     result = cache.match_prefix([1, 2, 3])
-    assert result.length == 0 and result.node is cache.root and result.slots.numel() == 0
+    assert result.length == 0 and result.node is cache.root and result.slots.size == 0
 
 
 def test_insert_reports_present_prefix_and_match_returns_its_slots():
@@ -117,7 +118,7 @@ def test_insert_keeps_a_copy_of_the_slots():
     slots = alloc.alloc(3)
     expected = slots.tolist()
     cache.insert([1, 2, 3], slots)
-    slots.fill_(0)  # the caller reuses its buffer
+    slots.fill(0)  # the caller reuses its buffer
     assert cache.match_prefix([1, 2, 3]).slots.tolist() == expected
 
 
