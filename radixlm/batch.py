@@ -113,76 +113,73 @@ class ForwardBatch:
         seq_lens = [len(s) for s in slot_arrays]
         if mode is None:
             mode = ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
+        device = torch.device(device)
+        ext = np.array(extend_lens, dtype=np.int64)
+        lens = np.array(seq_lens, dtype=np.int64)
         all_slots = concat_slots(slot_arrays)
-        qo_indptr = _offsets(extend_lens)
-        kv_indptr = _offsets(seq_lens)
-        positions = _new_token_positions(extend_lens, seq_lens, qo_indptr)
+        qo_indptr, kv_indptr = _offsets(ext), _offsets(lens)
+        positions = _new_token_positions(ext, lens, qo_indptr)
         # A new token's slot sits at its position within its sequence's run of slots.
-        ext = np.asarray(extend_lens, dtype=np.int64)
-        out_loc = all_slots[np.repeat(kv_indptr[:-1], ext) + positions]
+        out_loc = all_slots[kv_indptr[:-1].repeat(ext) + positions]
         groups = None
         if prefix_min_shared is not None and mode is ForwardMode.DECODE:
             groups = find_prefix_groups_flat(all_slots, seq_lens, prefix_min_shared, device)
+        input_ids = np.fromiter(itertools.chain.from_iterable(new_tokens), np.int64, len(positions))
         return cls(
             mode=mode,
-            input_ids=_long(list(itertools.chain.from_iterable(new_tokens)), device),
-            positions=_to_device(torch.from_numpy(positions), device),
-            out_cache_loc=_to_device(torch.from_numpy(out_loc), device),
-            seq_lens=_int(seq_lens, device),
-            extend_lens=_int(extend_lens, device),
-            qo_indptr=_to_device(torch.from_numpy(qo_indptr.astype(np.int32)), device),
-            kv_indptr=_to_device(torch.from_numpy(kv_indptr.astype(np.int32)), device),
-            kv_indices=_to_device(torch.from_numpy(all_slots), device),
-            logits_indices=_long(_logits_indices(logits_rows, qo_indptr), device),
+            input_ids=_to_device(input_ids, device),
+            positions=_to_device(positions, device),
+            out_cache_loc=_to_device(out_loc, device),
+            seq_lens=_to_device(lens.astype(np.int32), device),
+            extend_lens=_to_device(ext.astype(np.int32), device),
+            qo_indptr=_to_device(qo_indptr.astype(np.int32), device),
+            kv_indptr=_to_device(kv_indptr.astype(np.int32), device),
+            kv_indices=_to_device(all_slots, device),
+            logits_indices=_to_device(_logits_indices(logits_rows, qo_indptr), device),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
             prefix_groups=groups,
         )
 
 
-def _offsets(lengths: list[int]) -> np.ndarray:
+def _offsets(lengths: np.ndarray) -> np.ndarray:
     """[len + 1] int64 exclusive prefix sums: where each run starts, then the total."""
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
+    lengths.cumsum(out=out[1:])
     return out
 
 
-def _new_token_positions(extend_lens: list[int], seq_lens: list[int],
+def _new_token_positions(extend_lens: np.ndarray, seq_lens: np.ndarray,
                          qo_indptr: np.ndarray) -> np.ndarray:
     """[T] int64 absolute positions of the new tokens: sequence ``i``'s run is
     ``seq_lens[i] - extend_lens[i] .. seq_lens[i] - 1``."""
-    ext = np.asarray(extend_lens, dtype=np.int64)
-    first = np.asarray(seq_lens, dtype=np.int64) - ext
+    first = seq_lens - extend_lens
     # Row r of sequence i is its (r - qo_indptr[i])-th new token.
-    within = np.arange(int(qo_indptr[-1]), dtype=np.int64) - np.repeat(qo_indptr[:-1], ext)
-    return np.repeat(first, ext) + within
+    within = np.arange(qo_indptr[-1], dtype=np.int64) - qo_indptr[:-1].repeat(extend_lens)
+    return first.repeat(extend_lens) + within
 
 
-def _logits_indices(logits_rows: list[list[int]] | None, qo_indptr: np.ndarray) -> list[int]:
+def _logits_indices(logits_rows: list[list[int]] | None, qo_indptr: np.ndarray) -> np.ndarray:
     """Rows of the T new tokens whose logits are wanted (default: each sequence's last)."""
     if logits_rows is None:
-        return [end - 1 for end in qo_indptr[1:].tolist()]
+        return qo_indptr[1:] - 1
     starts = qo_indptr[:-1].tolist()
-    return [start + r for start, want in zip(starts, logits_rows) for r in want]
+    rows = [start + r for start, want in zip(starts, logits_rows) for r in want]
+    return np.array(rows, dtype=np.int64)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host-to-device copy that never makes the host wait for the device's queue.
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``, never making the host wait for the device.
 
-    A copy from pageable memory may synchronise with the stream; from pinned memory it is truly
-    asynchronous, which overlap scheduling relies on (the previous step may still be running).
+    On the CPU the tensor shares the array's memory (every array here is built for this batch
+    alone). A copy from pageable memory may synchronise with the stream; from pinned memory it
+    is truly asynchronous, which overlap scheduling relies on (the previous step may still be
+    running).
     """
-    if torch.device(device).type == "cuda":
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def _long(values: list[int], device: torch.device | str) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=torch.int64), device)
-
-
-def _int(values: list[int], device: torch.device | str) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=torch.int32), device)
 
 
 def future_token(row: int) -> int:
