@@ -21,6 +21,9 @@ REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded in front of the first generated token, so that token keeps its leading
 # space under SentencePiece and an emoji split across the prompt boundary is not broken.
 DEFAULT_CONTEXT_TOKENS = 5
+# A UTF-8 character is at most 4 bytes, so at most 3 more ids reach its first byte; the rest is
+# room for tokenizers that split a character's bytes unevenly.
+MAX_CONTEXT_WIDEN = 8
 
 
 class IncrementalDetokenizer:
@@ -110,12 +113,23 @@ class IncrementalDetokenizer:
     # -- decoding ---------------------------------------------------------------------------
 
     def _context(self, prompt_token_ids: Sequence[int], count: int) -> list[int]:
-        start = max(0, len(prompt_token_ids) - count)
-        context = [int(t) for t in prompt_token_ids[start:]] if count > 0 else []
-        # A prompt cut inside a character would shift every offset below; decode without it.
-        if context and self._decode(context).endswith(REPLACEMENT_CHAR):
+        """The last ``count`` prompt ids, widened back to a character boundary.
+
+        A window that starts inside a character (byte-fallback or byte-level pieces) decodes to
+        U+FFFD, which would also swallow SentencePiece's leading space of the first output
+        token; starting up to MAX_CONTEXT_WIDEN ids earlier finds the character's first byte.
+        A prompt that ends inside a character gives no clean context at all: decode without.
+        """
+        if count <= 0 or not prompt_token_ids:
             return []
-        return context
+        first = max(0, len(prompt_token_ids) - count)
+        for start in range(first, max(0, first - MAX_CONTEXT_WIDEN) - 1, -1):
+            context = [int(t) for t in prompt_token_ids[start:]]
+            text = self._decode(context)
+            # Some decoders turn a whole run of bytes after a stray one into U+FFFD: both ends.
+            if not text.startswith(REPLACEMENT_CHAR) and not text.endswith(REPLACEMENT_CHAR):
+                return context
+        return []
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)

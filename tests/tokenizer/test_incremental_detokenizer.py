@@ -118,6 +118,16 @@ def test_prompt_context_continues_the_prompt(tokenizer, text, data):
     assert "".join(deltas) == full[len(prompt_text) :]
 
 
+def test_context_cut_inside_an_emoji_widens_to_its_first_byte(llama2_tokenizer):
+    """Found by hypothesis: the last 5 prompt ids start inside a byte-fallback emoji, and a lone
+    "▁" output token lost its space when the context was dropped."""
+    ids = plain_ids(llama2_tokenizer, "👍🏽 ")
+    prompt, output = ids[:-1], ids[-1:]
+    assert llama2_tokenizer.convert_ids_to_tokens(output) == ["▁"] and len(prompt) > 5
+    deltas = stream(IncrementalDetokenizer(llama2_tokenizer, prompt_token_ids=prompt), output)
+    assert "".join(deltas) == " "
+
+
 def test_first_generated_word_keeps_its_space_with_sentencepiece(llama2_tokenizer):
     ids = llama2_tokenizer.encode("The capital of France is Paris")
     prompt, output = ids[:-1], ids[-1:]
