@@ -19,6 +19,7 @@ import torch
 
 from radixlm.prefix_groups import PrefixGroups, find_prefix_groups_flat
 from radixlm.slots import as_slot_array, concat_slots
+from radixlm.transfer import to_device
 
 
 class ForwardMode(enum.Enum):
@@ -169,17 +170,9 @@ def _logits_indices(logits_rows: list[list[int]] | None, qo_indptr: np.ndarray) 
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array as a tensor on ``device``, never making the host wait for the device.
-
-    On the CPU the tensor shares the array's memory (every array here is built for this batch
-    alone). A copy from pageable memory may synchronise with the stream; from pinned memory it
-    is truly asynchronous, which overlap scheduling relies on (the previous step may still be
-    running).
-    """
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    """A host array on ``device``; on the CPU it shares the array's memory (every array here
+    is built for this batch alone)."""
+    return to_device(torch.from_numpy(array), device)
 
 
 def future_token(row: int) -> int:

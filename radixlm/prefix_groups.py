@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from radixlm.slots import as_slot_array, concat_slots
+from radixlm.transfer import to_device
+
 DEFAULT_MIN_SHARED = 256
 
 
@@ -80,10 +83,9 @@ def find_prefix_groups(
     Returns:
         The groups, or None when no two sequences share ``min_shared`` leading slots.
     """
-    lens = [len(s) for s in seq_slots]
-    parts = [np.asarray(s, dtype=np.int64) for s in seq_slots]
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return find_prefix_groups_flat(flat, lens, min_shared, device)
+    parts = [as_slot_array(s) for s in seq_slots]
+    return find_prefix_groups_flat(concat_slots(parts), [len(p) for p in parts], min_shared,
+                                   device)
 
 
 def find_prefix_groups_flat(
@@ -109,8 +111,7 @@ def find_prefix_groups_flat(
     """
     if min_shared < 1:
         raise ValueError(f"min_shared must be >= 1, got {min_shared}")
-    # A CPU tensor shares its memory; a device tensor would cost a copy and a sync.
-    flat = flat_slots.cpu().numpy() if isinstance(flat_slots, torch.Tensor) else flat_slots
+    flat = as_slot_array(flat_slots)
     lens = np.asarray(seq_lens, dtype=np.int64)
     starts = np.zeros(len(lens), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
@@ -174,14 +175,14 @@ def _common_prefix_lens(
 def _to_device(
     members: np.ndarray, sizes: np.ndarray, shared: np.ndarray, batch: int, device
 ) -> PrefixGroups:
-    """Pack every array into one int32 buffer: one host-to-device copy, no sync."""
+    """Pack every array into one int32 buffer: one pinned, non-blocking host-to-device copy."""
     num_groups, num_members = len(sizes), len(members)
     indptr = np.zeros(num_groups + 1, dtype=np.int64)
     np.cumsum(sizes, out=indptr[1:])
     suffix_start = np.zeros(batch, dtype=np.int64)
     suffix_start[members] = np.repeat(shared, sizes)
     packed = np.concatenate([indptr, members, shared, suffix_start]).astype(np.int32)
-    buf = torch.from_numpy(packed).to(device, non_blocking=True)
+    buf = to_device(torch.from_numpy(packed), torch.device(device))
     cuts = np.cumsum([num_groups + 1, num_members, num_groups])
     return PrefixGroups(
         group_indptr=buf[: cuts[0]],

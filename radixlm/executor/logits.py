@@ -8,7 +8,7 @@ import torch
 
 from radixlm.batch import ScheduledSeq
 from radixlm.outputs import SeqStepResult
-from radixlm.sampling.transfer import int_tensor
+from radixlm.transfer import int_tensor
 
 
 @dataclass

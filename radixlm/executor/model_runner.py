@@ -25,7 +25,7 @@ from radixlm.model.loader import load_model, resolve_device
 from radixlm.outputs import SeqStepResult, StepResult
 from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.sampler import SampleOutput, SamplingBatch, sample
-from radixlm.sampling.transfer import int_tensor, to_device
+from radixlm.transfer import int_tensor, to_device
 
 # Pool size on CPU when none is given: plenty for tests and the demo, small in host memory.
 DEFAULT_CPU_KV_TOKENS = 65536

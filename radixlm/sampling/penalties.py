@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from radixlm.sampling.penalty_cache import PenaltyCache
-from radixlm.sampling.transfer import float_tensor, int_tensor, to_device
 from radixlm.sampling_params import SamplingParams
+from radixlm.transfer import float_tensor, int_tensor, to_device
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixlm.sampling.transfer import int_tensor
+from radixlm.transfer import int_tensor
 
 
 @dataclass

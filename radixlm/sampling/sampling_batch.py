@@ -13,8 +13,8 @@ import torch
 
 from radixlm.sampling.penalties import LogitBias, Penalties, TokenBan
 from radixlm.sampling.penalty_cache import PenaltyCache
-from radixlm.sampling.transfer import int_tensor, to_device
 from radixlm.sampling_params import SamplingParams, SamplingParamsError
+from radixlm.transfer import int_tensor, to_device
 
 _MASK64 = (1 << 64) - 1
 

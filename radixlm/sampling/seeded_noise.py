@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from radixlm.sampling.transfer import int_tensor
+from radixlm.transfer import int_tensor
 
 try:
     import triton

@@ -1,4 +1,10 @@
-"""Host-to-device copies of the small per-step tensors the sampler builds."""
+"""Host-to-device copies that never make the host wait for the device's queue.
+
+A copy from pageable memory may synchronise with the stream; from pinned memory with
+``non_blocking`` it is truly asynchronous, which overlap scheduling relies on (the previous step
+may still be running). Every per-step host-to-device copy (batch indices, sampler parameters,
+prefix groups) goes through here.
+"""
 
 from __future__ import annotations
 
