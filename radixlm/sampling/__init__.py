@@ -3,7 +3,6 @@
 from radixlm.sampling.logprobs import input_token_logprobs, token_logprobs, top_logprobs
 from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.sampler import (
-    HostSampleOutput,
     SampleOutput,
     adjusted_logits,
     sample,
@@ -12,7 +11,6 @@ from radixlm.sampling.sampler import (
 from radixlm.sampling.sampling_batch import SamplingBatch, check_vocab, step_seed
 
 __all__ = [
-    "HostSampleOutput",
     "PenaltyCache",
     "SampleOutput",
     "SamplingBatch",

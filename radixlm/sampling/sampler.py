@@ -21,7 +21,6 @@ from radixlm.sampling.sampling_batch import SamplingBatch, check_vocab, step_see
 from radixlm.sampling.seeded_noise import fill_seeded_noise
 
 __all__ = [
-    "HostSampleOutput",
     "SampleOutput",
     "SamplingBatch",
     "adjusted_logits",
@@ -38,16 +37,6 @@ _MIN_NOISE = 1e-30
 
 
 @dataclass
-class HostSampleOutput:
-    """:class:`SampleOutput` as Python lists."""
-
-    next_token_ids: list[int]
-    logprobs: list[float] | None
-    top_logprob_ids: list[list[int]] | None
-    top_logprob_values: list[list[float]] | None
-
-
-@dataclass
 class SampleOutput:
     """One step's samples, still on the device."""
 
@@ -55,18 +44,6 @@ class SampleOutput:
     logprobs: torch.Tensor | None  # [B] float32, log_softmax(raw logits) of the chosen token
     top_logprob_ids: torch.Tensor | None  # [B, k] int64, most likely first
     top_logprob_values: torch.Tensor | None  # [B, k] float32
-
-    def to_host(self) -> HostSampleOutput:
-        """Copy everything to the host with a single synchronisation.
-
-        Returns:
-            The same fields as lists.
-        """
-        fields = (self.next_token_ids, self.logprobs, self.top_logprob_ids, self.top_logprob_values)
-        on_host = [None if t is None else t.to("cpu", non_blocking=True) for t in fields]
-        if self.next_token_ids.is_cuda:
-            torch.cuda.current_stream(self.next_token_ids.device).synchronize()
-        return HostSampleOutput(*(None if t is None else t.tolist() for t in on_host))
 
 
 def sample(

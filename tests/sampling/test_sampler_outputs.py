@@ -98,13 +98,13 @@ def test_logprobs_are_log_softmax_of_raw_logits(top_k):
         assert out.top_logprob_ids is None and out.top_logprob_values is None
 
 
-def test_logprobs_can_be_skipped_and_results_copied_to_host():
+def test_logprobs_can_be_skipped_and_top_logprobs_have_k_columns():
     logits = torch.randn(2, VOCAB)
     batch = build([SamplingParams(temperature=0.0)] * 2)
     assert sample(logits, batch, return_logprob=False).logprobs is None
-    host = sample(logits, batch, top_logprobs_num=2).to_host()
-    assert host.next_token_ids == logits.argmax(-1).tolist()
-    assert len(host.logprobs) == 2 and len(host.top_logprob_ids[0]) == 2
+    out = sample(logits, batch, top_logprobs_num=2)
+    assert out.next_token_ids.tolist() == logits.argmax(-1).tolist()
+    assert len(out.logprobs.tolist()) == 2 and len(out.top_logprob_ids.tolist()[0]) == 2
 
 
 def test_input_token_logprobs_and_top_logprobs_helpers():
