@@ -166,13 +166,13 @@ def native_sampling_params(values: Any, vocab_size: int) -> dict[str, Any]:
     """
     if not isinstance(values, dict):
         raise APIError(400, "'sampling_params' must be an object", "sampling_params")
-    out = dict(values)
-    if isinstance(out.get("logit_bias"), dict):
-        out["logit_bias"] = logit_bias(out["logit_bias"], vocab_size)
     try:
-        SamplingParams.from_dict(out)
+        SamplingParams.from_dict(values)
     except SamplingParamsError as exc:
         raise APIError(400, f"sampling_params.{exc}", exc.field) from None
+    out = dict(values)
+    if out.get("logit_bias"):  # values are checked numbers now; keys get the strict check
+        out["logit_bias"] = logit_bias(out["logit_bias"], vocab_size)
     return out
 
 
@@ -282,10 +282,6 @@ def _copy_if_set(req: BaseModel, params: dict[str, Any], names: dict[str, str]) 
             params[target] = value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     """Check and convert OpenAI's ``{"token_id": bias}`` map (bias in [-100, 100])."""
     out: dict[int, float] = {}
@@ -296,9 +292,9 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
         if not 0 <= token < vocab_size:
             raise APIError(400, f"logit_bias token id {token} is outside the vocabulary "
                                 f"(size {vocab_size})", "logit_bias")
-        if not _is_number(value) or not -100.0 <= value <= 100.0:
-            raise APIError(400, f"logit_bias value {value!r} for token {token} is not a number "
-                                "in [-100, 100]", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias value {value} for token {token} is outside "
+                                "[-100, 100]", "logit_bias")
         out[token] = float(value)
     return out
 
