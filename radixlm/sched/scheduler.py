@@ -360,8 +360,11 @@ class Scheduler:
 
     # ---- results --------------------------------------------------------------------------
 
+    def _active_by_rid(self) -> dict[str, Request]:
+        return {r.rid: r for r in self.prefilling + self.running}
+
     def _by_rid(self, batch: ScheduledBatch) -> list[Request]:
-        index = {r.rid: r for r in self.prefilling + self.running}
+        index = self._active_by_rid()
         return [index[s.rid] for s in batch.seqs]
 
     def _live_rows(self, batch: ScheduledBatch):
@@ -371,7 +374,7 @@ class Scheduler:
         Rows of requests that finished, were aborted or retracted after the batch was
         scheduled (possible while it was in flight) are skipped: their slots are already freed.
         """
-        index = {r.rid: r for r in self.prefilling + self.running}
+        index = self._active_by_rid()
         for i, row in enumerate(batch.seqs):
             req = index.get(row.rid)
             if req is not None and req.epoch == row.epoch:

@@ -94,8 +94,8 @@ def _native_prompts(body: GenerateRequest, ctx: ServerContext
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     """400 unless ``ids`` is a non-empty list of ids in the vocabulary.
 
-    The engine checks this too, but an empty prompt inside a batch (``[[]]``) fails there with
-    an internal error, and decoding an id out of range (for ``echo``) overflows the tokenizer.
+    The engine checks this too, but the OpenAI route decodes the ids (for ``echo``) before the
+    engine sees them, and an id out of range overflows the tokenizer there.
     """
     if not ids:
         raise APIError(400, f"'{param}' must not contain an empty prompt", param)
