@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from radixlm.batch import ForwardBatch
+from radixlm.bench.common import time_median
 from radixlm.kvcache.pool import KVPool
 from radixlm.model.attention.torch_backend import TorchAttentionBackend
 from radixlm.model.attention.triton_backend import TritonAttentionBackend
@@ -101,18 +102,7 @@ def measure_roofline() -> Roofline:
 
 
 def _median_event_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_median(fn, torch.device("cuda"), repeats, warmup) * 1e3
 
 
 def time_per_layer(call: Callable[[int], object], layers: int, target_ms: float) -> float:

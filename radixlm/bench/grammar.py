@@ -417,6 +417,7 @@ def kernel_timing(vocab: int = 128256, batches=(1, 32, 256), reps: int = 200) ->
     """
     import torch
 
+    from radixlm.bench.common import time_median
     from radixlm.constrained.bitmask import apply_token_bitmask
 
     device = torch.device("cuda")
@@ -427,29 +428,13 @@ def kernel_timing(vocab: int = 128256, batches=(1, 32, 256), reps: int = 200) ->
             mask = torch.randint(-2**31, 2**31 - 1, (batch, -(-vocab // 32)), device=device,
                                  dtype=torch.int32)
             for backend in ("triton", "torch"):
-                ms = _cuda_median_ms(lambda b=backend, x=logits, m=mask: apply_token_bitmask(
-                    x, m, backend=b), reps)
+                ms = 1e3 * time_median(lambda b=backend, x=logits, m=mask: apply_token_bitmask(
+                    x, m, backend=b), device, reps, warmup=10)
                 read = batch * vocab * logits.element_size() + mask.numel() * 4
                 out["rows"].append({"dtype": str(dtype).split(".")[-1], "batch": batch,
                                     "backend": backend, "us": ms * 1e3,
                                     "GBps_read": read / (ms * 1e-3) / 1e9})
     return out
-
-
-def _cuda_median_ms(fn, reps: int) -> float:
-    import torch
-
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def _print_summary(backend: str, s: dict) -> None:
