@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -18,6 +19,7 @@ from radixlm.engine.overlap import StepLoop
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
+from radixlm.kvcache.tree_summary import summarize_tree
 from radixlm.outputs import TokenOutput
 from radixlm.request import FinishKind, FinishReason, Request
 from radixlm.sched.grammar_state import GrammarState
@@ -169,6 +171,18 @@ class EngineCore:
             "config": self.config.flat(),
         }
 
+    def dashboard_state(self) -> dict[str, Any]:
+        """What the dashboard shows, as plain data: figures, the tree's largest nodes, and the
+        recent batches, admissions and compilations. Bounded work whatever the tree's size."""
+        info = self.server_info()
+        info.pop("config", None)
+        return {
+            "time": time.time(),
+            "info": info,
+            "tree": summarize_tree(self.kv.tree),
+            "activity": self.scheduler.telemetry.snapshot(),
+        }
+
     def check_invariants(self) -> None:
         """Every slot is in exactly one place; raises AssertionError otherwise.
 
@@ -183,6 +197,8 @@ class EngineCore:
             return self.flush_cache()
         if command == "server_info":
             return self.server_info()
+        if command == "dashboard_state":
+            return self.dashboard_state()
         if command == "check_invariants":
             self.check_invariants()
             return True

@@ -361,6 +361,10 @@ class Engine:
         info["model_name"] = self.model_name
         return info
 
+    def dashboard_state(self) -> dict[str, Any]:
+        """The core's dashboard snapshot (see ``EngineCore.dashboard_state``)."""
+        return self._control("dashboard_state", timeout=10.0)
+
     def check_invariants(self) -> bool:
         """Ask the core to verify that every KV slot is in exactly one place."""
         return self._control("check_invariants")

@@ -138,6 +138,15 @@ class RadixCache:
         """The root of the default (``None``) namespace."""
         return self._roots[None]
 
+    def namespace_roots(self) -> dict[str | None, TreeNode]:
+        """Each namespace's root (a copy of the mapping; the nodes are the tree's own)."""
+        return dict(self._roots)
+
+    @property
+    def clock(self) -> int:
+        """The logical time of the latest match or insert (``last_access`` counts in it)."""
+        return self._clock
+
     # ---- lookup and insertion ---------------------------------------------------------------
 
     def match_prefix(self, token_ids: Sequence[int], namespace: str | None = None) -> MatchResult:

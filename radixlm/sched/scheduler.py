@@ -25,6 +25,7 @@ from radixlm.request import FinishKind, FinishReason, Request, RequestStatus
 from radixlm.sched.kv_manager import KVManager
 from radixlm.sched.policy import make_policy
 from radixlm.sched.stop import check_finish
+from radixlm.sched.telemetry import Telemetry
 
 # A request deferred because it shares this many uncached tokens with a request already in the
 # batch waits one step and then hits the cache instead of recomputing the shared part.
@@ -59,6 +60,7 @@ class Scheduler:
         grammar=None,
         make_stop_checker: Callable[[Request], object] | None = None,
         seed: int = 0,
+        telemetry: Telemetry | None = None,
     ):
         self.config = config
         self.limits = limits
@@ -73,6 +75,7 @@ class Scheduler:
         self._pending_outputs: list[TokenOutput] = []
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "retractions": 0}
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
 
     # ---- queue ----------------------------------------------------------------------------
 
@@ -81,6 +84,7 @@ class Scheduler:
             req.stop_checker = self.make_stop_checker(req)
         if req.grammar_future is not None:
             req.status = RequestStatus.WAITING_GRAMMAR
+            self.telemetry.on_compile_started(req.rid, req.params.constraint[0])
         self.waiting.append(req)
 
     def abort(self, rid: str, message: str = "aborted") -> TokenOutput | None:
@@ -150,9 +154,16 @@ class Scheduler:
     def _finalize(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
         if batch is not None:
             self.last_mode = batch.mode
+            self._record(batch)
             if self.grammar is not None:
                 batch.bitmask = self.grammar.build_bitmask(batch, self._by_rid(batch))
         return batch
+
+    def _record(self, batch: ScheduledBatch) -> None:
+        # A row prefills when it runs several tokens or its request has produced nothing yet.
+        prefills = sum(1 for seq in batch.seqs if len(seq.new_tokens) > 1
+                       or (not seq.output_ids and not seq.future_tokens))
+        self.telemetry.on_batch([len(seq.new_tokens) for seq in batch.seqs], prefills)
 
     def _admissible(self) -> bool:
         return any(r.status is RequestStatus.WAITING for r in self.waiting)
@@ -162,9 +173,11 @@ class Scheduler:
         for req in [r for r in self.waiting if r.status is RequestStatus.WAITING_GRAMMAR]:
             error = self.grammar.poll(req)
             if error is not None:
+                self.telemetry.on_compile_finished(req.rid, ok=False)
                 self.waiting.remove(req)
                 outputs.append(self._finish(req, FinishReason(FinishKind.ABORT, message=error)))
             elif req.matcher is not None:
+                self.telemetry.on_compile_finished(req.rid, ok=True)
                 req.status = RequestStatus.WAITING
         return outputs
 
@@ -227,6 +240,7 @@ class Scheduler:
             req.cached_tokens = prefix
             self.stats["prompt_tokens"] += len(req.input_ids)
             self.stats["cached_tokens"] += prefix
+            self.telemetry.on_admitted(req.rid, req.input_ids, prefix, req.tree_node)
 
     def _unmatch(self, req: Request) -> None:
         self.kv.release(req)
@@ -484,6 +498,7 @@ class Scheduler:
 
     def _release(self, req: Request, finish: FinishReason) -> None:
         req.finish = finish
+        self.telemetry.on_request_gone(req.rid)
         req.epoch += 1
         req.status = RequestStatus.FINISHED
         if req.tree_node is not None or req.num_computed or len(req.spare_slots):

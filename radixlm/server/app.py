@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from radixlm.server.dashboard import router as dashboard_router
 from radixlm.server.errors import error_body, install_error_handlers
 from radixlm.server.metrics import ServerMetrics
 from radixlm.server.runner import Inflight, Runner
@@ -151,6 +153,10 @@ class GatewayMiddleware:
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization", b"").decode("latin-1")
         token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not token and scope.get("path", "").startswith("/dashboard"):
+            # A browser cannot add a header to a page load or an EventSource: the dashboard
+            # takes the key from ?api_key= as well.
+            token = _query_key(scope.get("query_string", b""))
         return hmac.compare_digest(token.encode(), self.ctx.api_key.encode())
 
     async def _reply(self, send: Callable, status: int, message: str) -> None:
@@ -196,8 +202,14 @@ def create_app(engine: Any, served_model_name: str | None = None,
     install_error_handlers(app)
     app.include_router(native_router)
     app.include_router(openai_router)
+    app.include_router(dashboard_router)
     app.add_middleware(GatewayMiddleware, ctx=ctx)
     return app
+
+
+def _query_key(query: bytes) -> str:
+    values = parse_qs(query.decode("latin-1")).get("api_key", [])
+    return values[0] if values else ""
 
 
 def _version() -> str:
