@@ -22,12 +22,14 @@ class ChoiceLogprobs:
         unconditional_logprobs: per choice, the same tokens scored without the prefix
             (None when the method did not ask for them; an entry is None where undefined,
             e.g. the first token of a model without a BOS token).
+        token_texts: per choice, the text of each scored token (None if the backend has none).
     """
 
     choices: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     token_logprobs: tuple[tuple[float, ...], ...]
     unconditional_logprobs: tuple[tuple[float | None, ...], ...] | None = None
+    token_texts: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)

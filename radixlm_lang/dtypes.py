@@ -1,53 +1,41 @@
-"""``gen(dtype=...)``: the regex that constrains the output and the conversion of the result."""
+"""``gen(dtype=...)``: SGLang's regexes for typed generations.
+
+A typed gen is a constrained gen: the output must match the type's regex. As in SGLang, the
+variable keeps the generated *text* (``"24"``, ``'"Paris"'``, ``"True"``); programs convert it
+themselves (``int(s["hours"])``). Integers and floats also stop at a space or a newline, so a
+number followed by whitespace ends the generation there.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+# SGLang's own patterns (``sglang.lang.ir``), kept verbatim so programs that import them and
+# programs that rely on what they accept behave the same here.
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+REGEX_BOOL = r"(True|False)"
+REGEX_STR = r"\"[\w\d\s]*\""
 
-# Numbers are bounded so the value fits a 64-bit integer / a double; the string is not (a bounded
-# repetition of a large character class makes the token index blow up), max_new_tokens bounds it.
-_REGEXES: dict[type, str] = {
-    int: r"-?(0|[1-9][0-9]{0,17})",
-    float: r"-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,8})?",
-    bool: r"(True|False)",
-    str: r'"[^"\\\x00-\x1f]*"',
+_BY_TYPE: dict[type, tuple[str, tuple[str, ...]]] = {
+    int: (REGEX_INT, (" ", "\n")),
+    float: (REGEX_FLOAT, (" ", "\n")),
+    bool: (REGEX_BOOL, ()),
+    str: (REGEX_STR, ()),
 }
+_NAMES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
-class ConversionError(ValueError):
-    """A constrained generation did not produce a value of the requested type."""
-
-
-def dtype_regex(dtype: type) -> str:
-    """The regex that forces text of ``dtype`` (int, float, bool or str, a JSON-quoted string).
+def normalize_dtype(dtype: type | str) -> type:
+    """``int``/``float``/``bool``/``str``, given as the type or its name (SGLang accepts both).
 
     Raises:
-        TypeError: for any other type.
+        TypeError: any other type.
     """
-    try:
-        return _REGEXES[dtype]
-    except KeyError:
-        supported = "int, float, str and bool"
-        raise TypeError(f"gen(dtype=...) supports {supported}, not {dtype!r}") from None
+    resolved = _NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in _BY_TYPE:
+        raise TypeError(f"gen(dtype=...) supports int, float, str and bool, not {dtype!r}")
+    return resolved
 
 
-def convert(text: str, dtype: type | None) -> Any:
-    """Convert generated text to ``dtype`` (``None`` keeps the text).
-
-    Raises:
-        ConversionError: the text is not a value of that type (e.g. the output was cut short).
-    """
-    if dtype is None:
-        return text
-    try:
-        if dtype is bool:
-            return {"True": True, "False": False}[text]
-        if dtype is str:
-            value = json.loads(text)
-            if not isinstance(value, str):
-                raise ValueError("not a string")
-            return value
-        return dtype(text)
-    except (KeyError, ValueError) as exc:
-        raise ConversionError(f"{text!r} is not a {dtype.__name__}") from exc
+def dtype_constraint(dtype: type) -> tuple[str, tuple[str, ...]]:
+    """The regex that constrains a gen of ``dtype`` and the stop strings it adds."""
+    return _BY_TYPE[normalize_dtype(dtype)]

@@ -9,9 +9,11 @@ server batches them together.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -20,10 +22,13 @@ from typing import Any
 from radixlm_lang import ir
 from radixlm_lang.backends.base import Backend
 from radixlm_lang.choices import ChoiceLogprobs
-from radixlm_lang.dtypes import ConversionError, convert, dtype_regex
+from radixlm_lang.dtypes import dtype_constraint
+from radixlm_lang.reasoning import split_reasoning
 from radixlm_lang.sampling import SamplingParams
 
 _END = object()
+
+REASONING_SUFFIX = "_reasoning_content"
 
 
 class ProgramError(RuntimeError):
@@ -79,7 +84,7 @@ class StreamExecutor:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
-        self._chunks: list[tuple[str | None, str]] = []
+        self._chunks: list[tuple[str | None, str, dict[str, Any]]] = []
         self._pending: dict[str, int] = {}  # variable -> queued expressions that will set it
         self._finished = False
 
@@ -89,9 +94,8 @@ class StreamExecutor:
         """Queue ``expr`` (flattened) for the worker."""
         self._ensure_worker()
         for leaf in expr.flatten():
-            name = _defined_name(leaf)
-            if name is not None:
-                with self._cond:
+            with self._cond:
+                for name in _defined_names(leaf):
                     self._pending[name] = self._pending.get(name, 0) + 1
             self._queue.put(leaf)
 
@@ -168,17 +172,22 @@ class StreamExecutor:
             messages[-1]["content"] = self.text[self._role_start :]
         return messages
 
-    def chunks(self, var: str | None = None) -> Iterator[str]:
-        """Text as it is appended (``var``: only that variable's generated text), until the end."""
+    def chunks(self, var: str | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+        """Text as it is appended (``var``: only that variable's generated text), until the end.
+
+        Yields:
+            ``(meta_info, piece)``: the generation's meta_info as known with this piece (``{}``
+            until it finishes) and the text; a finished stream's meta_info may come with "".
+        """
         seen = 0
         while True:
             with self._cond:
                 self._cond.wait_for(functools.partial(self._has_news, seen))
                 batch, seen = self._chunks[seen:], len(self._chunks)
                 done = self._finished and seen == len(self._chunks)
-            for owner, piece in batch:
+            for owner, piece, meta in batch:
                 if var is None or owner == var:
-                    yield piece
+                    yield meta, piece
             if done:
                 return
 
@@ -209,9 +218,9 @@ class StreamExecutor:
                 self._queue.task_done()
 
     def _settle(self, expr: Any) -> None:
-        name = _defined_name(expr) if isinstance(expr, ir.Expr) else None
+        names = _defined_names(expr) if isinstance(expr, ir.Expr) else ()
         with self._cond:
-            if name is not None:
+            for name in names:
                 self._pending[name] -= 1
             self._cond.notify_all()
 
@@ -221,12 +230,12 @@ class StreamExecutor:
             raise ProgramError(f"cannot execute {type(expr).__name__}")
         handler(self, expr)
 
-    def _append(self, text: str, var: str | None = None) -> None:
-        if not text:
+    def _append(self, text: str, var: str | None = None, meta: Any = None) -> None:
+        if not text and meta is None:
             return
         with self._cond:
             self.text += text
-            self._chunks.append((var, text))
+            self._chunks.append((var, text, meta or {}))
             self._cond.notify_all()
 
     def _assign(self, name: str, value: Any, meta: Any) -> None:
@@ -244,33 +253,47 @@ class StreamExecutor:
     def _exec_gen(self, expr: ir.Gen) -> None:
         params = self.options.defaults.merged(expr.params)
         if expr.dtype is not None:
-            params = replace(params, regex=dtype_regex(expr.dtype))
+            regex, stops = dtype_constraint(expr.dtype)
+            params = replace(params, regex=regex, stop=(params.stop or ()) + stops)
         messages = self._chat_messages_for_gen()
         backend = self.options.backend
-        if self.options.stream:
+        if (params.n or 1) > 1:
+            self._gen_samples(expr, backend, params, messages)
+            return
+        if params.stop_regex:
+            text, meta = _until_regex(backend, self.text, params, messages)
+            self._append(text, expr.name, meta)
+        elif self.options.stream:
             text, meta = self._stream_gen(backend, params, messages, expr.name)
         else:
             completion = backend.generate(self.text, params, messages)
             text, meta = completion.text, completion.meta_info
-            self._append(text, expr.name)
-        finish = (meta or {}).get("finish_reason") or {}
-        if finish.get("type") == "abort":
-            if expr.name is not None:
-                self._assign(expr.name, text, meta)  # the partial output stays readable
-            reason = finish.get("message") or "aborted"
-            raise GenerationAborted(f"gen {expr.name!r} was aborted by the backend: {reason}")
-        try:
-            value = convert(text, expr.dtype)
-        except ConversionError as exc:
-            raise ConversionError(f"gen {expr.name!r}: {exc} (finish_reason {finish})") from exc
+            self._append(text, expr.name, meta)
+        if params.return_text_in_logprobs:
+            meta = _with_token_texts(backend, meta)
         if expr.name is not None:
-            self._assign(expr.name, value, meta)
+            self._assign(expr.name, text, meta)
+        _raise_if_aborted(expr.name, meta)
+
+    def _gen_samples(self, expr: ir.Gen, backend, params, messages) -> None:
+        """``n > 1``: the variable gets every sample, the text continues with the first."""
+        if params.stop_regex:
+            raise ProgramError("gen(n > 1) cannot be combined with stop_regex")
+        completions = backend.generate_samples(self.text, params, messages)
+        metas = [c.meta_info for c in completions]
+        if params.return_text_in_logprobs:
+            metas = [_with_token_texts(backend, m) for m in metas]
+        self._append(completions[0].text, expr.name)
+        if expr.name is not None:
+            self._assign(expr.name, [c.text for c in completions], metas)
+        for meta in metas:
+            _raise_if_aborted(expr.name, meta)
 
     def _stream_gen(self, backend, params, messages, name) -> tuple[str, dict]:
         pieces, meta = [], {}
         for delta in backend.generate_stream(self.text, params, messages):
             pieces.append(delta.text)
-            self._append(delta.text, name)
+            self._append(delta.text, name, delta.meta_info)
             if delta.meta_info is not None:
                 meta = delta.meta_info
         return "".join(pieces), meta
@@ -298,6 +321,14 @@ class StreamExecutor:
         self._append(choice, expr.name)
         if expr.name is not None:
             self._assign(expr.name, choice, _select_meta(method.name, scored, decision))
+
+    def _exec_separate_reasoning(self, expr: ir.SeparateReasoning) -> None:
+        value = self.variables.get(expr.name)
+        if not isinstance(value, str):
+            raise ProgramError(f"separate_reasoning: variable {expr.name!r} holds no text")
+        reasoning, answer = split_reasoning(value, expr.model_type)
+        self._assign(expr.name, answer, self.meta_info.get(expr.name))
+        self._assign(expr.name + REASONING_SUFFIX, reasoning, None)
 
     def _exec_role_begin(self, expr: ir.RoleBegin) -> None:
         if self._role is not None:
@@ -373,17 +404,81 @@ class StreamExecutor:
         return child
 
 
-def _defined_name(expr: ir.Expr) -> str | None:
-    if isinstance(expr, (ir.Gen, ir.Select)):
-        return expr.name
-    if isinstance(expr, ir.VarScopeEnd):
-        return expr.name
-    return None
+def _defined_names(expr: ir.Expr) -> tuple[str, ...]:
+    if isinstance(expr, (ir.Gen, ir.Select, ir.VarScopeEnd)) and expr.name is not None:
+        return (expr.name,)
+    if isinstance(expr, ir.SeparateReasoning):
+        return (expr.name, expr.name + REASONING_SUFFIX)
+    return ()
+
+
+def _raise_if_aborted(name: str | None, meta: dict[str, Any] | None) -> None:
+    finish = (meta or {}).get("finish_reason") or {}
+    if finish.get("type") == "abort":
+        reason = finish.get("message") or "aborted"
+        raise GenerationAborted(f"gen {name!r} was aborted by the backend: {reason}")
+
+
+def _until_regex(backend, prompt, params, messages) -> tuple[str, dict[str, Any]]:
+    """Generate until the output matches one of ``params.stop_regex``; cut the match off.
+
+    The generation is streamed and the stream closed at the first match, which ends the
+    request on the server too.
+    """
+    patterns = [re.compile(p) for p in params.stop_regex]
+    text, meta = "", {}
+    stream = backend.generate_stream(prompt, params, messages)
+    with contextlib.closing(stream):
+        for delta in stream:
+            text += delta.text
+            if delta.meta_info is not None:
+                meta = delta.meta_info
+            hits = [m for m in (p.search(text) for p in patterns) if m is not None]
+            if hits:
+                first = min(hits, key=lambda m: m.start())
+                finish = {"type": "stop", "matched": first.group(0)}
+                return text[: first.start()], {**meta, "finish_reason": finish}
+    return text, meta
+
+
+_LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs")
+_TOP_KEYS = ("input_top_logprobs", "output_top_logprobs")
+
+
+def _with_token_texts(backend, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` whose logprob entries all end with the token's text ([logprob, id, text])."""
+    entries = [e for k in _LOGPROB_KEYS for e in meta.get(k) or ()]
+    entries += [e for k in _TOP_KEYS for row in meta.get(k) or () for e in row or ()]
+    missing = [e[1] for e in entries if len(e) < 3 or e[2] is None]
+    if not missing:
+        return meta
+    texts = dict(zip(missing, backend.token_texts(missing)))
+
+    def fill(entry):
+        return [entry[0], entry[1], texts[entry[1]] if len(entry) < 3 or entry[2] is None
+                else entry[2]]  # fmt: skip
+
+    out = dict(meta)
+    for key in _LOGPROB_KEYS:
+        if meta.get(key) is not None:
+            out[key] = [fill(e) for e in meta[key]]
+    for key in _TOP_KEYS:
+        if meta.get(key) is not None:
+            out[key] = [None if row is None else [fill(e) for e in row] for row in meta[key]]
+    return out
 
 
 def _select_meta(method: str, scored: ChoiceLogprobs, decision) -> dict[str, Any]:
     means = [sum(r) / len(r) if r else float("-inf") for r in scored.token_logprobs]
+    texts = scored.token_texts or tuple((None,) * len(r) for r in scored.token_ids)
     return {
+        # SGLang's keys: per choice, [logprob, token id, token text] of each of its tokens, and
+        # the output tokens of the scoring requests (none: they generate nothing).
+        "input_token_logprobs": [
+            [[lp, tid, text] for lp, tid, text in zip(lps, ids, row)]
+            for lps, ids, row in zip(scored.token_logprobs, scored.token_ids, texts)
+        ],
+        "output_token_logprobs": [[] for _ in scored.choices],
         "method": method,
         "choices": list(scored.choices),
         "selected_index": decision.index,
@@ -408,4 +503,5 @@ _HANDLERS = {
     ir.VarScopeBegin: StreamExecutor._exec_scope_begin,
     ir.VarScopeEnd: StreamExecutor._exec_scope_end,
     ir.Join: StreamExecutor._exec_join,
+    ir.SeparateReasoning: StreamExecutor._exec_separate_reasoning,
 }

@@ -96,6 +96,29 @@ class VarScopeEnd(Expr):
 
 
 @dataclass(frozen=True)
+class SeparateReasoning(Expr):
+    """Split the reasoning out of variable ``name`` (set by the gen or select just before).
+
+    ``name`` keeps the answer; ``name + "_reasoning_content"`` receives the reasoning.
+    """
+
+    name: str
+    model_type: str | None
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    """A program called without a state inside another program: ``s += sub(x=...)``.
+
+    Appending it runs ``sub``'s body on the state it is appended to, as ``sub(s, x=...)`` does.
+    """
+
+    function: Any
+    args: tuple
+    kwargs: dict = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
 class Join(Expr):
     """Merge forked states back into their parent (queued in the parent's order)."""
 
@@ -113,6 +136,8 @@ def to_expr(value: Any) -> Expr:
         return value
     if isinstance(value, str):
         return Text(value)
+    if value is None:
+        raise TypeError("cannot append None to a program state")
     raise TypeError(f"cannot append a {type(value).__name__} to a program state; use str or gen()")
 
 

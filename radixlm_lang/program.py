@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
+from radixlm_lang import ir
 from radixlm_lang.api import get_default_backend
 from radixlm_lang.backends.base import Backend
+from radixlm_lang.global_config import global_config
 from radixlm_lang.graph import RequestGraph, hoistable_prefix
 from radixlm_lang.interpreter import ExecutionOptions, StreamExecutor
 from radixlm_lang.sampling import SamplingParams
@@ -19,23 +22,81 @@ from radixlm_lang.state import ProgramState
 from radixlm_lang.tracer import trace_program
 
 
+class _Running(threading.local):
+    """How many program bodies this thread is inside (a call without a state then composes)."""
+
+    depth = 0
+
+
+_running = _Running()
+
+
+@contextlib.contextmanager
+def program_body() -> Iterator[None]:
+    """Mark this thread as running a program's body (used by runs and by the tracer)."""
+    _running.depth += 1
+    try:
+        yield
+    finally:
+        _running.depth -= 1
+
+
 class Function:
     """An LM program: a Python function whose first parameter is the state ``s``.
 
     Args:
         func: ``def program(s, arg1, arg2, ...)``.
+        num_api_spec_tokens: SGLang's token budget for speculative execution against API
+            models. Accepted for compatibility; it changes nothing here, since radixlm's backends
+            continue a prompt from the prefix cache instead of re-sending it per gen.
+        bind_arguments: argument values fixed by :meth:`bind`.
     """
 
-    def __init__(self, func: Callable[..., Any]):
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        num_api_spec_tokens: int | None = None,
+        bind_arguments: dict[str, Any] | None = None,
+    ):
         self.func = func
+        self.num_api_spec_tokens = num_api_spec_tokens
+        self.bind_arguments = dict(bind_arguments or {})
         self._params = list(inspect.signature(func).parameters.values())[1:]
+        self.arg_names = [
+            p.name for p in self._params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         functools.update_wrapper(self, func)
 
-    def __call__(self, state: ProgramState, *args: Any, **kwargs: Any) -> Any:
-        """Run inside another program on its state (composition): ``sub(s, x)``."""
-        if not isinstance(state, ProgramState):
-            raise TypeError(f"call {self.func.__name__}.run(...) to run a program")
-        return self.func(state, *args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the program.
+
+        - ``sub(s, x)`` with a state: run the body inline on ``s`` (composition).
+        - ``sub(x=...)`` inside another program's body: an expression; ``s += sub(x=...)``
+          runs the body on ``s``.
+        - ``program(x=..., temperature=0)`` anywhere else: ``program.run(...)`` (returns the
+          state).
+        """
+        if args and isinstance(args[0], ProgramState):
+            return self.func(args[0], *args[1:], **{**self.bind_arguments, **kwargs})
+        if _running.depth:
+            program_kwargs, defaults = self.split_kwargs(kwargs)
+            if defaults.set_fields():
+                raise TypeError(f"{self.func.__name__}(...) inside a program takes only its own "
+                                f"arguments, not generation defaults")  # fmt: skip
+            return ir.Call(self, args, {**self.bind_arguments, **program_kwargs})
+        return self.run(*args, **kwargs)
+
+    def bind(self, **kwargs: Any) -> Function:
+        """A copy of this program with some arguments fixed.
+
+        Raises:
+            TypeError: a name that is not one of the program's parameters.
+        """
+        unknown = [k for k in kwargs if k not in {p.name for p in self._params}]
+        if unknown:
+            raise TypeError(f"{self.func.__name__}() has no parameters {unknown}")
+        bound = {**self.bind_arguments, **kwargs}
+        return Function(self.func, self.num_api_spec_tokens, bound)
 
     def run(
         self, *args: Any, backend: Backend | None = None, stream: bool = False, **kwargs: Any
@@ -50,8 +111,12 @@ class Function:
                 (``temperature=0``, ``max_new_tokens=32``, ...) for every gen in it.
 
         Returns:
-            The final state (with ``stream``: the state being filled). Errors do not raise:
-            they are in ``state.error()``.
+            The final state (with ``stream``: the state being filled).
+
+        Raises:
+            Exception: an exception raised by the program's own code, re-raised as SGLang does
+                (it is in ``state.error()`` too). Failed generations do not raise here: they
+                are recorded in ``state.error()`` and the steps after them are skipped.
         """
         program_kwargs, defaults = self.split_kwargs(kwargs)
         options = ExecutionOptions(resolve_backend(backend), defaults, stream)
@@ -59,16 +124,17 @@ class Function:
 
     def run_batch(
         self,
-        batch_kwargs: Sequence[dict[str, Any]],
+        batch_kwargs: Sequence[dict[str, Any] | Sequence[Any]],
         backend: Backend | None = None,
         num_threads: int | str = "auto",
-        progress_bar: bool = True,
+        progress_bar: bool = False,
         **default_sampling: Any,
     ) -> list[ProgramState]:
-        """Run the program once per dict of arguments, concurrently.
+        """Run the program once per set of arguments, concurrently.
 
         Args:
-            batch_kwargs: one dict of program arguments per run.
+            batch_kwargs: one dict of program arguments per run, or (as SGLang) one list of
+                positional argument values per run.
             backend: where to run (default: the default backend).
             num_threads: concurrent runs; "auto" picks one from the batch size and CPUs.
             progress_bar: show a tqdm bar.
@@ -76,12 +142,45 @@ class Function:
 
         Returns:
             The states, in the order of ``batch_kwargs``.
+
+        Raises:
+            Exception: the first exception a program's own code raised (see :meth:`run`).
         """
         backend = resolve_backend(backend)
         _, defaults = self.split_kwargs(default_sampling)
-        jobs = [self.split_kwargs(dict(kw))[0] for kw in batch_kwargs]
+        jobs = [self.split_kwargs(self.batch_arguments(item))[0] for item in batch_kwargs]
+        if global_config.enable_precache_with_tracing and len(jobs) > 1:
+            graphs = [self.trace(backend=backend, **kw) for kw in jobs]
+            shared = CompiledFunction.shared_prefix(graphs)
+            if shared:
+                backend.cache_prefix(shared)
         options = [ExecutionOptions(backend, defaults) for _ in jobs]
         return _run_many(self, options, jobs, num_threads, progress_bar)
+
+    def batch_arguments(self, item: dict[str, Any] | Sequence[Any]) -> dict[str, Any]:
+        """One ``run_batch`` item as keyword arguments (a list gives the parameters in order).
+
+        Raises:
+            TypeError: a list with more values than the program has parameters.
+        """
+        if isinstance(item, dict):
+            return dict(item)
+        if not isinstance(item, (list, tuple)):
+            raise TypeError(f"run_batch items are dicts or lists of arguments, not {item!r}")
+        if len(item) > len(self.arg_names):
+            raise TypeError(f"{self.func.__name__}() takes {len(self.arg_names)} arguments, "
+                            f"run_batch gave {len(item)}")  # fmt: skip
+        return dict(zip(self.arg_names, item))
+
+    def cache(self, backend: Backend | None = None) -> None:
+        """Send the constant text every run of this program begins with, so the cache holds it.
+
+        The program is traced (no generation) to find that text.
+        """
+        backend = resolve_backend(backend)
+        prefix = self.trace(backend=backend).constant_prefix()
+        if prefix:
+            backend.cache_prefix(prefix)
 
     def trace(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> RequestGraph:
         """Run the program symbolically and return its request graph.
@@ -90,10 +189,11 @@ class Function:
             backend: renders role markers with its chat template (default: the default backend,
                 if any; without one they stay symbolic).
         """
-        program_kwargs, _ = self.split_kwargs(kwargs)
+        program_kwargs, _ = self.split_kwargs({**self.bind_arguments, **kwargs})
         backend = backend if backend is not None else get_default_backend()
         renderer = backend.chat_renderer() if backend is not None else None
-        return trace_program(self.func, args, program_kwargs, renderer)
+        with program_body():
+            return trace_program(self.func, args, program_kwargs, renderer)
 
     def compile(self) -> CompiledFunction:
         """A version whose runs hoist shared constant prefixes (see :class:`CompiledFunction`)."""
@@ -122,23 +222,35 @@ class Function:
     def _start(self, options: ExecutionOptions, args: tuple, kwargs: dict) -> ProgramState:
         root = StreamExecutor(options)
         state = ProgramState(root)
+        kwargs = {**self.bind_arguments, **kwargs}
         if options.stream:
             worker = threading.Thread(
                 target=self._execute, args=(root, state, args, kwargs), daemon=True
             )
             worker.start()
-        else:
-            self._execute(root, state, args, kwargs)
+            return state
+        body_error = self._execute(root, state, args, kwargs)
+        if body_error is not None:
+            raise body_error
         return state
 
-    def _execute(self, root: StreamExecutor, state: ProgramState, args: tuple, kwargs: dict):
+    def _execute(
+        self, root: StreamExecutor, state: ProgramState, args: tuple, kwargs: dict
+    ) -> BaseException | None:
+        """Run the body; return the exception the body itself raised (also recorded)."""
+        error = None
         try:
-            self.func(state, *args, **kwargs)
+            with program_body():
+                state.ret_value = self.func(state, *args, **kwargs)
         except Exception as exc:
             root.sync()  # the steps queued before the exception still run
             root.fail(exc)
+            error = exc
         finally:
             root.end()
+        if global_config.verbosity >= 2:
+            print(root.text)
+        return error
 
 
 class CompiledFunction:
@@ -168,16 +280,17 @@ class CompiledFunction:
 
     def run_batch(
         self,
-        batch_kwargs: Sequence[dict[str, Any]],
+        batch_kwargs: Sequence[dict[str, Any] | Sequence[Any]],
         backend: Backend | None = None,
         num_threads: int | str = "auto",
-        progress_bar: bool = True,
+        progress_bar: bool = False,
         **default_sampling: Any,
     ) -> list[ProgramState]:
         """Like :meth:`Function.run_batch`; the batch's shared constant prefix is sent first."""
         backend = resolve_backend(backend)
         _, defaults = self.function.split_kwargs(default_sampling)
-        jobs = [self.function.split_kwargs(dict(kw))[0] for kw in batch_kwargs]
+        fn = self.function
+        jobs = [fn.split_kwargs(fn.batch_arguments(item))[0] for item in batch_kwargs]
         graphs = [self.function.trace(backend=backend, **kw) for kw in jobs]
         shared = self.shared_prefix(graphs)
         if shared:
@@ -193,11 +306,12 @@ class CompiledFunction:
         return hoistable_prefix([g.constant_prefix() for g in graphs])
 
 
-def function(func: Callable[..., Any] | None = None) -> Any:
-    """Decorator: ``@function def program(s, ...): ...`` (also usable as ``@function()``)."""
+def function(func: Callable[..., Any] | None = None, num_api_spec_tokens: int | None = None) -> Any:
+    """Decorator: ``@function def program(s, ...): ...``; also ``@function()`` and
+    ``@function(num_api_spec_tokens=N)`` (see :class:`Function`)."""
     if func is None:
-        return Function
-    return Function(func)
+        return functools.partial(Function, num_api_spec_tokens=num_api_spec_tokens)
+    return Function(func, num_api_spec_tokens)
 
 
 def resolve_backend(backend: Backend | None) -> Backend:

@@ -19,6 +19,11 @@ ALIASES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
 # Fields that the native API carries beside sampling_params rather than inside it.
 REQUEST_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
 
+# Fields the frontend itself implements; they are never sent to a backend. ``stop_regex`` ends a
+# generation at the first match of a pattern (the client watches the stream and stops it there);
+# ``return_text_in_logprobs`` adds each token's text to the logprob entries of ``meta_info``.
+CLIENT_FIELDS = ("stop_regex", "return_text_in_logprobs")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,6 +31,7 @@ class SamplingParams:
 
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
+    n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -44,6 +50,8 @@ class SamplingParams:
     return_logprob: bool | None = None
     logprob_start_len: int | None = None
     top_logprobs_num: int | None = None
+    stop_regex: tuple[str, ...] | None = None
+    return_text_in_logprobs: bool | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
@@ -92,7 +100,11 @@ class SamplingParams:
 
     def sampling_dict(self) -> dict[str, Any]:
         """The set sampling fields as the native API's ``sampling_params`` object."""
-        out = {k: v for k, v in self.set_fields().items() if k not in REQUEST_FIELDS}
+        out = {
+            k: v
+            for k, v in self.set_fields().items()
+            if k not in REQUEST_FIELDS and k not in CLIENT_FIELDS
+        }
         for key in ("stop", "stop_token_ids"):
             if key in out:
                 out[key] = list(out[key])
@@ -107,9 +119,9 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def _normalize(name: str, value: Any) -> Any:
-    if name == "stop" and isinstance(value, str):
+    if name in ("stop", "stop_regex") and isinstance(value, str):
         return (value,)
-    if name in ("stop", "stop_token_ids"):
+    if name in ("stop", "stop_token_ids", "stop_regex"):
         return tuple(value)
     if name == "json_schema" and not isinstance(value, str):
         return json.dumps(value)

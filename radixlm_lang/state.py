@@ -20,20 +20,52 @@ class ProgramState:
 
     def __init__(self, executor: Any):
         self._executor = executor
+        self.ret_value: Any = None  # what the program function returned (set by run)
 
     # ---- building ----
 
     def __iadd__(self, other: Any) -> ProgramState:
-        self._executor.submit(ir.to_expr(other))
+        pending: list[ir.Expr] = []
+        for leaf in ir.to_expr(other).flatten():
+            if isinstance(leaf, ir.Call):
+                # A sub-program's body appends to this state itself, after what came before.
+                if pending:
+                    self._executor.submit(ir.Concat(tuple(pending)))
+                    pending = []
+                leaf.function.func(self, *leaf.args, **leaf.kwargs)
+            else:
+                pending.append(leaf)
+        if pending:
+            self._executor.submit(ir.Concat(tuple(pending)))
         return self
 
-    def fork(self, size: int = 1) -> ForkedStates:
+    def fork(self, size: int = 1, position_ids_offset: Any = None) -> ForkedStates:
         """Copy the state ``size`` times; the branches then run concurrently.
 
         The text so far is sent once first so the server's prefix cache holds it.
+
+        Args:
+            size: the number of branches.
+            position_ids_offset: SGLang's per-branch position offsets; only None is supported
+                (every branch continues the parent's positions).
         """
+        if position_ids_offset is not None:
+            raise NotImplementedError("fork(position_ids_offset=...) is not supported: every "
+                                      "branch continues at the parent's positions")  # fmt: skip
         children = self._executor.fork(size)
         return ForkedStates(self._executor, [ProgramState(c) for c in children])
+
+    @contextlib.contextmanager
+    def copy(self) -> Iterator[ProgramState]:
+        """``with s.copy() as c: ...``: a one-branch fork, joined (gather) when the block ends.
+
+        The variables the copy sets come back to ``s`` as one-element lists; its text does not.
+        """
+        forks = self.fork(1)
+        try:
+            yield forks[0]
+        finally:
+            forks.join()
 
     @contextlib.contextmanager
     def var_scope(self, name: str) -> Iterator[None]:
@@ -49,17 +81,24 @@ class ProgramState:
         yield
         self._executor.submit(ir.RoleEnd(name))
 
-    def system(self):
-        """``with s.system(): ...``: a system message."""
-        return self.role("system")
+    def _role_call(self, name: str, expr: Any) -> Any:
+        if expr is None:
+            return self.role(name)
+        message = ir.role(name, expr)
+        self += message
+        return message
 
-    def user(self):
-        """``with s.user(): ...``: a user message."""
-        return self.role("user")
+    def system(self, expr: Any = None) -> Any:
+        """``s.system(expr)`` appends a system message; ``with s.system(): ...`` opens one."""
+        return self._role_call("system", expr)
 
-    def assistant(self):
-        """``with s.assistant(): ...``: an assistant message."""
-        return self.role("assistant")
+    def user(self, expr: Any = None) -> Any:
+        """``s.user(expr)`` appends a user message; ``with s.user(): ...`` opens one."""
+        return self._role_call("user", expr)
+
+    def assistant(self, expr: Any = None) -> Any:
+        """``s.assistant(expr)`` appends an assistant message; ``with s.assistant():`` opens one."""
+        return self._role_call("assistant", expr)
 
     # ---- reading ----
 
@@ -110,26 +149,51 @@ class ProgramState:
         """Wait until every queued step has run."""
         self._executor.sync()
 
-    def text_iter(self, var: str | None = None) -> Iterator[str]:
+    def text_iter(self, var_name: str | None = None) -> Iterator[str]:
         """Yield the text as it is appended, until the program ends.
 
         Args:
-            var: only the generated text of this variable (None: all text, prompts included).
+            var_name: only the generated text of this variable (None: all text, prompts
+                included).
         """
-        return self._executor.chunks(var)
+        for _, piece in self._executor.chunks(var_name):
+            if piece:
+                yield piece
 
-    async def text_async_iter(self, var: str | None = None) -> AsyncIterator[str]:
-        """``async for`` version of :meth:`text_iter`; the waiting happens off the event loop."""
-        iterator = self._executor.chunks(var)
+    async def text_async_iter(
+        self, var_name: str | None = None, return_meta_data: bool = False
+    ) -> AsyncIterator[Any]:
+        """``async for`` version of :meth:`text_iter`; the waiting happens off the event loop.
+
+        Args:
+            var_name: only the generated text of this variable.
+            return_meta_data: with ``var_name``, yield ``(piece, meta_info)`` pairs, where
+                ``meta_info`` is the variable's meta_info once its generation has finished
+                (``{}`` before).
+        """
+        iterator = self._executor.chunks(var_name)
         done = object()
         while True:
-            piece = await asyncio.to_thread(next, iterator, done)
-            if piece is done:
+            item = await asyncio.to_thread(next, iterator, done)
+            if item is done:
                 return
-            yield piece
+            meta, piece = item
+            if return_meta_data and var_name is not None:
+                yield piece, meta
+            elif piece:
+                yield piece
 
     def __repr__(self) -> str:
         return f"ProgramState(text={self._executor.text[-60:]!r})"
+
+
+# SGLang's spellings and radixlm's short ones.
+JOIN_MODES = {
+    "gather_variable": "gather",
+    "gather": "gather",
+    "concate_and_append": "concat",
+    "concat": "concat",
+}
 
 
 class ForkedStates:
@@ -158,18 +222,30 @@ class ForkedStates:
             raise TypeError("fork items can only be extended with +=, not replaced")
 
     def __iadd__(self, other: Any) -> ForkedStates:
-        for state in self._states:
-            state += other
+        """Append to every branch: the same expression, ``f(i)`` for a callable, or one item
+        of a list/tuple per branch."""
+        if callable(other) and not isinstance(other, ir.Expr):
+            parts = [other(i) for i in range(len(self._states))]
+        elif isinstance(other, (list, tuple)):
+            if len(other) != len(self._states):
+                raise ValueError(f"{len(other)} items for {len(self._states)} fork branches")
+            parts = list(other)
+        else:
+            parts = [other] * len(self._states)
+        for state, part in zip(self._states, parts):
+            state += part
         return self
 
-    def join(self, mode: str = "gather") -> None:
+    def join(self, mode: str = "gather_variable") -> None:
         """Merge the branches back into the parent, in the parent's order of steps.
 
         Args:
-            mode: ``"gather"``: every variable the branches set comes back to the parent as a
-                list (one value per branch); ``"concat"``: the branches' text (and messages)
+            mode: ``"gather_variable"`` (or ``"gather"``): every variable the branches set
+                comes back to the parent as a list (one value per branch);
+                ``"concate_and_append"`` (or ``"concat"``): the branches' text (and messages)
                 is appended to the parent in branch order.
         """
-        if mode not in ("gather", "concat"):
-            raise ValueError(f"join mode must be 'gather' or 'concat', not {mode!r}")
-        self._parent.submit(ir.Join(self, mode))
+        canonical = JOIN_MODES.get(mode)
+        if canonical is None:
+            raise ValueError(f"join mode must be one of {sorted(JOIN_MODES)}, not {mode!r}")
+        self._parent.submit(ir.Join(self, canonical))

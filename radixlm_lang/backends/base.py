@@ -7,6 +7,7 @@ tokenizers or engines: only these methods and the plain data classes below.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,21 @@ class Backend:
         """
         raise NotImplementedError
 
+    def generate_samples(
+        self, prompt: str, params: SamplingParams, messages: Messages | None = None
+    ) -> list[Completion]:
+        """``params.n`` independent completions of ``prompt``.
+
+        The default asks for them one by one (with seeds ``seed``, ``seed + 1``, ... when a seed
+        is set, as the runtime numbers the samples of one request).
+        """
+        one = dataclasses.replace(params, n=None)
+        samples = []
+        for i in range(params.n or 1):
+            seeded = one if params.seed is None else dataclasses.replace(one, seed=params.seed + i)
+            samples.append(self.generate(prompt, seeded, messages))
+        return samples
+
     def generate_stream(
         self, prompt: str, params: SamplingParams, messages: Messages | None = None
     ) -> Iterator[StreamDelta]:
@@ -111,6 +127,18 @@ class Backend:
     def render_chat(self, messages: Messages) -> str:
         """Render chat messages with the model's template, without the BOS the tokenizer adds."""
         raise NotImplementedError
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """The text of each token id on its own (for logprob entries that carry text)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot turn token ids into text")
+
+    def flush_cache(self) -> Any:
+        """Empty the server's prefix cache."""
+        raise NotImplementedError(f"{type(self).__name__} has no prefix cache to flush")
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The server's figures and settings."""
+        raise NotImplementedError(f"{type(self).__name__} does not report server information")
 
     def chat_renderer(self) -> ChatRenderer:
         """The memoizing role header/footer renderer over :meth:`render_chat` (one per backend)."""

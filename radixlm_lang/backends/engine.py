@@ -9,6 +9,7 @@ from typing import Any
 from radixlm_lang.backends.base import Messages, strip_bos
 from radixlm_lang.backends.native import NativeBackend
 from radixlm_lang.chat import ChatTemplateError
+from radixlm_lang.server_args import translate_server_args
 
 
 class EngineBackend(NativeBackend):
@@ -16,8 +17,9 @@ class EngineBackend(NativeBackend):
 
     Args:
         engine: a running engine; when None, one is started from ``engine_args`` (e.g.
-            ``model="dir"``; no model = the demo model) and shut down by :meth:`shutdown`.
-        **engine_args: Engine options, only used when ``engine`` is None.
+            ``model="dir"``; no model = the default model) and shut down by :meth:`shutdown`.
+        **engine_args: Engine options, only used when ``engine`` is None (SGLang's names such
+            as ``model_path`` are accepted too).
     """
 
     def __init__(self, engine: Any = None, **engine_args: Any):
@@ -25,7 +27,7 @@ class EngineBackend(NativeBackend):
         if engine is None:
             import radixlm
 
-            engine = radixlm.Engine(**engine_args)
+            engine = radixlm.Engine(**translate_server_args(engine_args))
             self._owns_engine = True
         elif engine_args:
             raise TypeError("pass either a running engine or engine options, not both")
@@ -53,6 +55,17 @@ class EngineBackend(NativeBackend):
             raise ChatTemplateError(f"the model {self.engine.model_name!r} has no chat template")
         text = self._tokenizer.apply_chat_template(messages, tokenize=False)
         return strip_bos(text, self._tokenizer.bos_token if self.bos_token_id is not None else None)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self._tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    def flush_cache(self) -> bool:
+        """Empty the engine's radix cache (False while requests are running)."""
+        return self.engine.flush_cache()
+
+    def get_server_info(self) -> dict:
+        """The engine's capacity, cache and queue figures."""
+        return self.engine.server_info()
 
     def shutdown(self) -> None:
         """Shut the engine down if this backend started it."""

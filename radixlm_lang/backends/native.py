@@ -8,6 +8,7 @@ move the request (a method call or an HTTP POST) and tokenize.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ class NativeBackend(Backend):
     """Base of EngineBackend and RuntimeEndpoint.
 
     Subclasses implement :meth:`call`, :meth:`call_stream`, :meth:`tokenize`,
-    :meth:`render_chat` and :attr:`bos_token_id`.
+    :meth:`token_texts`, :meth:`render_chat` and :attr:`bos_token_id`.
     """
 
     def call(self, request: dict[str, Any]) -> Any:
@@ -48,19 +49,29 @@ class NativeBackend(Backend):
         result = self.call(native_request(prompt, params))
         return Completion(result["text"], result["meta_info"])
 
+    def generate_samples(
+        self, prompt: str, params: SamplingParams, messages: Messages | None = None
+    ) -> list[Completion]:
+        results = self.call(native_request(prompt, params))  # n > 1: one result per sample
+        results = results if isinstance(results, list) else [results]
+        return [Completion(r["text"], r["meta_info"]) for r in results]
+
     def generate_stream(
         self, prompt: str, params: SamplingParams, messages: Messages | None = None
     ) -> Iterator[StreamDelta]:
         request = native_request(prompt, params)
         request["stream"] = True
         sent = ""
-        for chunk in self.call_stream(request):
-            delta = chunk.get("delta")
-            if delta is None:  # cumulative text only: the new part is past what we sent
-                delta = chunk["text"][len(sent) :]
-            sent += delta
-            finished = chunk["meta_info"].get("finish_reason") is not None
-            yield StreamDelta(delta, chunk["meta_info"] if finished else None)
+        # Closing this generator early (a stop_regex matched) closes the request's stream,
+        # which aborts it on the engine.
+        with contextlib.closing(iter(self.call_stream(request))) as chunks:
+            for chunk in chunks:
+                delta = chunk.get("delta")
+                if delta is None:  # cumulative text only: the new part is past what we sent
+                    delta = chunk["text"][len(sent) :]
+                sent += delta
+                finished = chunk["meta_info"].get("finish_reason") is not None
+                yield StreamDelta(delta, chunk["meta_info"] if finished else None)
 
     def cache_prefix(self, prompt: str) -> dict[str, Any]:
         return self.call(native_request(prompt, SamplingParams(max_new_tokens=0)))["meta_info"]
@@ -74,11 +85,13 @@ class NativeBackend(Backend):
         starts = [choice_start(prefix_ids, ids) for ids in full_ids]
         scored = self._input_logprobs(full_ids, starts)
         tokens = [tuple(ids[s:]) for ids, s in zip(full_ids, starts)]
+        texts = iter(self.token_texts([t for row in tokens for t in row]))
         return ChoiceLogprobs(
             choices=tuple(choices),
             token_ids=tuple(tokens),
             token_logprobs=tuple(tuple(_defined(r, c)) for r, c in zip(scored, choices)),
             unconditional_logprobs=self._unconditional(tokens) if unconditional else None,
+            token_texts=tuple(tuple(next(texts) for _ in row) for row in tokens),
         )
 
     # ---- helpers ----

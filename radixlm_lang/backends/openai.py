@@ -11,6 +11,7 @@ a server that does not return them gets a clear error.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,29 +38,45 @@ _NOT_SENT = ("return_logprob", "top_logprobs_num", "logprob_start_len", "json_sc
 class OpenAI(Backend):
     """An OpenAI-compatible server.
 
-    Args:
-        base_url: the API root including ``/v1`` (e.g. ``http://127.0.0.1:30000/v1``).
-        model: the model name to send.
-        api_key: bearer token (None: no Authorization header).
-        timeout: seconds per request.
-    """
+    Called as SGLang does: ``OpenAI("model-name", base_url=..., api_key=...)``.
 
-    uses_chat_messages = True
+    Args:
+        model_name: the model name to send (``model=`` is accepted too).
+        base_url: the API root including ``/v1`` (default: ``$OPENAI_BASE_URL``, else
+            ``https://api.openai.com/v1``).
+        api_key: bearer token (default: ``$OPENAI_API_KEY``; none: no Authorization header).
+        is_chat_model: False sends everything to the completions API (no chat messages);
+            None/True sends a gen that starts an assistant message to the chat API.
+        timeout: seconds per request.
+        model: another spelling of ``model_name``.
+    """
 
     def __init__(
         self,
-        base_url: str = "https://api.openai.com/v1",
-        model: str | None = None,
+        model_name: str | None = None,
+        base_url: str | None = None,
         api_key: str | None = None,
+        is_chat_model: bool | None = None,
         timeout: float | None = 600.0,
+        model: str | None = None,
     ):
         super().__init__()
+        if model_name and model and model_name != model:
+            raise TypeError(f"model_name={model_name!r} and model={model!r} disagree")
+        model = model_name or model
         if not model:
-            raise ValueError("OpenAI backend needs model=...")
+            raise ValueError("OpenAI backend needs the model name: OpenAI('model-name', ...)")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.uses_chat_messages = is_chat_model is not False
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def get_model_name(self) -> str:
+        """The model name sent with every request."""
+        return self.model
 
     # ---- Backend ----
 
@@ -103,14 +120,13 @@ class OpenAI(Backend):
         rows = self._echo_logprobs([prompt + c for c in choices], choices)
         uncond = None
         if unconditional:
-            uncond = tuple(
-                tuple(lp for _, lp in self._echo_logprobs([c], [c])[0]) for c in choices
-            )
+            uncond = tuple(tuple(lp for _, lp in self._echo_logprobs([c], [c])[0]) for c in choices)
         return ChoiceLogprobs(
             choices=tuple(choices),
             token_ids=tuple(tuple(range(len(r))) for r in rows),  # ids are not in this API
             token_logprobs=tuple(tuple(lp for _, lp in r) for r in rows),
             unconditional_logprobs=uncond,
+            token_texts=tuple(tuple(token for token, _ in r) for r in rows),
         )
 
     def render_chat(self, messages: Messages) -> str:

@@ -20,6 +20,7 @@ from radixlm_lang.backends.base import BackendError, Messages, strip_bos
 from radixlm_lang.backends.http_errors import error_from_body, http_error
 from radixlm_lang.backends.native import NativeBackend
 from radixlm_lang.chat import ChatTemplateError
+from radixlm_lang.server_args import translate_server_args
 
 
 class RuntimeEndpoint(NativeBackend):
@@ -41,6 +42,7 @@ class RuntimeEndpoint(NativeBackend):
         )
         self._lock = threading.Lock()
         self._bos: tuple[int | None, str | None] | None = None
+        self._token_text: dict[int, str] = {}
 
     # ---- NativeBackend ----
 
@@ -86,6 +88,26 @@ class RuntimeEndpoint(NativeBackend):
     def server_info(self) -> dict[str, Any]:
         """``GET /server_info``: KV capacity, cache and queue figures."""
         return self._get("/server_info")
+
+    def get_server_info(self) -> dict[str, Any]:
+        """SGLang's name for :meth:`server_info`."""
+        return self.server_info()
+
+    def get_model_name(self) -> str:
+        """The model the server serves (its ``model_path``)."""
+        return self.server_info()["model_path"]
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        # One /detokenize per distinct id: logprob entries are short (a select's choices, a
+        # gen's output), and a lone token's text is what SGLang reports for each entry.
+        with self._lock:
+            missing = [i for i in dict.fromkeys(ids) if i not in self._token_text]
+        for token in missing:
+            text = self._post("/detokenize", {"tokens": [token], "skip_special_tokens": False})
+            with self._lock:
+                self._token_text[token] = text["text"]
+        with self._lock:
+            return [self._token_text[i] for i in ids]
 
     def flush_cache(self) -> dict[str, Any]:
         """``POST /flush_cache``: empty the radix cache."""
@@ -138,13 +160,16 @@ class Runtime(NativeBackend):
     """Starts ``python -m radixlm serve`` on a free local port and stops it on :meth:`shutdown`.
 
     Use it as a backend directly (it forwards to :attr:`endpoint`) or as a context manager.
+    SGLang's argument names are accepted too (``model_path``, ``mem_fraction_static``,
+    ``disable_radix_cache``...; see :func:`radixlm_lang.server_args.translate_server_args`).
 
     Args:
-        model: a Hugging Face model directory; None serves the embedded demo model.
+        model: a Hugging Face model directory or GGUF file (SGLang: ``model_path``); None
+            serves the default model.
         host: interface to bind.
         port: TCP port; None picks a free one.
         api_key: require this key (passed to the server and used by the endpoint).
-        start_timeout: seconds to wait for ``/health``.
+        start_timeout: seconds to wait for ``/health`` (SGLang: ``launch_timeout``).
         **server_args: any ``radixlm serve`` option as a keyword (``page_size=16``,
             ``schedule_policy="dfs-weight"``, ``enable_radix_cache=False``...).
     """
@@ -159,13 +184,19 @@ class Runtime(NativeBackend):
         **server_args: Any,
     ):
         super().__init__()
+        start_timeout = server_args.pop("launch_timeout", start_timeout)
+        if model is not None:
+            server_args["model"] = model
+        options = translate_server_args(server_args)
         self.port = port or _free_port(host)
         self.url = f"http://{host}:{self.port}"
-        args = dict(server_args, host=host, port=self.port, api_key=api_key, model=model)
+        args = dict(options, host=host, port=self.port, api_key=api_key)
         self._log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "radixlm", "serve", *server_argv(args)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
         )
         self._finalizer = weakref.finalize(self, _stop, self.process)
         self.endpoint = RuntimeEndpoint(self.url, api_key=api_key)
@@ -205,6 +236,17 @@ class Runtime(NativeBackend):
 
     def render_chat(self, messages: Messages) -> str:
         return self.endpoint.render_chat(messages)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return self.endpoint.token_texts(ids)
+
+    def flush_cache(self) -> dict[str, Any]:
+        """``POST /flush_cache`` on the server this runtime started."""
+        return self.endpoint.flush_cache()
+
+    def get_server_info(self) -> dict[str, Any]:
+        """``GET /server_info`` of the server this runtime started."""
+        return self.endpoint.get_server_info()
 
     def shutdown(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 30 s) and close the connections."""

@@ -9,13 +9,19 @@ import pytest
 
 import radixlm_lang as rl
 from radixlm.sampling_params import SamplingParams as EngineSamplingParams
-from radixlm_lang.sampling import FIELD_NAMES, REQUEST_FIELDS, SamplingParams
+from radixlm_lang.sampling import CLIENT_FIELDS, FIELD_NAMES, REQUEST_FIELDS, SamplingParams
 
 
 def test_every_field_is_an_engine_sampling_field_or_a_native_request_field():
     engine_fields = {f.name for f in dataclasses.fields(EngineSamplingParams)}
     for name in FIELD_NAMES:
-        assert name in engine_fields or name in REQUEST_FIELDS, name
+        assert name in engine_fields or name in REQUEST_FIELDS or name in CLIENT_FIELDS, name
+
+
+def test_client_fields_are_never_sent():
+    params = SamplingParams.from_kwargs(stop_regex=r"\d", return_text_in_logprobs=True, n=2)
+    assert params.stop_regex == (r"\d",)
+    assert params.sampling_dict() == {"n": 2} and params.request_dict() == {}
 
 
 def test_aliases_map_to_radixlm_names():
