@@ -63,16 +63,18 @@ class TritonAttentionBackend(AttentionBackend):
         self, k: torch.Tensor, v: torch.Tensor, layer_id: int, loc: torch.Tensor, pool: KVPool
     ) -> None:
         """Write K/V rows into their pool slots (one kernel for both)."""
-        store_kv(k, v, pool.k(layer_id), pool.v(layer_id), loc)
+        k_scale, v_scale = pool.scales(layer_id)
+        store_kv(k, v, pool.k(layer_id), pool.v(layer_id), loc, k_scale=k_scale, v_scale=v_scale)
 
     def extend(
         self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, pool: KVPool, scale: float
     ) -> torch.Tensor:
         """Causal attention of the new tokens over prefix + themselves."""
+        k_scale, v_scale = pool.scales(layer_id)
         return extend_attention(
             q, pool.k(layer_id), pool.v(layer_id), batch.qo_indptr, batch.kv_indptr,
             batch.kv_indices, batch.max_extend_len, scale, config=self.extend_config,
-            sliding_window=self.sliding_window,
+            sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
 
     def decode(
@@ -81,14 +83,16 @@ class TritonAttentionBackend(AttentionBackend):
         """One query per sequence over its whole sequence, split-K; cascade over prefix groups."""
         num_splits = choose_num_splits(q.shape[0], pool.num_kv_heads, self.decode_config)
         groups = batch.prefix_groups
+        k_scale, v_scale = pool.scales(layer_id)
         if groups is not None and groups.num_groups > 0 and self.sliding_window is None:
             return cascade_decode_attention(
                 q, pool.k(layer_id), pool.v(layer_id), batch.kv_indptr, batch.kv_indices,
                 groups, scale, num_splits=num_splits, scratch=self.decode_scratch,
                 decode_config=self.decode_config, cascade_config=self.cascade_config,
+                k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         return decode_attention(
             q, pool.k(layer_id), pool.v(layer_id), batch.kv_indptr, batch.kv_indices, scale,
             num_splits=num_splits, scratch=self.decode_scratch, config=self.decode_config,
-            sliding_window=self.sliding_window,
+            sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip

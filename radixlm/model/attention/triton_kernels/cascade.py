@@ -56,6 +56,7 @@ def _prefix_kernel(
     group_rows,
     shared_lens,
     qk_scale,
+    v_scale,
     stride_qb,
     stride_qh,
     stride_ks,
@@ -73,6 +74,7 @@ def _prefix_kernel(
     MIN_SPLIT_LEN: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     group = tl.program_id(0) // CHUNKS
     chunk = tl.program_id(0) % CHUNKS
@@ -122,6 +124,10 @@ def _prefix_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif KV_FP8:
+            # FP8 -> the query dtype is exact (every e4m3 value is a bf16/fp16/fp32 value).
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -143,7 +149,7 @@ def _prefix_kernel(
     l_safe = tl.where(row_ok, l_i, 1.0)
     tl.store(
         Pre_O + mid_row[:, None] * BLOCK_D + dims[None, :],
-        acc / l_safe[:, None],
+        acc * (v_scale / l_safe)[:, None],
         mask=row_ok[:, None],
     )
     tl.store(Pre_LSE + mid_row, m_i + tl.log2(l_safe), mask=row_ok)
@@ -194,6 +200,8 @@ def prefix_attention(
     scale: float,
     scratch: DecodeScratch | None = None,
     config: CascadeConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> PrefixPartials:
     """Each group's members attend to the group's shared prefix, read once per KV head.
 
@@ -206,6 +214,7 @@ def prefix_attention(
         scale: softmax scale.
         scratch: where the partials go (grown if too small); allocated if missing.
         config: launch shape; default suits the device.
+        k_scale / v_scale: stored K/V x scale = real K/V (an FP8 pool's per-layer scales).
 
     Returns:
         The partials over each member's positions [0, shared length), for ``decode_attention``.
@@ -222,13 +231,14 @@ def prefix_attention(
     out, lse = scratch.prefix_views(batch, num_q_heads, num_splits, head_dim)
     PREFIX_KERNEL.on(q.device)[(groups.num_groups * chunks, num_kv_heads, num_splits)](
         q, k_buffer, v_buffer, out, lse, kv_indptr, kv_indices, groups.group_indptr,
-        groups.group_rows, groups.shared_lens, scale * LOG2_E, q.stride(0), q.stride(1),
+        groups.group_rows, groups.shared_lens, scale * k_scale * LOG2_E, v_scale,
+        q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         GROUP=group, MEMBERS=members, ROWS=max(16, next_pow2(members * group)), CHUNKS=chunks,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits, MIN_SPLIT_LEN=config.min_split_len,
-        **_dot_flags(q.dtype, q.device), num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        KV_FP8=k_buffer.dtype == torch.float8_e4m3fn, **_dot_flags(q.dtype, q.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return PrefixPartials(out, lse, num_splits, config.block_n, config.min_split_len)
 
@@ -246,6 +256,8 @@ def cascade_decode_attention(
     out: torch.Tensor | None = None,
     decode_config: DecodeConfig | None = None,
     cascade_config: CascadeConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode attention equal to ``decode_attention``, reading each shared prefix once per group.
 
@@ -261,6 +273,7 @@ def cascade_decode_attention(
         out: optional [B, num_q_heads, head_dim] output tensor.
         decode_config: launch shape of the own-part decode and the merge.
         cascade_config: launch shape of the shared-prefix kernel.
+        k_scale / v_scale: stored K/V x scale = real K/V (an FP8 pool's per-layer scales).
 
     Returns:
         [B, num_q_heads, head_dim] attention output in ``q``'s dtype.
@@ -273,11 +286,12 @@ def cascade_decode_attention(
         prefix = None
     else:
         prefix = prefix_attention(q, k_buffer, v_buffer, kv_indptr, kv_indices, groups, scale,
-                                  scratch, cascade_config)  # fmt: skip
+                                  scratch, cascade_config, k_scale, v_scale)  # fmt: skip
     decode_config = decode_config or default_decode_config(q.device)
     num_splits = num_splits or choose_num_splits(q.shape[0], k_buffer.shape[1], decode_config)
     return decode_attention(
         q, k_buffer, v_buffer, kv_indptr, kv_indices, scale, num_splits=num_splits,
         scratch=scratch, out=out, config=decode_config,
         kv_begin=groups.suffix_start if prefix is not None else None, prefix=prefix,
+        k_scale=k_scale, v_scale=v_scale,
     )  # fmt: skip

@@ -44,6 +44,7 @@ def _decode_split_kernel(
     kv_indices,
     kv_begin,
     qk_scale,
+    v_scale,
     stride_qb,
     stride_qh,
     stride_ks,
@@ -65,6 +66,7 @@ def _decode_split_kernel(
     SLIDING_WINDOW: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
     HAS_BEGIN: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -116,6 +118,10 @@ def _decode_split_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif KV_FP8:
+            # FP8 -> the query dtype is exact (every e4m3 value is a bf16/fp16/fp32 value).
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -136,7 +142,7 @@ def _decode_split_kernel(
     l_safe = tl.where(row_ok, l_i, 1.0)
     tl.store(
         Mid_O + mid_row[:, None] * BLOCK_D + dims[None, :],
-        acc / l_safe[:, None],
+        acc * (v_scale / l_safe)[:, None],
         mask=row_ok[:, None],
     )
     tl.store(Mid_LSE + mid_row, m_i + tl.log2(l_safe), mask=row_ok)
@@ -402,6 +408,8 @@ def decode_attention(
     sliding_window: int | None = None,
     kv_begin: torch.Tensor | None = None,
     prefix: PrefixPartials | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per sequence attends to all of its sequence's slots.
 
@@ -423,6 +431,8 @@ def decode_attention(
         sliding_window: if set, the query at position p sees only positions (p - window, p].
         kv_begin: [B] int32 first position each sequence attends to (default 0).
         prefix: partials over positions [0, kv_begin[b]) to merge in (needs ``kv_begin``).
+        k_scale: stored K x k_scale = real K (an FP8 pool's per-layer scale; else 1.0).
+        v_scale: the same for V.
 
     Returns:
         [B, num_q_heads, head_dim] attention output in ``q``'s dtype.
@@ -456,10 +466,11 @@ def decode_attention(
     begin = kv_indptr if kv_begin is None else kv_begin  # any int32 pointer when unused
     DECODE_SPLIT_KERNEL.on(q.device)[(batch, num_kv_heads, num_splits)](
         q, k_buffer, v_buffer, partial_out, partial_lse, counters, out,
-        kv_indptr, kv_indices, begin, scale * LOG2_E, q.stride(0), q.stride(1),
+        kv_indptr, kv_indices, begin, scale * k_scale * LOG2_E, v_scale, q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1), GROUP=group, ROWS=max(16, next_pow2(group)),
-        FUSED_MERGE=fused_merge, **_dot_flags(q.dtype, q.device),
+        FUSED_MERGE=fused_merge, KV_FP8=k_buffer.dtype == torch.float8_e4m3fn,
+        **_dot_flags(q.dtype, q.device),
         num_warps=config.num_warps, num_stages=config.num_stages, **shared,
     )  # fmt: skip
     if not fused_merge:

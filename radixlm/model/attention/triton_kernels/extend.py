@@ -30,6 +30,7 @@ def _extend_kernel(
     kv_indptr,
     kv_indices,
     qk_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -47,6 +48,7 @@ def _extend_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -92,6 +94,10 @@ def _extend_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif KV_FP8:
+            # FP8 -> the query dtype is exact (every e4m3 value is a bf16/fp16/fp32 value).
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -123,6 +129,10 @@ def _extend_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif KV_FP8:
+            # FP8 -> the query dtype is exact (every e4m3 value is a bf16/fp16/fp32 value).
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -144,7 +154,7 @@ def _extend_kernel(
 
     # Rows past the sequence's new tokens are not stored; keep their division finite.
     l_i = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_i[:, None]
+    out = acc * (v_scale / l_i)[:, None]
     o_ptrs = Out + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(
         o_ptrs + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :]
@@ -185,6 +195,8 @@ def extend_attention(
     out: torch.Tensor | None = None,
     config: ExtendConfig | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its prefix and themselves.
 
@@ -200,6 +212,8 @@ def extend_attention(
         out: optional [T, num_q_heads, head_dim] output tensor.
         config: launch shape; default by device and launch size (``default_extend_config``).
         sliding_window: if set, a token at position p sees only positions (p - window, p].
+        k_scale: stored K x k_scale = real K (an FP8 pool's per-layer scale; else 1.0).
+        v_scale: the same for V.
 
     Returns:
         [T, num_q_heads, head_dim] attention output in ``q``'s dtype.
@@ -218,12 +232,12 @@ def extend_attention(
     block_m = max(1, config.block_rows // group_pad)
     grid = (batch, num_kv_heads, triton.cdiv(max_extend_len, block_m))
     EXTEND_KERNEL.on(q.device)[grid](
-        q, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices, scale * LOG2_E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices,
+        scale * k_scale * LOG2_E, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         BLOCK_M=block_m, BLOCK_N=config.block_n, **_dot_flags(q.dtype, q.device),
-        SLIDING_WINDOW=sliding_window or 0,
+        SLIDING_WINDOW=sliding_window or 0, KV_FP8=k_buffer.dtype == torch.float8_e4m3fn,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
