@@ -1,0 +1,181 @@
+"""Triton kernels of the FP8 linear layer: per-token activation quantization and a small-M GEMM.
+
+``quantize_per_token`` reads each row once for its amax and once more to scale and cast, in one
+launch (the torch version is five). ``fp8_small_m_gemm`` is the decode-time product for at most a
+few rows: the FP8 weight tile is widened to the activation dtype in registers (exact: every e4m3
+value is a bfloat16/float16 value) and multiplied on the tensor cores with the rows padded to 16,
+accumulating in float32; the per-channel scale is applied once at the end. Each program owns
+``BLOCK_N`` output channels over the whole K, so nothing is reduced across programs.
+
+Neither kernel reads anything back to the host, so both can be captured in a CUDA graph.
+
+The GEMM also runs under the Triton interpreter on CPU tensors (tested there at tiny sizes): the
+interpreter widens FP8 exactly. The quantization kernel does not: the interpreter's float32 ->
+e4m3 cast rounds wrongly across binade boundaries (31.9 becomes 16), so on CPU
+``quantize_per_token`` runs the torch reference instead and the kernel is tested on the GPU only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from radixlm.model.attention.triton_kernels._dispatch import (
+    dual_kernel,
+    next_pow2,
+    runs_interpreted,
+)
+from radixlm.model.layers.fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, quantize_rows
+
+QUANT_BLOCK = 4096
+
+
+def _quant_rows_kernel(
+    X,
+    Q,
+    S,
+    K,
+    stride_x,
+    stride_q,
+    FP8_LIMIT: tl.constexpr,
+    MIN_AMAX_: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.full([BLOCK], 0.0, tl.float32)
+    for start in range(0, K, BLOCK):
+        ok = start + cols < K
+        x = tl.load(X + row * stride_x + start + cols, mask=ok, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    top = tl.reduce(amax, 0, tl.standard._elementwise_max)
+    scale = tl.maximum(top, MIN_AMAX_) / FP8_LIMIT
+    for start in range(0, K, BLOCK):
+        ok = start + cols < K
+        x = tl.load(X + row * stride_x + start + cols, mask=ok, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -FP8_LIMIT), FP8_LIMIT)
+        tl.store(Q + row * stride_q + start + cols, q.to(Q.dtype.element_ty), mask=ok)
+    tl.store(S + row, scale)
+
+
+QUANT_ROWS_KERNEL = dual_kernel(_quant_rows_kernel)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) FP8 quantization with scale ``amax(|row|) / 448``.
+
+    Args:
+        x: [M, K] activations, the last dim contiguous.
+
+    Returns:
+        (FP8 [M, K], float32 scales [M, 1]).
+    """
+    if runs_interpreted(x.device):
+        return quantize_rows(x)
+    rows, k = x.shape
+    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return q, scale
+    block = min(QUANT_BLOCK, next_pow2(k))
+    QUANT_ROWS_KERNEL.on(x.device)[(rows,)](
+        x, q, scale, k, x.stride(0), q.stride(0), FP8_LIMIT=FP8_MAX, MIN_AMAX_=MIN_AMAX,
+        BLOCK=block, num_warps=max(1, min(8, block // 256)),
+    )  # fmt: skip
+    return q, scale
+
+
+def _small_m_gemm_kernel(
+    X,
+    W,
+    WS,
+    B,
+    Out,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+    w_ptrs = W + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        k_ok = k0 + ks < K
+        x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    scale = tl.load(WS + cols, mask=col_ok, other=0.0)
+    acc = acc * scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = Out + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+SMALL_M_GEMM_KERNEL = dual_kernel(_small_m_gemm_kernel)
+
+
+def fp8_small_m_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+) -> torch.Tensor:
+    """``x @ (weight * weight_scale[:, None]).T + bias`` for few rows (W8A16, fp32 accumulation).
+
+    Args:
+        x: [M, K] activations (M <= 64; meant for M <= 16), the last dim contiguous.
+        weight: [N, K] FP8 weight, row-major.
+        weight_scale: [N] float32 per-channel scales.
+        bias: optional [N] bias.
+        block_n: output channels per program (default by device).
+        block_k: K step (default by device).
+
+    Returns:
+        [M, N] in ``x``'s dtype.
+
+    Raises:
+        ValueError: more than 64 rows or a non-contiguous operand.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > 64:
+        raise ValueError(f"fp8_small_m_gemm is for at most 64 rows, got {m}")
+    if x.stride(-1) != 1 or not weight.is_contiguous():
+        raise ValueError("fp8_small_m_gemm needs a K-contiguous x and a contiguous weight")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    interpreted = runs_interpreted(x.device)
+    block_n = block_n or (16 if interpreted else 32)
+    block_k = block_k or (32 if interpreted else 256)
+    grid = (triton.cdiv(n, block_n),)
+    SMALL_M_GEMM_KERNEL.on(x.device)[grid](
+        x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_M=max(16, next_pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        NUM_STAGES=1 if interpreted else 4,
+        UPCAST=interpreted or x.dtype == torch.float32,
+        num_warps=4,
+    )  # fmt: skip
+    return out
