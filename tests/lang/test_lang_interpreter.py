@@ -74,8 +74,9 @@ def test_roles_use_the_chat_template_and_build_messages(scripted, llama3_tokeniz
     assert state.text() == full.removeprefix(llama3_tokenizer.bos_token)
     # The assistant gen saw the generation prompt the template would add.
     prompt = scripted.requests[0][1]
-    expected = llama3_tokenizer.apply_chat_template(messages[:2], tokenize=False,
-                                                    add_generation_prompt=True)
+    expected = llama3_tokenizer.apply_chat_template(
+        messages[:2], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == expected.removeprefix(llama3_tokenizer.bos_token)
 
 

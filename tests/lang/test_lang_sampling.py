@@ -47,7 +47,10 @@ def test_gen_overrides_run_defaults_field_by_field():
 
 def test_native_dicts_split_sampling_from_logprob_flags():
     params = SamplingParams.from_kwargs(
-        max_tokens=3, stop=["a", "b"], json_schema={"type": "object"}, return_logprob=True,
+        max_tokens=3,
+        stop=["a", "b"],
+        json_schema={"type": "object"},
+        return_logprob=True,
         top_logprobs_num=2,
     )
     sampling = params.sampling_dict()
@@ -62,7 +65,10 @@ def test_gen_keywords_build_the_shared_dataclass():
     expr = rl.gen("x", max_tokens=4, temperature=0, seed=3, repetition_penalty=1.1)
     assert isinstance(expr.params, SamplingParams)
     assert expr.params.set_fields() == {
-        "max_new_tokens": 4, "temperature": 0, "seed": 3, "repetition_penalty": 1.1
+        "max_new_tokens": 4,
+        "temperature": 0,
+        "seed": 3,
+        "repetition_penalty": 1.1,
     }
 
 
