@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from radixlm.batch import ForwardBatch
 from radixlm.kvcache.pool import KVPool
+from radixlm.model.attention import torch_backend
 from radixlm.model.attention.torch_backend import TorchAttentionBackend
 
 HEADS, KV_HEADS, DIM = 8, 2, 16
@@ -98,3 +99,40 @@ def test_bfloat16_pool_computes_in_float32():
     want = expected_output(q, seq_k, seq_v, prefix_lens, new_lens, 0.3)
     # Inputs are exact bf16 values; only the final cast to bf16 rounds.
     torch.testing.assert_close(out.double(), want, rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_mixed_lengths_split_into_groups_match_oracle(window, monkeypatch):
+    # One long prefill beside short decodes and short extends: several padded groups (no
+    # slack, so a batch this small splits as a large one would).
+    monkeypatch.setattr(torch_backend, "PAD_WASTE_SLACK", 0)
+    prefix_lens, new_lens = [0, 40, 3, 0, 90], [60, 1, 2, 1, 1]
+    pool, batch, q, k, v, seq_k, seq_v = scenario(prefix_lens, new_lens, seed=7)
+    backend = TorchAttentionBackend(sliding_window=window)
+    out = backend.forward(q, k, v, 0, batch, pool, 0.2)
+    assert len(backend._groups) > 1
+    want = expected_output(q, seq_k, seq_v, prefix_lens, new_lens, 0.2, window)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_query_chunks_within_a_tiny_score_budget_match_oracle(window):
+    # A budget of a few query rows forces chunking of every group, masks built per chunk.
+    prefix_lens, new_lens = [10, 0, 5], [37, 50, 1]
+    pool, batch, q, k, v, seq_k, seq_v = scenario(prefix_lens, new_lens, seed=11)
+    backend = TorchAttentionBackend(sliding_window=window, score_budget_bytes=4096)
+    out = backend.forward(q, k, v, 0, batch, pool, 0.3)
+    want = expected_output(q, seq_k, seq_v, prefix_lens, new_lens, 0.3, window)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_is_built_once_per_batch(monkeypatch):
+    prefix_lens, new_lens = [4, 9], [1, 1]
+    pool, batch, q, k, v, _, _ = scenario(prefix_lens, new_lens, seed=2)
+    backend = TorchAttentionBackend()
+    calls = []
+    real_prepare = backend.prepare
+    monkeypatch.setattr(backend, "prepare", lambda b: (calls.append(b), real_prepare(b)))
+    first = backend.forward(q, k, v, 0, batch, pool, 0.5)
+    second = backend.forward(q, k, v, 0, batch, pool, 0.5)
+    assert len(calls) == 1 and torch.equal(first, second)
