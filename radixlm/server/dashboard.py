@@ -98,6 +98,7 @@ class DashboardFeed:
         except Exception as exc:
             raise APIError(503, f"the engine is not responding: {exc or type(exc).__name__}",
                            code="engine_unavailable") from exc
+        raw["info"]["model_name"] = getattr(self.engine, "model_name", "")
         self.history.append(_point(raw, self._previous_raw))
         self._previous_raw = raw
         state = await asyncio.to_thread(_assemble, raw, list(self.history),
