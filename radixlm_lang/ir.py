@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixlm_lang.choices import ChoicesMethod
+
+# SGLang programs import the dtype regexes from its ``ir`` module; they are importable here too.
+from radixlm_lang.dtypes import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR  # noqa: F401
 from radixlm_lang.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant")

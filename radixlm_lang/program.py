@@ -8,7 +8,7 @@ import inspect
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from radixlm_lang import ir
@@ -128,8 +128,9 @@ class Function:
         backend: Backend | None = None,
         num_threads: int | str = "auto",
         progress_bar: bool = False,
+        generator_style: bool = False,
         **default_sampling: Any,
-    ) -> list[ProgramState]:
+    ) -> list[ProgramState] | Iterator[ProgramState]:
         """Run the program once per set of arguments, concurrently.
 
         Args:
@@ -138,10 +139,12 @@ class Function:
             backend: where to run (default: the default backend).
             num_threads: concurrent runs; "auto" picks one from the batch size and CPUs.
             progress_bar: show a tqdm bar.
+            generator_style: return an iterator that yields each state, in input order, as
+                soon as it and those before it are done.
             **default_sampling: generation defaults for every run.
 
         Returns:
-            The states, in the order of ``batch_kwargs``.
+            The states, in the order of ``batch_kwargs`` (a list, or an iterator).
 
         Raises:
             Exception: the first exception a program's own code raised (see :meth:`run`).
@@ -155,7 +158,8 @@ class Function:
             if shared:
                 backend.cache_prefix(shared)
         options = [ExecutionOptions(backend, defaults) for _ in jobs]
-        return _run_many(self, options, jobs, num_threads, progress_bar)
+        states = _iter_many(self, options, jobs, num_threads, progress_bar)
+        return states if generator_style else list(states)
 
     def batch_arguments(self, item: dict[str, Any] | Sequence[Any]) -> dict[str, Any]:
         """One ``run_batch`` item as keyword arguments (a list gives the parameters in order).
@@ -326,6 +330,31 @@ def resolve_backend(backend: Backend | None) -> Backend:
     return backend
 
 
+def _iter_many(
+    program: Function,
+    options: list[ExecutionOptions],
+    jobs: list[dict[str, Any]],
+    num_threads: int | str,
+    progress_bar: bool,
+) -> Iterator[ProgramState]:
+    """Run every job on a thread pool; yield the states in job order."""
+    from tqdm.auto import tqdm
+
+    workers = _thread_count(num_threads, len(jobs))
+    bar = tqdm(total=len(jobs), disable=not progress_bar, desc=program.func.__name__)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(program._start, opt, (), kw) for opt, kw in zip(options, jobs)]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update(1))
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()  # a consumer that stops early leaves nothing queued
+            bar.close()
+
+
 def _run_many(
     program: Function,
     options: list[ExecutionOptions],
@@ -333,21 +362,7 @@ def _run_many(
     num_threads: int | str,
     progress_bar: bool,
 ) -> list[ProgramState]:
-    from tqdm.auto import tqdm
-
-    workers = _thread_count(num_threads, len(jobs))
-    states: list[ProgramState | None] = [None] * len(jobs)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {
-            pool.submit(program._start, opt, (), kwargs): index
-            for index, (opt, kwargs) in enumerate(zip(options, jobs))
-        }
-        bar = tqdm(total=len(jobs), disable=not progress_bar, desc=program.func.__name__)
-        for future in as_completed(futures):
-            states[futures[future]] = future.result()
-            bar.update(1)
-        bar.close()
-    return states  # type: ignore[return-value]
+    return list(_iter_many(program, options, jobs, num_threads, progress_bar))
 
 
 def _thread_count(num_threads: int | str, jobs: int) -> int:

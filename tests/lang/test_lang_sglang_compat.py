@@ -361,6 +361,9 @@ def test_run_batch_takes_positional_argument_lists(scripted):
     assert [st.text() for st in states] == ["x!", "y?"]
     with pytest.raises(TypeError, match="takes 2 arguments"):
         program.run_batch([["x", "y", "z"]], backend=scripted)
+    streamed = program.run_batch([["a"], ["b"]], backend=scripted, generator_style=True)
+    assert not isinstance(streamed, list)
+    assert [st.text() for st in streamed] == ["a!", "b!"]
 
 
 @pytest.mark.parametrize(
