@@ -55,6 +55,15 @@ class ModelConfig:
     cascade_min_shared: int = _opt(
         256, "Fewest shared prefix tokens for sequences to form a cascade-attention group."
     )
+    quantization: str = _opt(
+        "auto",
+        "Weight quantization: fp8 runs the decoder's linear layers as FP8 GEMMs (an FP8 "
+        "checkpoint loads as is, a bf16/fp16/fp32 one is quantized per output channel on "
+        "load; embedding, LM head and norms stay high precision). auto = what the checkpoint "
+        "declares (fp8 for an FP8 checkpoint, none otherwise).",
+        ("auto", "none", "fp8"),
+    )
+
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,13 @@ class CacheConfig:
         0.85, "Share of free GPU memory (after weights) given to the KV pool when sizing it."
     )
     enable_radix_cache: bool = _opt(True, "Reuse cached prefixes across requests.")
+    kv_cache_dtype: str = _opt(
+        "auto",
+        "KV cache storage dtype: fp8_e4m3 halves the bytes per token (per-layer scales from "
+        "the checkpoint, 1.0 when it has none); auto = the model dtype.",
+        ("auto", "fp8_e4m3"),
+    )
+
 
 
 @dataclass(frozen=True)

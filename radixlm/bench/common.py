@@ -35,8 +35,11 @@ from typing import Any
 
 import torch
 
+from radixlm.kvcache.pool import resolve_kv_dtype
 from radixlm.model.arch import ModelArch
+from radixlm.model.layers.fp8 import FP8_DTYPE
 from radixlm.model.loader import resolve_device, resolve_dtype
+from radixlm.model.quantization import resolve_quantization
 
 SHARD_BYTES = 2 * 2**30
 RANDOM_MODEL_FORMAT = "radixlm-bench-random-v1"
@@ -146,14 +149,26 @@ class ModelCost:
     attn_flops_per_pair: int
 
     @classmethod
-    def of(cls, arch: ModelArch, dtype: torch.dtype = torch.bfloat16) -> ModelCost:
-        """Count from the architecture (parameters are built on the meta device: no memory)."""
+    def of(cls, arch: ModelArch, dtype: torch.dtype = torch.bfloat16,
+           weight_dtype: torch.dtype | None = None, kv_dtype: torch.dtype | None = None
+           ) -> ModelCost:
+        """Count from the architecture (parameters are built on the meta device: no memory).
+
+        Args:
+            arch: the architecture.
+            dtype: the model dtype (embedding, LM head, norms; and the rest by default).
+            weight_dtype: dtype of the decoder's matrices when quantized (FP8: 1 byte each,
+                plus a float32 scale per output channel).
+            kv_dtype: KV cache dtype, when not ``dtype``.
+        """
         from radixlm.model.models.decoder import CausalLM
 
         with torch.device("meta"):
             model = CausalLM(arch)
         size = torch.empty(0, dtype=dtype).element_size()
-        decoder, head, total, embed = 0, 0, 0, 0
+        matrix_size = torch.empty(0, dtype=weight_dtype or dtype).element_size()
+        kv_size = torch.empty(0, dtype=kv_dtype or dtype).element_size()
+        decoder, head, total, embed, scales = 0, 0, 0, 0, 0
         for name, param in model.named_parameters():  # tied weights are listed once
             total += param.numel()
             if name.startswith("lm_head"):
@@ -162,10 +177,14 @@ class ModelCost:
                 embed = param.numel()
             elif param.dim() == 2:
                 decoder += param.numel()
+                scales += param.shape[0]
         if arch.tie_word_embeddings:
             head, embed = embed, 0
-        kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * size
-        return cls(decoder, head, (total - embed) * size, kv,
+        weight_bytes = (total - embed - decoder) * size + decoder * matrix_size
+        if weight_dtype is not None and matrix_size != size:
+            weight_bytes += 4 * scales
+        kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * kv_size
+        return cls(decoder, head, weight_bytes, kv,
                    4 * arch.num_layers * arch.num_heads * arch.head_dim)
 
     def extend_flops(self, new_tokens: int, prefix_len: int, logits_rows: int = 1) -> float:
@@ -416,6 +435,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="cascade decode attention over shared prefixes (triton backend)")
     group.add_argument("--enable-overlap", action=argparse.BooleanOptionalAction, default=True,
                        help="overlap scheduling (--no-enable-overlap runs steps serially)")
+    group.add_argument("--quantization", default="auto", choices=["auto", "none", "fp8"],
+                       help="weight quantization (fp8: FP8 projections; auto: the checkpoint's)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                       help="KV cache storage dtype (auto: the model dtype)")
     roof = parser.add_argument_group("roofline")
     roof.add_argument("--hbm-gbps", type=float, default=None,
                       help="HBM bandwidth (GB/s, read + write); measured when absent")
@@ -433,10 +456,12 @@ class BenchSetup:
     arch: ModelArch
     dtype: torch.dtype
     ceil: Ceilings
+    weight_dtype: torch.dtype | None = None  # the decoder matrices' dtype when quantized
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype when not ``dtype``
 
     @property
     def cost(self) -> ModelCost:
-        return ModelCost.of(self.arch, self.dtype)
+        return ModelCost.of(self.arch, self.dtype, self.weight_dtype, self.kv_dtype)
 
 
 def resolve_setup(args: argparse.Namespace) -> BenchSetup:
@@ -445,8 +470,11 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
     model_dir = resolve_model_dir(args, device)
     arch = ModelArch.from_dir(model_dir)
     dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
+    fp8 = resolve_quantization(args.quantization, model_dir) == "fp8"
     return BenchSetup(device, model_dir, arch, dtype,
-                      measure_ceilings(device, args.hbm_gbps, args.tflops))
+                      measure_ceilings(device, args.hbm_gbps, args.tflops),
+                      weight_dtype=FP8_DTYPE if fp8 else None,
+                      kv_dtype=resolve_kv_dtype(args.kv_cache_dtype, dtype))
 
 
 def resolve_model_dir(args: argparse.Namespace, device: torch.device) -> Path:
@@ -467,6 +495,10 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["cuda_graph_max_batch_size"] = args.cuda_graph_max_batch_size
     if args.cascade_attention:
         opts["cascade_attention"] = True
+    if args.quantization != "auto":
+        opts["quantization"] = args.quantization
+    if args.kv_cache_dtype != "auto":
+        opts["kv_cache_dtype"] = args.kv_cache_dtype
     return opts
 
 

@@ -19,7 +19,7 @@ from radixlm.executor.logits import (
     store_input_logprobs,
 )
 from radixlm.executor.pending import HostTransfer, LaunchedStep, PendingStep
-from radixlm.kvcache.pool import KVPool
+from radixlm.kvcache.pool import FP8_KV_DTYPE, KVPool, resolve_kv_dtype
 from radixlm.model.attention import TritonAttentionBackend, create_attention_backend
 from radixlm.model.loader import load_model, resolve_device
 from radixlm.outputs import SeqStepResult, StepResult
@@ -62,9 +62,11 @@ class ModelRunner:
         progress: bool = True,
     ):
         self.device = resolve_device(model_config.device)
-        self.model = load_model(model_path, model_config.dtype, self.device, progress=progress)
+        self.model = load_model(model_path, model_config.dtype, self.device, progress=progress,
+                                quantization=model_config.quantization)
         arch = self.model.arch
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = self.model.lm_head.weight.dtype  # FP8 projections excepted, the model dtype
+        self.kv_dtype = resolve_kv_dtype(cache_config.kv_cache_dtype, self.dtype)
         self.vocab_size = arch.vocab_size
         self.context_length = model_config.context_length or arch.max_position_embeddings
         self.eos_token_ids = eos_token_ids
@@ -93,7 +95,8 @@ class ModelRunner:
         tokens = cache.kv_cache_tokens or self._default_kv_tokens(cache)
         num_pages = max(-(-tokens // cache.page_size), 1)
         return KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, num_pages,
-                      cache.page_size, self.dtype, self.device)
+                      cache.page_size, self.kv_dtype, self.device,
+                      kv_scales=self.model.kv_scales if self.kv_dtype == FP8_KV_DTYPE else None)
 
     def _default_kv_tokens(self, cache: CacheConfig) -> int:
         if self.device.type != "cuda":
@@ -101,7 +104,7 @@ class ModelRunner:
         arch = self.model.arch
         free, _ = torch.cuda.mem_get_info(self.device)
         per_token = KVPool.bytes_per_token(arch.num_layers, arch.num_kv_heads, arch.head_dim,
-                                           self.dtype)
+                                           self.kv_dtype)
         return int(free * cache.mem_fraction) // per_token
 
     @property

@@ -21,7 +21,17 @@ from tqdm.auto import tqdm
 
 from radixlm.model.arch import ModelArch
 from radixlm.model.gguf import find_gguf_file, gguf_tensor_count, iter_gguf_weights, prepare_gguf
+from radixlm.model.layers.fp8 import Fp8Linear
 from radixlm.model.models.decoder import STACKED_WEIGHTS, CausalLM
+from radixlm.model.quantization import (
+    is_input_scale,
+    kv_scale_target,
+    load_fp8_weight,
+    resolve_quantization,
+    scale_value,
+    use_fp8_linears,
+    weight_scale_rows,
+)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -37,7 +47,7 @@ _DTYPES: dict[str, torch.dtype] = {
 # Checkpoint tensors that carry no learned state of ours (rotary caches some exporters save).
 _HARMLESS_EXTRA = re.compile(r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
-_PROJ = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+_PROJ = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias|weight_scale)$")
 
 
 class MissingWeightsError(ValueError):
@@ -94,7 +104,12 @@ def resolve_dtype(
     return _DTYPES[name]
 
 
-def build_empty_model(arch: ModelArch, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+def build_empty_model(
+    arch: ModelArch,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quantization: str = "none",
+) -> CausalLM:
     """A ``CausalLM`` whose parameters are allocated on ``device`` in ``dtype`` but hold
     garbage; only the rotary cache is computed. Fill it with :func:`load_weights` or random
     values.
@@ -103,12 +118,16 @@ def build_empty_model(arch: ModelArch, dtype: torch.dtype, device: str | torch.d
         arch: the architecture.
         dtype: parameter dtype.
         device: parameter device.
+        quantization: "none", or "fp8" for FP8 projection layers (their weights and scales
+            keep their own dtypes; everything else is in ``dtype``).
 
     Returns:
         The model in eval mode, gradients off.
     """
     with torch.device("meta"):
         model = CausalLM(arch)
+        if quantization == "fp8":
+            use_fp8_linears(model)
     model = model.to(dtype=dtype).to_empty(device=resolve_device(device))
     model.tie_weights()
     model.model.rotary_emb.rebuild_cache()
@@ -157,6 +176,7 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "auto",
     progress: bool = True,
+    quantization: str = "auto",
 ) -> CausalLM:
     """Load a Hugging Face model directory or a GGUF file.
 
@@ -167,6 +187,9 @@ def load_model(
         dtype: a torch dtype, or a name for :func:`resolve_dtype` ("auto" by default).
         device: where the weights go ("auto" = cuda when available).
         progress: show a tqdm bar while tensors load.
+        quantization: "fp8" runs the projections in FP8 (an FP8 checkpoint loads as is, others
+            are quantized per output channel); "none" keeps ``dtype``; "auto" follows the
+            checkpoint's ``quantization_config`` (see :mod:`radixlm.model.quantization`).
 
     Returns:
         The model in eval mode, every weight loaded.
@@ -179,7 +202,10 @@ def load_model(
     meta_dir = model_metadata_dir(path)
     arch = ModelArch.from_dir(meta_dir)
     device = resolve_device(device)
-    model = build_empty_model(arch, resolve_dtype(dtype, device, arch.torch_dtype), device)
+    method = resolve_quantization(quantization, meta_dir)
+    model = build_empty_model(
+        arch, resolve_dtype(dtype, device, arch.torch_dtype), device, quantization=method
+    )
     gguf_file = find_gguf_file(path)
     if gguf_file is not None:
         load_tensors(
@@ -286,6 +312,12 @@ class _LoadPlan:
         }
         self.missing = {target for name in self.params for target in self._targets_of(name)}
         self.unexpected: list[str] = []
+        # FP8 projections by module name, and the KV-cache scales the checkpoint carries.
+        self.model = model
+        self.fp8_layers = {
+            name for name, module in model.named_modules() if isinstance(module, Fp8Linear)
+        }
+        self.kv_scales: dict[int, dict[str, float]] = {}
 
     def _targets_of(self, param_name: str) -> list[tuple[str, int | None]]:
         merged = param_name.split(".")[-2]
@@ -295,6 +327,8 @@ class _LoadPlan:
 
     def load(self, hf_name: str, read) -> None:
         """Copy checkpoint tensor ``hf_name`` (read lazily by ``read()``) into its slot."""
+        if self._load_scale_only(hf_name, read):
+            return
         target = self._target(hf_name)
         if target is None:
             return
@@ -303,13 +337,31 @@ class _LoadPlan:
             return
         dst = self._slot(*target)
         src = read()
+        if target[0].endswith(".weight_scale"):
+            src = weight_scale_rows(src, dst.shape[0], hf_name)
         if tuple(src.shape) != tuple(dst.shape):
             raise ValueError(
                 f"weight {hf_name} has shape {tuple(src.shape)}, the config implies "
                 f"{tuple(dst.shape)}"
             )
-        dst.copy_(src)
+        module, kind = target[0].rsplit(".", 1)
+        if kind == "weight" and module in self.fp8_layers:
+            scale_target = (f"{module}.weight_scale", target[1])
+            if load_fp8_weight(dst, src, self._slot(*scale_target)):
+                self.missing.discard(scale_target)
+        else:
+            dst.copy_(src)
         self.missing.discard(target)
+
+    def _load_scale_only(self, hf_name: str, read) -> bool:
+        """KV-cache scales (kept for the pool) and static activation scales (unused)."""
+        kv = kv_scale_target(hf_name)
+        if kv is not None and kv[0] < len(self.model.kv_scales):
+            value = scale_value(read(), hf_name)
+            for which in ("k", "v") if kv[1] == "kv" else (kv[1],):
+                self.kv_scales.setdefault(kv[0], {})[which] = value
+            return True
+        return bool(self.fp8_layers) and is_input_scale(hf_name)
 
     def _target(self, hf_name: str) -> tuple[str, int | None] | None:
         if _HARMLESS_EXTRA.match(hf_name):
@@ -330,6 +382,9 @@ class _LoadPlan:
         return data.narrow(0, sum(sizes[:block]), sizes[block])
 
     def finish(self) -> None:
+        for layer, scales in self.kv_scales.items():
+            k, v = self.model.kv_scales[layer]
+            self.model.kv_scales[layer] = (scales.get("k", k), scales.get("v", v))
         if self.unexpected:
             raise UnexpectedWeightsError(
                 f"checkpoint has {len(self.unexpected)} unexpected weight(s): "

@@ -137,6 +137,9 @@ class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch):
         super().__init__()
         self.arch = arch
+        # Per-layer (k_scale, v_scale) of an FP8 KV cache; the loader sets them from the
+        # checkpoint when it has them.
+        self.kv_scales: list[tuple[float, float]] = [(1.0, 1.0)] * arch.num_layers
         self.model = DecoderModel(arch)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.tie_weights()
