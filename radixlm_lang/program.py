@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
@@ -23,22 +24,52 @@ from radixlm_lang.tracer import trace_program
 
 
 class _Running(threading.local):
-    """How many program bodies this thread is inside (a call without a state then composes)."""
+    """The backends of the program bodies this thread is inside, innermost last (None while
+    tracing). Inside a body, a program called without a state becomes a :class:`ProgramCall`."""
 
-    depth = 0
+    def __init__(self) -> None:
+        self.backends: list[Any] = []
 
 
 _running = _Running()
 
 
 @contextlib.contextmanager
-def program_body() -> Iterator[None]:
-    """Mark this thread as running a program's body (used by runs and by the tracer)."""
-    _running.depth += 1
+def program_body(backend: Any) -> Iterator[None]:
+    """Mark this thread as running a program's body on ``backend`` (runs and the tracer)."""
+    _running.backends.append(backend)
     try:
         yield
     finally:
-        _running.depth -= 1
+        _running.backends.pop()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramCall(ir.Call):
+    """A program called without a state inside another program's body.
+
+    Appended to a state (``s += sub(x=...)``) it runs ``sub``'s body on that state. Used as a
+    state instead (``r = sub(x=...); r["answer"]``, ``r.text()``), it runs ``sub`` on its own,
+    once, on the enclosing program's backend, as SGLang runs such a call.
+    """
+
+    backend: Any = dataclasses.field(default=None, compare=False)
+
+    def standalone(self) -> ProgramState:
+        """The state of running the program on its own (run on first use)."""
+        state = self.__dict__.get("_state")
+        if state is None:
+            state = self.function.run(*self.args, backend=self.backend, **self.kwargs)
+            object.__setattr__(self, "_state", state)
+        return state
+
+    def __getitem__(self, name: str) -> Any:
+        return self.standalone()[name]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.standalone(), name)
 
 
 class Function:
@@ -71,19 +102,20 @@ class Function:
         """Call the program.
 
         - ``sub(s, x)`` with a state: run the body inline on ``s`` (composition).
-        - ``sub(x=...)`` inside another program's body: an expression; ``s += sub(x=...)``
-          runs the body on ``s``.
+        - ``sub(x=...)`` inside another program's body: a :class:`ProgramCall`;
+          ``s += sub(x=...)`` runs the body on ``s``, reading it as a state runs it alone.
         - ``program(x=..., temperature=0)`` anywhere else: ``program.run(...)`` (returns the
           state).
         """
         if args and isinstance(args[0], ProgramState):
             return self.func(args[0], *args[1:], **{**self.bind_arguments, **kwargs})
-        if _running.depth:
+        if _running.backends:
             program_kwargs, defaults = self.split_kwargs(kwargs)
             if defaults.set_fields():
                 raise TypeError(f"{self.func.__name__}(...) inside a program takes only its own "
                                 f"arguments, not generation defaults")  # fmt: skip
-            return ir.Call(self, args, {**self.bind_arguments, **program_kwargs})
+            kwargs = {**self.bind_arguments, **program_kwargs}
+            return ProgramCall(self, args, kwargs, backend=_running.backends[-1])
         return self.run(*args, **kwargs)
 
     def bind(self, **kwargs: Any) -> Function:
@@ -196,7 +228,7 @@ class Function:
         program_kwargs, _ = self.split_kwargs({**self.bind_arguments, **kwargs})
         backend = backend if backend is not None else get_default_backend()
         renderer = backend.chat_renderer() if backend is not None else None
-        with program_body():
+        with program_body(None):
             return trace_program(self.func, args, program_kwargs, renderer)
 
     def compile(self) -> CompiledFunction:
@@ -244,7 +276,7 @@ class Function:
         """Run the body; return the exception the body itself raised (also recorded)."""
         error = None
         try:
-            with program_body():
+            with program_body(root.options.backend):
                 state.ret_value = self.func(state, *args, **kwargs)
         except Exception as exc:
             root.sync()  # the steps queued before the exception still run

@@ -59,6 +59,22 @@ def test_appending_a_call_runs_the_sub_program_on_the_state(default_backend):
     assert state["answer"] == scripted_completion(prefix, 2)
 
 
+def test_a_call_read_as_a_state_runs_the_program_on_its_own(scripted):
+    # SGLang: inside a program, sub(...) is sub.run(...): a separate program and its state.
+    @sgl.function
+    def ask(s, question):
+        s += "Q: " + question + "\nA:" + sgl.gen("answer", max_tokens=2)
+
+    @sgl.function
+    def main(s):
+        s += "Context.\n"
+        separate = ask(question="one")
+        s += "Heard: " + separate["answer"]
+
+    state = main.run(backend=scripted)  # the enclosing run's backend serves the call
+    assert state.text() == "Context.\nHeard: " + scripted_completion("Q: one\nA:", 2)
+
+
 def test_a_call_inside_a_program_takes_no_generation_defaults(default_backend):
     @sgl.function
     def sub(s):
