@@ -48,7 +48,7 @@ def main(url: str) -> dict:
         if state.error() is not None:
             raise SystemExit(f"failed: {state.error()}")
         person = json.loads(state["person"])
-        record = {"person": person, "date": state["date"], "attendees": state["attendees"]}
+        record = {"person": person, "date": state["date"], "attendees": int(state["attendees"])}
         print(record)
         records.append(record)
     backend.shutdown()

@@ -10,8 +10,7 @@ from radixlm_lang.backends.base import strip_bos
 from radixlm_lang.chat import ChatRenderer, ChatTemplateError
 
 CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 )
 # Adds a default system prompt when the conversation does not start with one.
 DEFAULT_SYSTEM = (

@@ -18,8 +18,12 @@ rows = st.lists(st.lists(logprob, min_size=1, max_size=5), min_size=1, max_size=
 def scored(rows_, uncond=None):
     choices = tuple(f"c{i}" for i in range(len(rows_)))
     ids = tuple(tuple(range(len(r))) for r in rows_)
-    return ChoiceLogprobs(choices, ids, tuple(map(tuple, rows_)),
-                          None if uncond is None else tuple(map(tuple, uncond)))
+    return ChoiceLogprobs(
+        choices,
+        ids,
+        tuple(map(tuple, rows_)),
+        None if uncond is None else tuple(map(tuple, uncond)),
+    )
 
 
 def first_best(values):

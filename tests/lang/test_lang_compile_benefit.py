@@ -40,8 +40,10 @@ def measure(backend, flush, tokenizer_encode):
     )
     shared_tokens = len(tokenizer_encode(shared))
     prompt_tokens = len(tokenizer_encode(graph.constant_prefix()))
-    print(f"\nshared prefix: {shared_tokens} of {prompt_tokens} prompt tokens; cached tokens "
-          f"per request:\n  plain    {plain}\n  compiled {compiled}")
+    print(
+        f"\nshared prefix: {shared_tokens} of {prompt_tokens} prompt tokens; cached tokens "
+        f"per request:\n  plain    {plain}\n  compiled {compiled}"
+    )
     # Every compiled request finds the whole hoisted prefix (up to the boundary token) cached.
     assert min(compiled) >= shared_tokens - 1
     assert sum(compiled) >= sum(plain)
