@@ -204,7 +204,8 @@ class ScheduledSeq:
         params: the request's sampling parameters.
         prompt_ids / output_ids: for penalties; ``len(output_ids)`` is the sampling step.
         return_logprob / top_logprobs_num: what logprobs to compute.
-        bitmask_row: row of ``ScheduledBatch.bitmask`` constraining this sequence, or None.
+        bitmask_row: row of the step's bitmask constraining this sequence (of
+            ``ScheduledBatch.num_mask_rows``), or None.
         future_tokens: tokens of the sequence that the in-flight step is still sampling: 1 when
             ``new_tokens`` is a :func:`future_token` placeholder (overlap scheduling), else 0.
             They come after ``output_ids``, so the token sampled now is number
@@ -240,12 +241,15 @@ class ScheduledBatch:
     Attributes:
         mode: EXTEND or DECODE.
         seqs: the rows.
-        bitmask: packed int32 [rows, ceil(vocab/32)] allowed-token masks for constrained rows.
+        num_mask_rows: rows of packed allowed-token masks the constrained rows use. The masks
+            are filled after the batch is launched, while the device runs its forward pass (the
+            grammars first take the tokens of the step before), and reach the runner through
+            the launched step (:class:`radixlm.executor.pending.PendingStep`).
     """
 
     mode: ForwardMode
     seqs: list[ScheduledSeq]
-    bitmask: torch.Tensor | None = None
+    num_mask_rows: int = 0
 
     @property
     def num_tokens(self) -> int:

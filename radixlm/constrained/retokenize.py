@@ -3,10 +3,18 @@
 ``tokenizer.encode(text)`` is not always the bytes of ``text``: SentencePiece prepends a dummy
 ``▁`` (a space) and special-token strings inside ``text`` become special ids. The encoder below
 checks the bytes and falls back, so the spliced tokens always spell exactly the forced text.
+
+Splices keep token boundaries: the forced text is followed by text the model has not written
+yet, and a tokenizer often merges the forced text's last token with it (Llama 3 spells
+``"colours": ["red"`` with `` ["``, not `` [`` then ``"``). Splicing `` [`` would take the natural
+token away from the model, which then writes something it would not have. So the splice backs
+off (token healing): trailing tokens that a longer vocabulary token could extend across the
+boundary are left for the model to write under the grammar.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from radixlm.constrained.vocab import TokenVocab
@@ -25,6 +33,7 @@ class Retokenizer:
     def __init__(self, tokenizer: Any, vocab: TokenVocab):
         self.tokenizer = tokenizer
         self.vocab = vocab
+        self._sorted_spellings: list[bytes] | None = None
 
     def encode(self, text: str) -> list[int] | None:
         """Token ids spelling exactly ``text``, the way the tokenizer splits it where possible.
@@ -46,7 +55,9 @@ class Retokenizer:
         """Ways to append ``forced``: (tokens to drop from the output end, ids to append).
 
         The first candidate re-tokenizes the last token together with the forced text; the
-        second appends the forced text on its own (used if the first does not parse).
+        second appends the forced text on its own (used if the first does not parse). Both
+        end at a safe token boundary (:meth:`heal`); candidates left with nothing to append
+        are dropped.
         """
         out: list[tuple[int, list[int]]] = []
         last = self._token_bytes(last_token_id) if accepted > 0 else None
@@ -61,7 +72,51 @@ class Retokenizer:
         alone = self.encode(forced)
         if alone:
             out.append((0, alone))
-        return [c for c in out if c[1]]
+        return [(rollback, healed) for rollback, ids in out if (healed := self.heal(ids))]
+
+    def heal(self, ids: list[int]) -> list[int]:
+        """``ids`` without the trailing tokens the model's own tokenization could merge with
+        the text that follows them.
+
+        The last token goes when a longer vocabulary token starts with it (the model may
+        write that one instead); each token before goes while a vocabulary token starts with
+        its bytes followed by the first byte already given back (a token spanning the new
+        boundary). Tokens of the text the model writes instead are always allowed by the
+        grammar, which still forces the given-back bytes.
+
+        Returns:
+            The leading part of ``ids`` to splice (maybe empty).
+        """
+        kept = list(ids)
+        given_back = b""
+        while kept:
+            spelled = self._token_bytes(kept[-1])
+            if not spelled:
+                break
+            if given_back:
+                crosses = self._some_token_starts_with(spelled + given_back[:1], proper=False)
+            else:
+                crosses = self._some_token_starts_with(spelled, proper=True)
+            if not crosses:
+                break
+            given_back = spelled + given_back
+            kept.pop()
+        return kept
+
+    def _some_token_starts_with(self, prefix: bytes, proper: bool) -> bool:
+        """Whether a vocabulary token starts with ``prefix`` (and is longer, if ``proper``)."""
+        spellings = self._spellings()
+        i = bisect.bisect_left(spellings, prefix)
+        while i < len(spellings) and spellings[i].startswith(prefix):
+            if not proper or len(spellings[i]) > len(prefix):
+                return True
+            i += 1
+        return False
+
+    def _spellings(self) -> list[bytes]:
+        if self._sorted_spellings is None:
+            self._sorted_spellings = sorted({b for b in self.vocab.token_bytes if b})
+        return self._sorted_spellings
 
     def _token_bytes(self, token_id: int | None) -> bytes | None:
         if token_id is None or not 0 <= token_id < self.vocab.size:

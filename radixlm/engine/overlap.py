@@ -7,14 +7,19 @@ Overlapped (``SchedulerConfig.enable_overlap``), one call does::
     schedule(t+1)  while step t runs on the device (t+1's decode rows feed placeholders for
                    the tokens step t samples; their K/V slots are already allocated)
     launch(t+1)    queued on the device behind t; placeholders resolved there, no host sync
-    process(t)     wait for t's tokens, append them, stop checks, cache, free
+    process(t)     wait for t's tokens, append them, advance grammars, stop checks, cache, free
+    mask(t+1)      constrained rows only: fill t+1's bitmask from the grammars (which now hold
+                   t's tokens) and queue t+1's masking and sampling behind its forward pass
 
-so the device never waits for the host's scheduling and bookkeeping. A call returns the outputs
-of step t. Before scheduling, the loop processes step t first ("drains") when the next batch
-depends on t's results on the host (``Scheduler.needs_results_before_next``: t was a prefill,
-or has constrained or penalised rows, or the next decode needs a retraction). Requests that
-finish when t is processed still have a row in t+1; the scheduler drops that row's result (the
-request's epoch moved on) and its slot was freed with the request.
+so the device never waits for the host's scheduling, bookkeeping or grammars: t+1's forward
+pass runs while the host processes t and computes t+1's masks, and the mask goes up pinned and
+non-blocking, ordered on the stream, not by a host sync. A call returns the outputs of step t.
+Before scheduling, the loop processes step t first ("drains") when the next batch depends on
+t's results on the host (``Scheduler.needs_results_before_next``: t was a prefill, or has
+penalised rows, or the next decode needs a retraction). Requests that finish when t is
+processed still have a row in t+1; the scheduler drops that row's result (the request's epoch
+moved on) and its slot was freed with the request. Serially, a call schedules, launches, fills
+the masks, then processes the same step.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Runner(Protocol):
     """What the loop needs from an executor (``ModelRunner`` or ``NullRunner``)."""
 
     def launch(self, batch: ScheduledBatch, futures: PendingStep | None = None) -> PendingStep:
+        """Queue the batch's forward pass (and its sampling, unless it awaits a bitmask)."""
         ...
 
 
@@ -90,6 +96,8 @@ class StepLoop:
             outputs += self._launch(batch, previous)
         if previous is not None:
             outputs += self._process(previous)
+        if self.in_flight is not None:
+            outputs += self._commit_mask(self.in_flight)
         if not self.overlap and self.in_flight is not None:
             outputs += self._process(self._take_in_flight())
         outputs += self.scheduler.take_pending_outputs()
@@ -116,6 +124,18 @@ class StepLoop:
             return self._abort_rows(batch, f"internal error in the forward pass: {exc}")
         self.in_flight = InFlightStep(batch, pending)
         self.steps_launched += 1
+        return []
+
+    def _commit_mask(self, step: InFlightStep) -> list[TokenOutput]:
+        """Fill the launched step's bitmask (if it has one) and queue its sampling."""
+        try:
+            if step.pending.bitmask is not None:
+                self.scheduler.fill_bitmask(step.batch, step.pending.bitmask)
+            step.pending.commit_mask()
+        except Exception as exc:  # a grammar or sampling failure fails this batch only
+            logger.error("masking or sampling failed:\n%s", traceback.format_exc())
+            self.in_flight = None
+            return self._abort_rows(step.batch, f"internal error in the forward pass: {exc}")
         return []
 
     def _process(self, step: InFlightStep) -> list[TokenOutput]:

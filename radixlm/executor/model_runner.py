@@ -18,7 +18,7 @@ from radixlm.executor.logits import (
     input_logprobs_on_device,
     store_input_logprobs,
 )
-from radixlm.executor.pending import HostTransfer, LaunchedStep, PendingStep
+from radixlm.executor.pending import HostMaskBuffers, HostTransfer, LaunchedStep, PendingStep
 from radixlm.kvcache.pool import FP8_KV_DTYPE, KVPool, resolve_kv_dtype
 from radixlm.model.attention import TritonAttentionBackend, create_attention_backend
 from radixlm.model.loader import load_model, resolve_device
@@ -81,6 +81,7 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         # Penalty counts stay on the device; each step sends only the newest tokens.
         self.penalty_cache = PenaltyCache(self.vocab_size, self.device)
+        self._mask_buffers = HostMaskBuffers(pinned=self.device.type == "cuda")
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         """Capture decode graphs up to ``max_batch_size`` (CUDA with the Triton backend only)."""
@@ -124,12 +125,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, futures: PendingStep | None = None) -> PendingStep:
-        """Enqueue one step: the model over the batch, bitmask, sampling, logprobs.
+        """Enqueue one step: the model over the batch, then (maybe later) mask, sampling, logprobs.
 
         Nothing here waits for the device: inputs go up from pinned memory, placeholders are
         resolved on the device, and the sampled ids and logprobs start their way to pinned host
-        memory behind an event that ``result()`` waits on. Everything that reads the logits is
-        enqueued here, because a CUDA graph's logits buffer is overwritten by the next replay.
+        memory behind an event that ``result()`` waits on. Everything that reads the logits
+        buffer (which a CUDA graph's next replay overwrites) is enqueued here: the sampling
+        rows are gathered into a tensor of their own, so a batch with constrained rows can
+        queue its sampling later, in ``commit_mask()``, once the host has filled the step's
+        bitmask while the device ran the forward pass.
 
         Args:
             batch: the scheduled rows.
@@ -154,34 +158,53 @@ class ModelRunner:
         else:
             logits = self.model(fb, self.pool, self.attn)
         rows = [i for i, s in enumerate(batch.seqs) if s.sample]
-        sampled = self._sample(batch, logits, layout, rows)
-        token_ids = self._row_token_ids(len(batch.seqs), rows, sampled)
         inputs = input_logprobs_on_device(batch.seqs, logits, layout)
-        tensors = [token_ids, sampled.logprobs, sampled.top_logprob_ids,
-                   sampled.top_logprob_values] if sampled is not None else [token_ids] + [None] * 3
-        for item in inputs:
-            tensors.extend([item.values, item.top_values, item.top_ids])
+        prepared = self._prepare_sampling(batch, logits, layout, rows)
+        bitmask = None
+        if batch.num_mask_rows and prepared is not None:
+            bitmask = self._mask_buffers.take(batch.num_mask_rows, -(-self.vocab_size // 32))
+        sample = partial(self._sample_and_copy, batch, rows, prepared, inputs)
         build = partial(_build_result, batch.seqs, rows, inputs)
-        return LaunchedStep(token_ids, HostTransfer(tensors), build, started)
+        return LaunchedStep(sample, build, started, bitmask)
 
-    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor, layout: LogitsLayout,
-                rows: list[int]) -> SampleOutput | None:
+    def _prepare_sampling(self, batch: ScheduledBatch, logits: torch.Tensor,
+                          layout: LogitsLayout, rows: list[int]
+                          ) -> tuple[torch.Tensor, SamplingBatch] | None:
+        """The sampling rows' logits (a copy) and their sampling parameters, built at launch:
+        ``output_ids`` are read before the step in flight appends its token to them."""
         if not rows:
             return None
         seqs = [batch.seqs[i] for i in rows]
         picked = logits[int_tensor([layout.last_row[i] for i in rows], logits.device)]
-        if batch.bitmask is not None:
-            mask_rows = [batch.seqs[i].bitmask_row for i in rows]
-            self._apply_bitmask(picked, batch.bitmask, mask_rows)
         sbatch = SamplingBatch.build(
             params=[s.params for s in seqs], output_token_ids=[s.output_ids for s in seqs],
             prompt_token_ids=[s.prompt_ids for s in seqs],
             steps=[s.sample_step for s in seqs], vocab_size=picked.shape[-1],
             device=self.device, eos_token_ids=self.eos_token_ids, generator=self.generator,
             request_ids=[s.rid for s in seqs], penalty_cache=self.penalty_cache)
-        top_k = max((s.top_logprobs_num for s in seqs), default=0)
-        want_logprob = any(s.return_logprob for s in seqs)
-        return sample(picked, sbatch, top_logprobs_num=top_k, return_logprob=want_logprob)
+        return picked, sbatch
+
+    @torch.inference_mode()
+    def _sample_and_copy(self, batch: ScheduledBatch, rows: list[int],
+                         prepared: tuple[torch.Tensor, SamplingBatch] | None,
+                         inputs: list[InputLogprobs], bitmask: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, HostTransfer]:
+        sampled = None
+        if prepared is not None:
+            picked, sbatch = prepared
+            if bitmask is not None:
+                mask_rows = [batch.seqs[i].bitmask_row for i in rows]
+                self._apply_bitmask(picked, bitmask, mask_rows)
+            seqs = [batch.seqs[i] for i in rows]
+            top_k = max((s.top_logprobs_num for s in seqs), default=0)
+            want_logprob = any(s.return_logprob for s in seqs)
+            sampled = sample(picked, sbatch, top_logprobs_num=top_k, return_logprob=want_logprob)
+        token_ids = self._row_token_ids(len(batch.seqs), rows, sampled)
+        tensors = [token_ids, sampled.logprobs, sampled.top_logprob_ids,
+                   sampled.top_logprob_values] if sampled is not None else [token_ids] + [None] * 3
+        for item in inputs:
+            tensors.extend([item.values, item.top_values, item.top_ids])
+        return token_ids, HostTransfer(tensors)
 
     def _row_token_ids(self, num_rows: int, rows: list[int],
                        sampled: SampleOutput | None) -> torch.Tensor:
@@ -196,8 +219,9 @@ class ModelRunner:
     def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                        mask_rows: list[int | None]) -> None:
         rows = torch.tensor([-1 if r is None else r for r in mask_rows], dtype=torch.int32)
-        apply_token_bitmask(logits, to_device(bitmask, logits.device),
-                            to_device(rows, logits.device))
+        # the host buffer is pinned on CUDA already: a non-blocking upload, no extra copy
+        mask = bitmask.to(logits.device, non_blocking=True)
+        apply_token_bitmask(logits, mask, to_device(rows, logits.device))
 
 
 def resolve_future_tokens(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,20 @@ must not change it.
 With ``device_ms`` it also emulates an asynchronous device: ``launch`` returns at once with a
 step that the "device" runs for ``device_ms`` after the steps launched before it, and
 ``result()`` sleeps until then, so host work done between launch and result is hidden exactly
-as it would be behind a GPU.
+as it would be behind a GPU. A batch with constrained rows samples only once its bitmask is
+committed: the emulated device finishes such a step no earlier than the commit, so a mask that
+comes late shows as device idle time. A row samples the first token its mask allows at or
+after the hash (cyclically).
+
+``syncs_on_empty_queue`` counts the ``result()`` calls made while nothing was launched behind
+the step waited for: each is a point where a real device would run dry.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from radixlm.batch import ScheduledBatch, ScheduledSeq, future_row
@@ -24,19 +31,56 @@ HASH_WINDOW = 64
 
 
 class NullStep:
-    """A launched null step: its results are known, the emulated device finishes at ``ready_at``.
+    """A launched null step: the emulated device finishes it at :attr:`ready_at`.
 
     Args:
-        result: the step's results.
-        token_list: sampled id per row (0 where a row does not sample).
-        ready_at: ``time.perf_counter()`` value at which the emulated device is done.
+        runner: the runner that launched it.
+        index: its launch number.
+        tails: per row, (sequence tail, length) to hash, or None where the row does not sample.
+        bitmask: host buffer for the step's masks (None: sample at once).
+        mask_rows: per row, its mask row or None.
+        forward_done: when the emulated forward pass ends.
     """
 
-    def __init__(self, result: StepResult, token_list: list[int], ready_at: float):
-        self.token_list = token_list
-        self.token_ids = torch.tensor(token_list, dtype=torch.int64)
-        self.ready_at = ready_at
-        self._result = result
+    def __init__(self, runner: NullRunner, index: int, tails: list, bitmask: torch.Tensor | None,
+                 mask_rows: list[int | None], forward_done: float):
+        self.runner = runner
+        self.index = index
+        self.bitmask = bitmask
+        self.ready_at = forward_done
+        self.token_list: list[int] | None = None
+        self._tails = tails
+        self._mask_rows = mask_rows
+        self._result: StepResult | None = None
+        if bitmask is None:
+            self.commit_mask()
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        if self.token_list is None:
+            raise RuntimeError("the step's bitmask was not committed: nothing is sampled yet")
+        return torch.tensor(self.token_list, dtype=torch.int64)
+
+    def commit_mask(self) -> None:
+        """Sample every row (masked rows within their masks); the device waits for this."""
+        if self._result is not None:
+            return
+        allowed = None if self.bitmask is None else np.unpackbits(
+            self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        results, tokens = [], []
+        for tail, mask_row in zip(self._tails, self._mask_rows):
+            res = SeqStepResult()
+            if tail is not None:
+                token = self.runner._hash(*tail)
+                if mask_row is not None and allowed is not None:
+                    token = _first_allowed(allowed[mask_row], token, self.runner.vocab_size)
+                res.next_token_id, res.logprob = token, 0.0
+            results.append(res)
+            tokens.append(res.next_token_id or 0)
+        self.token_list = tokens
+        self._result = StepResult(results)
+        if self.bitmask is not None:
+            self.ready_at = self.runner._sample_after(self.ready_at)
 
     def result(self) -> StepResult:
         """Wait for the emulated device, then return the results.
@@ -44,10 +88,23 @@ class NullStep:
         Returns:
             One SeqStepResult per row of the launched batch.
         """
+        if self._result is None:
+            raise RuntimeError("result() before commit_mask(): the step never sampled")
+        if self.runner.launched == self.index + 1:
+            self.runner.syncs_on_empty_queue += 1
         delay = self.ready_at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         return self._result
+
+
+def _first_allowed(allowed: np.ndarray, token: int, vocab: int) -> int:
+    """The first allowed id at or after ``token``, wrapping around (``token`` if none is)."""
+    ids = np.flatnonzero(allowed[:vocab])
+    if not len(ids):
+        return token
+    at = int(np.searchsorted(ids, token))
+    return int(ids[at % len(ids)])
 
 
 class NullRunner:
@@ -67,6 +124,8 @@ class NullRunner:
         self.device_seconds = device_ms / 1000.0
         self.device_free_at = 0.0
         self.device_busy_seconds = 0.0
+        self.launched = 0
+        self.syncs_on_empty_queue = 0
 
     def next_token(self, seq: list[int]) -> int:
         """The deterministic 'model': a rolling hash of the sequence's last 64 tokens and its
@@ -88,30 +147,29 @@ class NullRunner:
         return self.launch(batch).result()
 
     def launch(self, batch: ScheduledBatch, futures: NullStep | None = None) -> NullStep:
-        """Compute the step's tokens now; the emulated device finishes it later.
+        """Read the rows' sequences now; the emulated device runs the step later.
 
         Args:
             batch: the scheduled rows.
             futures: the step in flight that the batch's placeholders point into.
 
         Returns:
-            The pending step.
+            The pending step (awaiting its bitmask if the batch has mask rows).
 
         Raises:
             ValueError: the batch has placeholders and ``futures`` is None.
         """
         if batch.has_future_tokens and futures is None:
             raise ValueError("the batch has placeholder tokens but no step in flight")
-        results, token_ids = [], []
-        for seq in batch.seqs:
-            res = SeqStepResult()
-            if seq.sample:
-                tail, length = self._sequence_tail(seq, futures)
-                res.next_token_id = self._hash(tail, length)
-                res.logprob = 0.0
-            results.append(res)
-            token_ids.append(res.next_token_id or 0)
-        return NullStep(StepResult(results), token_ids, self._occupy_device())
+        tails = [self._sequence_tail(seq, futures) if seq.sample else None for seq in batch.seqs]
+        bitmask = None
+        if batch.num_mask_rows and any(t is not None for t in tails):
+            bitmask = torch.full((batch.num_mask_rows, -(-self.vocab_size // 32)), -1,
+                                 dtype=torch.int32)
+        step = NullStep(self, self.launched, tails, bitmask,
+                        [seq.bitmask_row for seq in batch.seqs], self._occupy_device())
+        self.launched += 1
+        return step
 
     @staticmethod
     def _sequence_tail(seq: ScheduledSeq, futures: NullStep | None) -> tuple[list[int], int]:
@@ -135,3 +193,12 @@ class NullRunner:
         self.device_free_at = start + self.device_seconds
         self.device_busy_seconds += self.device_seconds
         return self.device_free_at
+
+    def _sample_after(self, forward_done: float) -> float:
+        """A step's sampling starts when both its forward pass and its mask are there; the
+        steps queued behind it shift by the wait."""
+        now = time.perf_counter()
+        if not self.device_seconds or now <= forward_done:
+            return forward_done
+        self.device_free_at += now - forward_done
+        return now

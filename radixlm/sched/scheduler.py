@@ -10,6 +10,14 @@ one token ahead of its ``output_ids``: its K/V slot for that token is already al
 next row feeds a placeholder (:func:`radixlm.batch.future_token`) that the executor replaces with
 the token the in-flight row samples. Each row carries the request's ``epoch``; finishing,
 aborting or retracting a request bumps it, so a result for a row scheduled before is dropped.
+
+Constrained rows do not hold the next batch back: the batch's mask rows are assigned when it is
+scheduled and filled (:meth:`Scheduler.fill_bitmask`) after it is launched and the step before
+it is processed. A request whose grammar forces text samples one more token, sits out the step
+scheduled before that token is processed, then gets the forced text spliced in
+(:mod:`radixlm.sched.grammar_state`). Its next decode row then feeds all the spliced tokens;
+a decode batch with such rows runs as an EXTEND, so jump-forward never costs a prefill step of
+its own.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.last_mode: ForwardMode | None = None
         self._pending_outputs: list[TokenOutput] = []
+        # rids whose next processed token is followed by a jump-forward splice
+        self._jump_after: set[str] = set()
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "retractions": 0}
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -115,8 +125,8 @@ class Scheduler:
         Returns:
             The batch, its KV slots allocated.
         """
-        if in_flight is not None and in_flight.mode is not ForwardMode.DECODE:
-            raise ValueError("only a DECODE batch can be in flight while scheduling")
+        if in_flight is not None and not self._only_running_rows(in_flight):
+            raise ValueError("only a batch of running requests can be in flight while scheduling")
         self._pending_outputs.extend(self._poll_grammars())
         want_extend = bool(self.prefilling or self._admissible())
         if want_extend and (not self.running or self.last_mode is not ForwardMode.EXTEND):
@@ -138,26 +148,56 @@ class Scheduler:
     def needs_results_before_next(self, batch: ScheduledBatch) -> bool:
         """Whether the batch after ``batch`` can only be built once ``batch`` is processed.
 
-        True after an EXTEND (finished prefills move to the running set only when processed),
-        after a grammar-constrained row (the next bitmask needs the sampled token; jump-forward
-        may rewrite it), after a penalised row (its token counts need the sampled token) and
-        when the next decode could only fit by retracting a request.
+        True after an EXTEND with prefill rows (finished prefills move to the running set only
+        when processed; an EXTEND of decodes carrying jump-forward tokens needs no drain),
+        after a penalised row (its token counts need the sampled token) and when the next
+        decode could only fit by retracting a request. Constrained rows need no drain: their
+        masks are filled after the next batch is launched, and a jump-forward splice waits for
+        a step its request sits out.
         """
-        if batch.mode is not ForwardMode.DECODE or batch.bitmask is not None:
+        if batch.mode is not ForwardMode.DECODE and not self._only_running_rows(batch):
             return True
         if any(seq.params.has_penalties for seq in batch.seqs):
             return True
-        if self.kv.page_size * len(self.running) <= self.kv.available_tokens():
+        spliced = sum(r.seq_len - r.num_computed - 1 for r in self.running)  # jump-forward
+        if self.kv.page_size * len(self.running) + spliced <= self.kv.available_tokens():
             return False  # a page for every running request fits: no retraction (the usual case)
-        return self._decode_needs_retraction(self._decoders(self._future_rows(batch)))
+        future_rows = self._future_rows(batch)
+        return self._decode_needs_retraction(self._decoders(future_rows), future_rows)
+
+    def _only_running_rows(self, batch: ScheduledBatch) -> bool:
+        """True for a DECODE batch, and for an EXTEND batch with no prefill row (decodes with
+        jump-forward tokens): processing it moves no request to the running set."""
+        if batch.mode is ForwardMode.DECODE:
+            return True
+        prefilling = {r.rid for r in self.prefilling}
+        return not any(seq.rid in prefilling for seq in batch.seqs)
 
     def _finalize(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
         if batch is not None:
             self.last_mode = batch.mode
             self._record(batch)
             if self.grammar is not None:
-                batch.bitmask = self.grammar.build_bitmask(batch, self._by_rid(batch))
+                self.grammar.assign_mask_rows(batch, self._by_rid(batch))
         return batch
+
+    def fill_bitmask(self, batch: ScheduledBatch, bitmask) -> None:
+        """Fill the masks of ``batch``'s constrained rows (``bitmask_row``) from the grammars'
+        current states, which must have taken every token sampled before the batch's.
+
+        Args:
+            batch: a launched batch with ``num_mask_rows``.
+            bitmask: the step's int32 ``[num_mask_rows, W]`` host buffer.
+        """
+        index = self._active_by_rid()
+        rows = []
+        for seq in batch.seqs:
+            if seq.bitmask_row is None:
+                continue
+            req = index.get(seq.rid)
+            live = req is not None and req.epoch == seq.epoch and req.matcher is not None
+            rows.append((seq.bitmask_row, req.matcher if live else None))
+        self.grammar.fill_bitmask(bitmask, rows)
 
     def _record(self, batch: ScheduledBatch) -> None:
         # A row prefills when it runs several tokens or its request has produced nothing yet.
@@ -298,54 +338,84 @@ class Scheduler:
         )
 
     @staticmethod
-    def _future_rows(in_flight: ScheduledBatch | None) -> dict[str, tuple[int, int]]:
-        """rid -> (row, epoch) of the in-flight batch's sampling rows."""
+    def _future_rows(in_flight: ScheduledBatch | None) -> dict[str, tuple[int, int, int]]:
+        """rid -> (row, epoch, tokens the row computes) of the in-flight batch's sampling rows."""
         if in_flight is None:
             return {}
-        return {s.rid: (i, s.epoch) for i, s in enumerate(in_flight.seqs) if s.sample}
+        return {s.rid: (i, s.epoch, len(s.new_tokens))
+                for i, s in enumerate(in_flight.seqs) if s.sample}
 
-    def _in_flight_row(self, req: Request, future_rows: dict[str, tuple[int, int]]) -> int | None:
-        """The request's row in the in-flight batch, if that row will give it a token."""
+    def _in_flight_row(self, req: Request, future_rows: dict[str, tuple[int, int, int]]
+                       ) -> tuple[int, int] | None:
+        """(row, tokens it computes) of the request's row in the in-flight batch, if that row
+        will give it a token."""
         found = future_rows.get(req.rid)
         if found is None or found[1] != req.epoch:
             return None
-        return found[0]
+        return found[0], found[2]
 
-    def _decoders(self, future_rows: dict[str, tuple[int, int]]) -> list[Request]:
+    def _decoders(self, future_rows: dict[str, tuple[int, int, int]]) -> list[Request]:
         """Running requests that take part in the next decode.
 
         A request whose in-flight token certainly ends it (its last allowed token, or the
-        context is full) sits out: processing that token will finish it.
+        context is full) sits out: processing that token will finish it. So does one whose
+        in-flight token is followed by a jump-forward splice.
         """
         out = []
         for req in self.running:
             if self._in_flight_row(req, future_rows) is not None and (
                     req.remaining_new_tokens <= 1
-                    or req.seq_len + 1 >= self.limits.context_length):
+                    or req.seq_len + 1 >= self.limits.context_length
+                    or req.rid in self._jump_after):
                 continue
             out.append(req)
         return out
 
-    def _schedule_decode(self, future_rows: dict[str, tuple[int, int]]) -> ScheduledBatch | None:
+    def _schedule_decode(self, future_rows: dict[str, tuple[int, int, int]]
+                         ) -> ScheduledBatch | None:
+        """One row per decoder: the newest token, a placeholder for the in-flight one, or
+        (after a jump-forward splice) every token not computed yet, which makes the batch an
+        EXTEND whose rows all decode (so no separate prefill step and no drain)."""
         decoders = self._retract_until_fits(future_rows)
-        if not self.kv.allocate_decode(decoders):
+        spliced = [r for r in decoders if self._new_token_count(r, future_rows) > 1]
+        for req in spliced:
+            if self.kv.allocate(req, req.seq_len - req.num_computed) is None:
+                raise RuntimeError("decode allocation failed after retraction made room")
+        single = [r for r in decoders if r not in spliced] if spliced else decoders
+        if not self.kv.allocate_decode(single):
             raise RuntimeError("decode allocation failed after retraction made room")
         rows = [self._decode_row(req, self._in_flight_row(req, future_rows)) for req in decoders]
-        return ScheduledBatch(ForwardMode.DECODE, rows) if rows else None
+        if not rows:
+            return None
+        mode = ForwardMode.EXTEND if spliced else ForwardMode.DECODE
+        return ScheduledBatch(mode, rows)
 
-    def _decode_row(self, req: Request, in_flight_row: int | None) -> ScheduledSeq:
-        if in_flight_row is None:
-            return self._row(req, [req.output_ids[-1]], req.num_computed)
-        # The in-flight row computes the K/V of position num_computed and samples the token
-        # that this row feeds at num_computed + 1.
-        return self._row(req, [future_token(in_flight_row)], req.num_computed + 1,
-                         future_tokens=1)
+    def _new_token_count(self, req: Request, future_rows: dict[str, tuple[int, int, int]]
+                         ) -> int:
+        """Tokens the request's next decode row feeds."""
+        if self._in_flight_row(req, future_rows) is not None:
+            return 1
+        return req.seq_len - req.num_computed
 
-    def _decode_needs_retraction(self, decoders: list[Request]) -> bool:
-        need = self.kv.page_size * sum(1 for r in decoders if len(r.spare_slots) == 0)
+    def _decode_row(self, req: Request, in_flight: tuple[int, int] | None) -> ScheduledSeq:
+        if in_flight is None:
+            pending = req.seq_len - req.num_computed
+            return self._row(req, req.output_ids[-pending:], req.num_computed)
+        # The in-flight row computes the K/V of its tokens from position num_computed on and
+        # samples the token that this row feeds right after them.
+        row, computes = in_flight
+        return self._row(req, [future_token(row)], req.num_computed + computes, future_tokens=1)
+
+    def _decode_needs_retraction(self, decoders: list[Request],
+                                 future_rows: dict[str, tuple[int, int, int]] | None = None
+                                 ) -> bool:
+        need = 0
+        for req in decoders:
+            count = self._new_token_count(req, future_rows or {})
+            need += self.kv.pages_for(req, count)
         return need > self.kv.available_tokens()
 
-    def _retract_until_fits(self, future_rows: dict[str, tuple[int, int]]) -> list[Request]:
+    def _retract_until_fits(self, future_rows: dict[str, tuple[int, int, int]]) -> list[Request]:
         """Retract the newest requests until every remaining one has room for one token.
 
         A retracted request whose row is in flight loses that row's token (its epoch changes,
@@ -355,7 +425,7 @@ class Scheduler:
             The requests of the next decode (:meth:`_decoders`), all of which fit.
         """
         decoders = self._decoders(future_rows)
-        while decoders and self._decode_needs_retraction(decoders):
+        while decoders and self._decode_needs_retraction(decoders, future_rows):
             # Partial prefills hold slots too; the newest request goes first, whatever it does.
             victim = max(self.running + self.prefilling, key=lambda r: r.arrival)
             self._requeue(victim, self.running if victim in self.running else self.prefilling)
@@ -433,21 +503,32 @@ class Scheduler:
         self.stats["generated_tokens"] += 1
         finish = check_finish(req, res.next_token_id, self.limits)
         if finish is None and self.grammar is not None and req.matcher is not None:
-            finish, new_ids = self.grammar.advance(req, res.next_token_id)
-            if finish is None and new_ids != [res.next_token_id]:
-                finish = self._stop_in_forced_text(req)
-            if finish is None and len(req.output_ids) >= req.params.max_new_tokens:
-                finish = FinishReason(FinishKind.LENGTH)
+            finish, new_ids = self._advance_grammar(req, res.next_token_id)
         out = self._output(req, new_ids, res)
         if finish is not None:
             self.running.remove(req)
             self._release(req, finish)
             out.finish = finish
-        elif req.needs_prefill:
-            # Jump-forward appended several tokens: they need an extend, not a decode.
-            self.running.remove(req)
-            self.prefilling.append(req)
         return out
+
+    def _advance_grammar(self, req: Request, token: int) -> tuple[FinishReason | None, list[int]]:
+        """Feed ``token`` to the request's grammar; splice forced text if this token was the
+        one sampled after the grammar started forcing it. Returns (finish, appended ids)."""
+        finish = self.grammar.accept(req, token)
+        if finish is not None:
+            self._jump_after.discard(req.rid)
+            return finish, ([token] if finish.kind is FinishKind.STOP else [])
+        new_ids = [token]
+        if req.rid in self._jump_after:
+            self._jump_after.discard(req.rid)
+            finish, new_ids = self.grammar.jump_forward(req, token)
+            if finish is None and new_ids != [token]:
+                finish = self._stop_in_forced_text(req)
+        if finish is None and len(req.output_ids) >= req.params.max_new_tokens:
+            finish = FinishReason(FinishKind.LENGTH)
+        if finish is None and self.grammar.forces_text(req):
+            self._jump_after.add(req.rid)
+        return finish, new_ids
 
     def _stop_in_forced_text(self, req: Request) -> FinishReason | None:
         """Stop strings inside jump-forward text, which the per-token check never saw.
@@ -504,4 +585,5 @@ class Scheduler:
         if req.tree_node is not None or req.num_computed or len(req.spare_slots):
             self.kv.release(req)
         if self.grammar is not None:
+            self._jump_after.discard(req.rid)
             self.grammar.forget(req)
