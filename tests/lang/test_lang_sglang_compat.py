@@ -331,6 +331,15 @@ def test_sglang_names_exist():
         assert hasattr(sgl, name), name
 
 
+def test_engine_is_radixlm_engine_with_sglang_argument_names(monkeypatch):
+    import radixlm
+
+    started = []
+    monkeypatch.setattr(radixlm, "Engine", lambda **kwargs: started.append(kwargs) or "engine")
+    assert sgl.Engine(model_path="/m", mem_fraction_static=0.5) == "engine"
+    assert started == [{"model": "/m", "mem_fraction": 0.5}]
+
+
 def test_global_config_default_backend_is_the_default_backend(scripted):
     sgl.global_config.default_backend = scripted
     try:
