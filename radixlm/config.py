@@ -124,12 +124,36 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: how many devices one model is split over, and how they meet."""
+
+    tp_size: int = _opt(
+        1,
+        "Tensor-parallel size: the model is split over this many devices (cuda:0..N-1 of each "
+        "node), one worker process each, supervised by the engine core. 1 runs in the core "
+        "process itself.",
+    )
+    dist_init_addr: str | None = _opt(
+        None,
+        "HOST:PORT where the ranks meet (torch.distributed TCP store on node 0); default "
+        "127.0.0.1 and a free port (one node only).",
+    )
+    nnodes: int = _opt(1, "Hosts the tensor-parallel ranks span (tp_size / nnodes GPUs each).")
+    node_rank: int = _opt(
+        0,
+        "This host's index among nnodes; node 0 runs the engine and the server, the others only "
+        "their workers.",
+    )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, grouped by the component that reads it."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     grammar_backend: str = _opt(
         "outlines", "Constrained-decoding backend.", ("outlines", "llguidance")
     )
@@ -163,7 +187,12 @@ class EngineConfig:
         return out
 
 
-_COMPONENTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_COMPONENTS = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+}
 _FIELD_OWNER: dict[str, str] = {
     f.name: comp for comp, klass in _COMPONENTS.items() for f in dataclasses.fields(klass)
 }

@@ -16,7 +16,9 @@ from radixlm.config import EngineConfig
 from radixlm.constrained import GrammarCompiler
 from radixlm.engine import ipc
 from radixlm.engine.overlap import StepLoop
+from radixlm.executor.errors import RunnerDeadError
 from radixlm.executor.model_runner import ModelRunner
+from radixlm.executor.tp_worker import TPRunner
 from radixlm.kvcache.allocator import PageAllocator
 from radixlm.kvcache.radix_tree import RadixCache
 from radixlm.kvcache.tree_summary import summarize_tree
@@ -50,7 +52,11 @@ class EngineCore:
         meta_dir = model_metadata_dir(path)
         self.tokenizer = load_tokenizer(config.model.tokenizer or meta_dir)
         eos = frozenset(eos_token_ids(self.tokenizer, meta_dir))
-        self.runner = ModelRunner(path, config.model, config.cache, eos, progress=progress)
+        if config.parallel.tp_size > 1:
+            self.runner = TPRunner(path, config.model, config.cache, config.parallel, eos,
+                                   progress=progress)
+        else:  # in this process: no worker, no collective
+            self.runner = ModelRunner(path, config.model, config.cache, eos, progress=progress)
         pool = self.runner.pool
         self.allocator = PageAllocator(pool.num_pages, pool.page_size, pool.first_usable_slot)
         enable = config.cache.enable_radix_cache
@@ -126,8 +132,9 @@ class EngineCore:
         return self.loop.step()
 
     def close(self) -> None:
-        """Stop helper workers (grammar compilation)."""
+        """Stop helper workers (grammar compilation, tensor-parallel ranks)."""
         self.grammar.close()
+        self.runner.close()
 
     def has_work(self) -> bool:
         """Requests queued or running, or a step in flight whose outputs are still to come."""
@@ -155,6 +162,11 @@ class EngineCore:
         return {
             "model_path": self.config.model.model,
             "device": info.device,
+            "tp_size": self.config.parallel.tp_size,
+            "tp_ranks": [
+                {"rank": rank, "device": r.device, "kv_capacity_tokens": r.kv_capacity_tokens}
+                for rank, r in enumerate(self.runner.rank_infos)
+            ],
             "dtype": info.dtype,
             "context_length": info.context_length,
             "vocab_size": info.vocab_size,
@@ -229,6 +241,12 @@ def run_core_loop(config: EngineConfig, conn) -> None:
                 conn.send(ipc.Outputs(outputs))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.info("caller went away; engine core exits")
+    except RunnerDeadError as exc:  # a tensor-parallel rank died: no step can run any more
+        logger.error("engine core stops: %s", exc)
+        try:
+            conn.send(ipc.Fatal(f"engine core stopped: {exc}"))
+        except OSError:
+            pass
     finally:
         core.close()
 

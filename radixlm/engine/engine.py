@@ -107,6 +107,8 @@ class Engine:
             future = self._replies.pop(msg.token, None)
             if future is not None:
                 future.set_result(msg.value)
+        elif isinstance(msg, ipc.Fatal):  # the core is stopping (a tensor-parallel rank died)
+            self._mark_dead(msg.message)
 
     def _mark_dead(self, reason: str) -> None:
         # Both the receiving thread and a failed send may find the core gone: first one wins.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from radixlm.batch import ScheduledBatch
+from radixlm.executor.errors import RunnerDeadError
 from radixlm.executor.pending import PendingStep
 from radixlm.outputs import TokenOutput
 from radixlm.sched.scheduler import Scheduler
@@ -119,6 +120,8 @@ class StepLoop:
         futures = previous.pending if previous is not None else None
         try:
             pending = self.runner.launch(batch, futures)
+        except RunnerDeadError:  # no batch can run any more: the engine stops
+            raise
         except Exception as exc:  # a failing batch must not take the engine down
             logger.error("forward pass failed:\n%s", traceback.format_exc())
             return self._abort_rows(batch, f"internal error in the forward pass: {exc}")
@@ -141,6 +144,8 @@ class StepLoop:
     def _process(self, step: InFlightStep) -> list[TokenOutput]:
         try:
             result = step.pending.result()
+        except RunnerDeadError:
+            raise
         except Exception as exc:  # errors of asynchronous device work surface here
             logger.error("forward pass failed:\n%s", traceback.format_exc())
             return self._abort_rows(step.batch, f"internal error in the forward pass: {exc}")

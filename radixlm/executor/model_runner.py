@@ -22,6 +22,7 @@ from radixlm.executor.pending import HostMaskBuffers, HostTransfer, LaunchedStep
 from radixlm.kvcache.pool import FP8_KV_DTYPE, KVPool, resolve_kv_dtype
 from radixlm.model.attention import TritonAttentionBackend, create_attention_backend
 from radixlm.model.loader import load_model, resolve_device
+from radixlm.model.parallel import TensorParallel
 from radixlm.outputs import SeqStepResult, StepResult
 from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.sampler import SampleOutput, SamplingBatch, sample
@@ -51,6 +52,9 @@ class ModelRunner:
         model_config: dtype, device, attention backend, context length.
         cache_config: page size and pool sizing.
         eos_token_ids: tokens that ``min_new_tokens`` keeps from being sampled early.
+        tp: this rank's tensor-parallel group (a worker of
+            :mod:`radixlm.executor.tp_worker`): the model and the KV pool hold the rank's heads,
+            and the ranks agree on one pool capacity. None: the whole model on one device.
     """
 
     def __init__(
@@ -60,10 +64,12 @@ class ModelRunner:
         cache_config: CacheConfig,
         eos_token_ids: frozenset[int] = frozenset(),
         progress: bool = True,
+        tp: TensorParallel | None = None,
     ):
         self.device = resolve_device(model_config.device)
+        self.tp = tp
         self.model = load_model(model_path, model_config.dtype, self.device, progress=progress,
-                                quantization=model_config.quantization)
+                                tp=tp, quantization=model_config.quantization)
         arch = self.model.arch
         self.dtype = self.model.lm_head.weight.dtype  # FP8 projections excepted, the model dtype
         self.kv_dtype = resolve_kv_dtype(cache_config.kv_cache_dtype, self.dtype)
@@ -94,8 +100,11 @@ class ModelRunner:
     def _make_pool(self, cache: CacheConfig) -> KVPool:
         arch = self.model.arch
         tokens = cache.kv_cache_tokens or self._default_kv_tokens(cache)
+        if self.tp is not None:  # one scheduler indexes every rank's pool with the same slots
+            tokens = self.tp.min_int(tokens)
         num_pages = max(-(-tokens // cache.page_size), 1)
-        return KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, num_pages,
+        kv_heads = self.model.layout.num_kv_heads
+        return KVPool(arch.num_layers, kv_heads, arch.head_dim, num_pages,
                       cache.page_size, self.kv_dtype, self.device,
                       kv_scales=self.model.kv_scales if self.kv_dtype == FP8_KV_DTYPE else None)
 
@@ -104,8 +113,8 @@ class ModelRunner:
             return DEFAULT_CPU_KV_TOKENS
         arch = self.model.arch
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_token = KVPool.bytes_per_token(arch.num_layers, arch.num_kv_heads, arch.head_dim,
-                                           self.kv_dtype)
+        per_token = KVPool.bytes_per_token(arch.num_layers, self.model.layout.num_kv_heads,
+                                           arch.head_dim, self.kv_dtype)
         return int(free * cache.mem_fraction) // per_token
 
     @property
@@ -114,6 +123,14 @@ class ModelRunner:
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             vocab_size=self.vocab_size, context_length=self.context_length,
             kv_capacity_tokens=self.pool.capacity_tokens, page_size=self.pool.page_size)
+
+    @property
+    def rank_infos(self) -> list[RunnerInfo]:
+        """One entry per tensor-parallel rank (here: just this runner)."""
+        return [self.info]
+
+    def close(self) -> None:
+        """Nothing to stop: the model runs in this process (a TP runner stops its workers)."""
 
     def forward(self, batch: ScheduledBatch) -> StepResult:
         """Run one step and wait for it (``launch(batch).result()``).

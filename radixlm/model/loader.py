@@ -23,6 +23,7 @@ from radixlm.model.arch import ModelArch
 from radixlm.model.gguf import find_gguf_file, gguf_tensor_count, iter_gguf_weights, prepare_gguf
 from radixlm.model.layers.fp8 import Fp8Linear
 from radixlm.model.models.decoder import STACKED_WEIGHTS, CausalLM
+from radixlm.model.parallel import TensorParallel
 from radixlm.model.quantization import (
     is_input_scale,
     kv_scale_target,
@@ -108,6 +109,7 @@ def build_empty_model(
     arch: ModelArch,
     dtype: torch.dtype,
     device: str | torch.device,
+    tp: TensorParallel | None = None,
     quantization: str = "none",
 ) -> CausalLM:
     """A ``CausalLM`` whose parameters are allocated on ``device`` in ``dtype`` but hold
@@ -118,6 +120,7 @@ def build_empty_model(
         arch: the architecture.
         dtype: parameter dtype.
         device: parameter device.
+        tp: this rank's tensor-parallel group (the model then holds the rank's shard only).
         quantization: "none", or "fp8" for FP8 projection layers (their weights and scales
             keep their own dtypes; everything else is in ``dtype``).
 
@@ -125,7 +128,7 @@ def build_empty_model(
         The model in eval mode, gradients off.
     """
     with torch.device("meta"):
-        model = CausalLM(arch)
+        model = CausalLM(arch, tp)
         if quantization == "fp8":
             use_fp8_linears(model)
     model = model.to(dtype=dtype).to_empty(device=resolve_device(device))
@@ -176,6 +179,7 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "auto",
     progress: bool = True,
+    tp: TensorParallel | None = None,
     quantization: str = "auto",
 ) -> CausalLM:
     """Load a Hugging Face model directory or a GGUF file.
@@ -187,6 +191,8 @@ def load_model(
         dtype: a torch dtype, or a name for :func:`resolve_dtype` ("auto" by default).
         device: where the weights go ("auto" = cuda when available).
         progress: show a tqdm bar while tensors load.
+        tp: this rank's tensor-parallel group: the model holds the rank's shard, and only that
+            slice of each safetensors tensor is read.
         quantization: "fp8" runs the projections in FP8 (an FP8 checkpoint loads as is, others
             are quantized per output channel); "none" keeps ``dtype``; "auto" follows the
             checkpoint's ``quantization_config`` (see :mod:`radixlm.model.quantization`).
@@ -204,7 +210,7 @@ def load_model(
     device = resolve_device(device)
     method = resolve_quantization(quantization, meta_dir)
     model = build_empty_model(
-        arch, resolve_dtype(dtype, device, arch.torch_dtype), device, quantization=method
+        arch, resolve_dtype(dtype, device, arch.torch_dtype), device, tp, quantization=method
     )
     gguf_file = find_gguf_file(path)
     if gguf_file is not None:
@@ -265,9 +271,21 @@ def load_weights(model: CausalLM, files: list[Path], progress: bool = True) -> N
         for file, keys in _file_keys(files):
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in keys:
-                    plan.load(name, lambda n=name: handle.get_tensor(n))
+                    plan.load(
+                        name,
+                        lambda n=name: handle.get_tensor(n),
+                        lambda shard, n=name: _read_slice(handle, n, shard),
+                    )
                     bar.update(1)
     plan.finish()
+
+
+def _read_slice(handle, name: str, shard: tuple[int, int, int]) -> torch.Tensor:
+    """Read only ``shard`` = (dim, start, length) of tensor ``name`` from a safetensors file."""
+    dim, start, length = shard
+    view = handle.get_slice(name)
+    index = (slice(None),) * dim + (slice(start, start + length),)
+    return view[index]
 
 
 def load_tensors(
@@ -306,10 +324,22 @@ class _LoadPlan:
         arch = model.arch
         self.params = dict(model.named_parameters())
         self.tied = arch.tie_word_embeddings
+        # Tensor parallelism: this rank's heads, MLP columns and vocabulary rows.
+        self.layout = model.layout
+        self.head_dim = arch.head_dim
+        q_size = self.layout.num_heads * arch.head_dim
+        kv_size = self.layout.num_kv_heads * arch.head_dim
+        inter = self.layout.intermediate_size
         self.blocks = {
-            "qkv_proj": [arch.q_size, arch.kv_size, arch.kv_size],
-            "gate_up_proj": [arch.intermediate_size, arch.intermediate_size],
+            "qkv_proj": [q_size, kv_size, kv_size],
+            "gate_up_proj": [inter, inter],
         }
+        if self.layout.size > 1:
+            # Vocabulary rows past the real vocabulary (padding to a multiple of the ranks) get
+            # no checkpoint rows: zero them so the padded logits are finite and never sampled.
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                if name in self.params:
+                    self.params[name].data[self.layout.vocab_real_rows :].zero_()
         self.missing = {target for name in self.params for target in self._targets_of(name)}
         self.unexpected: list[str] = []
         # FP8 projections by module name, and the KV-cache scales the checkpoint carries.
@@ -325,8 +355,15 @@ class _LoadPlan:
             return [(param_name, i) for i in range(len(self.blocks[merged]))]
         return [(param_name, None)]
 
-    def load(self, hf_name: str, read) -> None:
-        """Copy checkpoint tensor ``hf_name`` (read lazily by ``read()``) into its slot."""
+    def load(self, hf_name: str, read, read_slice=None) -> None:
+        """Copy checkpoint tensor ``hf_name`` into its slot.
+
+        Args:
+            hf_name: the checkpoint name.
+            read: ``read()`` returns the whole tensor (called lazily).
+            read_slice: ``read_slice((dim, start, length))`` returns only that part; used under
+                tensor parallelism when given, else the whole tensor is read and narrowed.
+        """
         if self._load_scale_only(hf_name, read):
             return
         target = self._target(hf_name)
@@ -336,7 +373,15 @@ class _LoadPlan:
             self.unexpected.append(hf_name)
             return
         dst = self._slot(*target)
-        src = read()
+        shard = self.layout.checkpoint_slice(hf_name, self.head_dim)
+        if shard is None:
+            src = read()
+        elif read_slice is not None:
+            src = read_slice(shard)
+        else:
+            src = read().narrow(*shard)
+        if shard is not None and shard[0] == 0 and shard[2] < dst.shape[0]:
+            dst = dst.narrow(0, 0, shard[2])  # the rank's last vocabulary rows are padding
         if target[0].endswith(".weight_scale"):
             src = weight_scale_rows(src, dst.shape[0], hf_name)
         if tuple(src.shape) != tuple(dst.shape):

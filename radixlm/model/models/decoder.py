@@ -18,6 +18,13 @@ from radixlm.model.attention.base import AttentionBackend
 from radixlm.model.layers.activation import silu_and_mul
 from radixlm.model.layers.norm import RMSNorm
 from radixlm.model.layers.rotary import RotaryEmbedding
+from radixlm.model.parallel import (
+    ShardLayout,
+    TensorParallel,
+    lm_head,
+    row_parallel_linear,
+    vocab_embedding,
+)
 
 # HF projection name -> (merged module name, index of its block within the merged rows).
 STACKED_WEIGHTS: dict[str, tuple[str, int]] = {
@@ -30,17 +37,30 @@ STACKED_WEIGHTS: dict[str, tuple[str, int]] = {
 
 
 class Attention(nn.Module):
-    """Self-attention of one layer: merged qkv, optional q/k norm, rotary, paged attention."""
+    """Self-attention of one layer: merged qkv, optional q/k norm, rotary, paged attention.
 
-    def __init__(self, arch: ModelArch, layer_id: int, rotary: RotaryEmbedding):
+    With tensor parallelism the layer holds its rank's query and KV heads (``layout``): qkv is
+    column-parallel (no communication), o_proj row-parallel (one all-reduce).
+    """
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        layout: ShardLayout | None = None,
+        tp: TensorParallel | None = None,
+    ):
         super().__init__()
+        layout = layout or ShardLayout.of(arch)
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
+        self.num_heads, self.num_kv_heads = layout.num_heads, layout.num_kv_heads
         self.head_dim = arch.head_dim
-        self.split_sizes = [arch.q_size, arch.kv_size, arch.kv_size]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
         self.scale = arch.head_dim**-0.5
         self.qkv_proj = nn.Linear(arch.hidden_size, sum(self.split_sizes), bias=arch.attention_bias)
-        self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        self.o_proj = row_parallel_linear(q_size, arch.hidden_size, arch.o_proj_bias, tp)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         # A plain attribute, not a submodule: the rotary cache is shared by every layer.
@@ -63,13 +83,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated SiLU MLP with gate and up merged into one matmul."""
+    """Gated SiLU MLP with gate and up merged into one matmul (column-parallel under tensor
+    parallelism: this rank's gate columns, then its up columns); down is row-parallel."""
 
-    def __init__(self, arch: ModelArch):
+    def __init__(
+        self, arch: ModelArch, layout: ShardLayout | None = None, tp: TensorParallel | None = None
+    ):
         super().__init__()
-        size = arch.intermediate_size
+        size = (layout or ShardLayout.of(arch)).intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * size, bias=arch.mlp_bias)
-        self.down_proj = nn.Linear(size, arch.hidden_size, bias=arch.mlp_bias)
+        self.down_proj = row_parallel_linear(size, arch.hidden_size, arch.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -78,10 +101,17 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; carries the residual stream separately so the adds fuse into the norms."""
 
-    def __init__(self, arch: ModelArch, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(
+        self,
+        arch: ModelArch,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        layout: ShardLayout | None = None,
+        tp: TensorParallel | None = None,
+    ):
         super().__init__()
-        self.self_attn = Attention(arch, layer_id, rotary)
-        self.mlp = MLP(arch)
+        self.self_attn = Attention(arch, layer_id, rotary, layout, tp)
+        self.mlp = MLP(arch, layout, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -106,14 +136,17 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, the layers and the final norm (HF's ``model.`` prefix)."""
 
-    def __init__(self, arch: ModelArch):
+    def __init__(
+        self, arch: ModelArch, layout: ShardLayout | None = None, tp: TensorParallel | None = None
+    ):
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        layout = layout or ShardLayout.of(arch)
+        self.embed_tokens = vocab_embedding(layout, arch.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(
             arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(arch, i, self.rotary_emb) for i in range(arch.num_layers)
+            DecoderLayer(arch, i, self.rotary_emb, layout, tp) for i in range(arch.num_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -132,16 +165,21 @@ class CausalLM(nn.Module):
 
     Args:
         arch: the model's architecture (one of SUPPORTED_ARCHITECTURES).
+        tp: this rank's tensor-parallel group, or None for the whole model on one device
+            (plain layers: no collective, no extra copy).
     """
 
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TensorParallel | None = None):
         super().__init__()
         self.arch = arch
         # Per-layer (k_scale, v_scale) of an FP8 KV cache; the loader sets them from the
         # checkpoint when it has them.
         self.kv_scales: list[tuple[float, float]] = [(1.0, 1.0)] * arch.num_layers
-        self.model = DecoderModel(arch)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.tp = tp
+        # Which heads, MLP columns and vocabulary rows this rank holds (all of them without tp).
+        self.layout = ShardLayout.of(arch) if tp is None else ShardLayout.of(arch, tp.rank, tp.size)
+        self.model = DecoderModel(arch, self.layout, tp)
+        self.lm_head = lm_head(self.layout, arch.hidden_size, tp)
         self.tie_weights()
 
     def tie_weights(self) -> None:
