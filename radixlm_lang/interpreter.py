@@ -23,12 +23,10 @@ from radixlm_lang import ir
 from radixlm_lang.backends.base import Backend
 from radixlm_lang.choices import ChoiceLogprobs
 from radixlm_lang.dtypes import dtype_constraint
-from radixlm_lang.reasoning import split_reasoning
+from radixlm_lang.reasoning import REASONING_SUFFIX, split_reasoning
 from radixlm_lang.sampling import SamplingParams
 
 _END = object()
-
-REASONING_SUFFIX = "_reasoning_content"
 
 
 class ProgramError(RuntimeError):

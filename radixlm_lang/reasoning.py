@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# ``separate_reasoning`` stores the reasoning of variable ``x`` in ``x + REASONING_SUFFIX``.
+REASONING_SUFFIX = "_reasoning_content"
+
 
 @dataclass(frozen=True)
 class ReasoningFormat:

@@ -15,6 +15,7 @@ from typing import Any
 from radixlm_lang import ir
 from radixlm_lang.chat import ChatRenderer
 from radixlm_lang.graph import Edge, Node, RequestGraph, Stream
+from radixlm_lang.reasoning import REASONING_SUFFIX
 
 _REF_OPEN, _REF_CLOSE = "\ue000", "\ue001"
 _REF_PATTERN = re.compile(f"{_REF_OPEN}([^{_REF_CLOSE}]*){_REF_CLOSE}")
@@ -165,6 +166,14 @@ class TraceExecutor:
     def _record_VarScopeEnd(self, expr: ir.VarScopeEnd) -> None:
         node = self._add("var_scope", f"{expr.name} end", text="", complete=True, name=expr.name)
         self._define(expr.name, node.id)
+
+    def _record_SeparateReasoning(self, expr: ir.SeparateReasoning) -> None:
+        # Rewrites the gen's variable and adds the reasoning one; no text is added.
+        label = f"{expr.name} = separate_reasoning({expr.model_type or 'think'})"
+        node = self._add("set_var", label, name=expr.name, attrs={"model_type": expr.model_type})
+        self._builder.link(self._producers.get(expr.name), node.id, "var")
+        self._define(expr.name, node.id)
+        self._define(expr.name + REASONING_SUFFIX, node.id)
 
     def _record_Join(self, expr: ir.Join) -> None:
         node = self._add("join", f"join {expr.mode}", attrs={"mode": expr.mode})

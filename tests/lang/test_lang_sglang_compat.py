@@ -418,6 +418,9 @@ def test_separate_reasoning_sets_the_answer_and_the_reasoning_variable(make_scri
     assert state.text() == "Q?<think>easy</think> yes"
     with pytest.raises(ValueError, match="unknown reasoning model_type"):
         sgl.separate_reasoning(sgl.gen("a"), model_type="gpt-9")
+    graph = program.trace()  # the tracer follows it too
+    assert graph.error is None
+    assert [n.kind for n in graph.nodes] == ["text", "gen", "set_var"]
 
 
 # ---- 8. errors ----------------------------------------------------------------------------------
