@@ -122,10 +122,16 @@ def serve(args: argparse.Namespace) -> int:
     from radixlm.config import EngineConfig
     from radixlm.engine.engine import Engine
     from radixlm.server.app import create_app, run_server
+    from radixlm.server.startup import StartupError, check_startup
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s "
                         "%(name)s: %(message)s")
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    try:
+        check_startup(args.host, args.port, config)
+    except StartupError as exc:
+        print(f"radixlm serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     engine = Engine(config=config)
     demo = engine.is_demo
     try:
