@@ -258,7 +258,9 @@ class StreamExecutor:
         if (params.n or 1) > 1:
             self._gen_samples(expr, backend, params, messages)
             return
-        if params.stop_regex:
+        if params.max_new_tokens == 0 and params.top_logprobs_num:
+            text, meta = "", _next_token_distribution(backend, self.text, params, messages)
+        elif params.stop_regex:
             text, meta = _until_regex(backend, self.text, params, messages)
             self._append(text, expr.name, meta)
         elif self.options.stream:
@@ -415,6 +417,23 @@ def _raise_if_aborted(name: str | None, meta: dict[str, Any] | None) -> None:
     if finish.get("type") == "abort":
         reason = finish.get("message") or "aborted"
         raise GenerationAborted(f"gen {name!r} was aborted by the backend: {reason}")
+
+
+def _next_token_distribution(backend, prompt, params, messages) -> dict[str, Any]:
+    """``max_tokens=0`` with ``top_logprobs_num``: SGLang reports the top logprobs of the token
+    that would come next (``output_top_logprobs[0]``) and generates nothing.
+
+    The backend is asked for one greedy token with its top logprobs; the token itself is
+    dropped, only the distribution it was drawn from is kept.
+    """
+    probe = replace(params, max_new_tokens=1, min_new_tokens=None, temperature=0.0,
+                    return_logprob=True)  # fmt: skip
+    meta = dict(backend.generate(prompt, probe, messages).meta_info)
+    meta["output_top_logprobs"] = (meta.get("output_top_logprobs") or [])[:1]
+    meta["output_token_logprobs"] = []
+    meta["completion_tokens"] = 0
+    meta["finish_reason"] = {"type": "length", "matched": None}
+    return meta
 
 
 def _until_regex(backend, prompt, params, messages) -> tuple[str, dict[str, Any]]:

@@ -184,7 +184,8 @@ class ProgramState:
                 yield piece
 
     def __repr__(self) -> str:
-        return f"ProgramState(text={self._executor.text[-60:]!r})"
+        # SGLang's form; programs slice the text out of it.
+        return f"ProgramState({self.text()})"
 
 
 # SGLang's spellings and radixlm's short ones.

@@ -254,6 +254,28 @@ def test_return_text_in_logprobs_fills_token_texts(make_scripted):
     assert out == [[-0.5, 11, "<11>"], [-0.1, 12, "<12>"]]
 
 
+def test_max_tokens_zero_with_top_logprobs_reports_the_next_token_distribution(make_scripted):
+    # SGLang's cot_decoding example: gen(max_tokens=0, return_logprob=True, top_logprobs_num=k)
+    # then get_meta_info(...)["output_top_logprobs"][0] holds the k likeliest next tokens.
+    backend = make_scripted()
+    top = [[-0.1, 5, " a"], [-2.0, 6, " b"]]
+    meta = {"output_top_logprobs": [top], "output_token_logprobs": [[-0.1, 5, " a"]]}
+    backend.generate = lambda prompt, params, messages=None: (
+        backend.requests.append(("generate", prompt, params)) or Completion(" a", meta)
+    )
+
+    @sgl.function
+    def program(s):
+        s += "Q:" + sgl.gen("k", max_tokens=0, return_logprob=True, top_logprobs_num=2)
+
+    state = program.run(backend=backend)
+    out = state.get_meta_info("k")
+    assert state["k"] == "" and state.text() == "Q:"
+    assert out["output_top_logprobs"] == [top] and out["output_token_logprobs"] == []
+    sent = backend.requests[0][2]
+    assert sent.max_new_tokens == 1 and sent.temperature == 0.0 and sent.top_logprobs_num == 2
+
+
 def test_select_takes_temperature_positionally_and_only_zero():
     # SGLang: select(name, choices, temperature=0.0, choices_method=...); the runtime backend
     # asserts temperature <= 1e-5.
@@ -318,6 +340,14 @@ def test_openai_backend_takes_sglang_argument_order(monkeypatch):
 
 
 # ---- 7. names ---------------------------------------------------------------------------------
+
+
+def test_state_repr_is_sglangs(scripted):
+    @sgl.function
+    def program(s):
+        s += "hello"
+
+    assert repr(program.run(backend=scripted)) == "ProgramState(hello)"
 
 
 def test_sglang_names_exist():

@@ -329,6 +329,9 @@ def test_prompt_logprobs_with_max_tokens_zero(backend):
     entries = meta["input_token_logprobs"]
     assert "".join(e[2] for e in entries) == "The capital of France is Paris"
     assert all(e[0] is None or e[0] <= 0 for e in entries)
+    # SGLang's cot_decoding reads the next token's top-k this way
+    (top,) = meta["output_top_logprobs"]
+    assert len(top) == 2 and all(isinstance(t[2], str) for t in top) and top[0][0] >= top[1][0]
 
 
 @sgl.function
