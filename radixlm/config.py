@@ -100,9 +100,16 @@ class SchedulerConfig:
         None, "Cap on requests decoding at once; default derived from the KV capacity."
     )
     chunked_prefill_size: int | None = _opt(
-        None, "Longest extend per request per step; longer prompts are prefilled in chunks."
+        None,
+        "Longest extend per request per step; longer prompts are prefilled in chunks. "
+        "Default sized for the device so a decode step never waits long behind a prefill "
+        "(2048 on GPU; 512 on CPU, fewer when memory is short); 0 disables chunking.",
     )
-    max_prefill_tokens: int = _opt(16384, "Token budget of one extend batch.")
+    max_prefill_tokens: int | None = _opt(
+        None,
+        "Token budget of one extend batch; default the chunk size (one step stays as short "
+        "as one chunk), or 16384 when chunking is disabled.",
+    )
     max_queued_requests: int | None = _opt(
         None, "Reject new requests (HTTP 503) once this many are waiting."
     )
@@ -149,6 +156,16 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, grouped by the component that reads it."""
+
+# Extend-batch budget when neither it nor a prefill chunk is configured.
+DEFAULT_MAX_PREFILL_TOKENS = 16384
+
+
+def prefill_budget(config: SchedulerConfig) -> int:
+    """Tokens one extend batch may hold: ``max_prefill_tokens``, else the chunk size, else
+    ``DEFAULT_MAX_PREFILL_TOKENS``."""
+    return config.max_prefill_tokens or config.chunked_prefill_size or DEFAULT_MAX_PREFILL_TOKENS
+
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -6,6 +6,7 @@ core process, talking to the caller only through the messages in :mod:`radixlm.e
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -17,6 +18,7 @@ from radixlm.constrained import GrammarCompiler
 from radixlm.engine import ipc
 from radixlm.engine.overlap import StepLoop
 from radixlm.executor.errors import RunnerDeadError
+from radixlm.executor.memory import default_prefill_chunk
 from radixlm.executor.model_runner import ModelRunner
 from radixlm.executor.tp_worker import TPRunner
 from radixlm.kvcache.allocator import PageAllocator
@@ -57,6 +59,7 @@ class EngineCore:
                                    progress=progress)
         else:  # in this process: no worker, no collective
             self.runner = ModelRunner(path, config.model, config.cache, eos, progress=progress)
+        self.config = config = with_default_prefill_chunk(config, self.runner.info.device)
         pool = self.runner.pool
         self.allocator = PageAllocator(pool.num_pages, pool.page_size, pool.first_usable_slot)
         enable = config.cache.enable_radix_cache
@@ -218,6 +221,23 @@ class EngineCore:
             self.check_invariants()
             return True
         raise ValueError(f"unknown control command {command!r}")
+
+
+def with_default_prefill_chunk(config: EngineConfig, device: str) -> EngineConfig:
+    """``config`` with ``chunked_prefill_size`` sized for ``device`` when it is unset (None).
+
+    Args:
+        config: the engine configuration.
+        device: the runner's device ("cpu", "cuda:0").
+
+    Returns:
+        The same config, or a copy whose scheduler section carries the default chunk.
+    """
+    if config.scheduler.chunked_prefill_size is not None:
+        return config
+    chunk = default_prefill_chunk(device.split(":", 1)[0])
+    scheduler = dataclasses.replace(config.scheduler, chunked_prefill_size=chunk)
+    return dataclasses.replace(config, scheduler=scheduler)
 
 
 def run_core_loop(config: EngineConfig, conn) -> None:

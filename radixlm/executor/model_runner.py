@@ -18,6 +18,7 @@ from radixlm.executor.logits import (
     input_logprobs_on_device,
     store_input_logprobs,
 )
+from radixlm.executor.memory import cpu_kv_tokens
 from radixlm.executor.pending import HostMaskBuffers, HostTransfer, LaunchedStep, PendingStep
 from radixlm.kvcache.pool import FP8_KV_DTYPE, KVPool, resolve_kv_dtype
 from radixlm.model.attention import TritonAttentionBackend, create_attention_backend
@@ -27,9 +28,6 @@ from radixlm.outputs import SeqStepResult, StepResult
 from radixlm.sampling.penalty_cache import PenaltyCache
 from radixlm.sampling.sampler import SampleOutput, SamplingBatch, sample
 from radixlm.transfer import int_tensor, to_device
-
-# Pool size on CPU when none is given: plenty for tests and the demo, small in host memory.
-DEFAULT_CPU_KV_TOKENS = 65536
 
 
 @dataclass(frozen=True)
@@ -109,12 +107,13 @@ class ModelRunner:
                       kv_scales=self.model.kv_scales if self.kv_dtype == FP8_KV_DTYPE else None)
 
     def _default_kv_tokens(self, cache: CacheConfig) -> int:
-        if self.device.type != "cuda":
-            return DEFAULT_CPU_KV_TOKENS
         arch = self.model.arch
         free, _ = torch.cuda.mem_get_info(self.device)
         per_token = KVPool.bytes_per_token(arch.num_layers, self.model.layout.num_kv_heads,
                                            arch.head_dim, self.kv_dtype)
+        if self.device.type != "cuda":
+            return cpu_kv_tokens(per_token)
+        free, _ = torch.cuda.mem_get_info(self.device)
         return int(free * cache.mem_fraction) // per_token
 
     @property

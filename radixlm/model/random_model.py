@@ -8,7 +8,9 @@ the right shape (an 8B Llama on a GPU) skip transformers and disk entirely with
 
 from __future__ import annotations
 
+import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +260,69 @@ def build_random_model(
 
     No transformers model and no disk: an 8B shape needs only its own memory on the GPU.
     Matrices are N(0, 0.02), norm weights 1 + N(0, 0.1), biases N(0, 0.02), so nothing is
+# Where the real Llama 3 tokenizer is looked for (first hit wins): this variable, then
+# ``shared/tokenizers/llama3`` beside the repository and inside it.
+LLAMA3_TOKENIZER_ENV = "RADIXLM_LLAMA3_TOKENIZER"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_LLAMA3_TOKENIZER_CANDIDATES = (
+    _REPO_ROOT.parent / "shared" / "tokenizers" / "llama3",
+    _REPO_ROOT / "shared" / "tokenizers" / "llama3",
+)
+# Presets with Llama 3's vocabulary (128,256 ids), which its tokenizer fits id for id.
+LLAMA3_VOCAB_SIZE = 128256
+
+
+def llama3_tokenizer_dir() -> Path | None:
+    """The real Llama 3 tokenizer directory, or None when it is not on this machine.
+
+    Returns:
+        ``$RADIXLM_LLAMA3_TOKENIZER`` if set (it must exist), else the first of
+        ``<repo>/../shared/tokenizers/llama3`` and ``<repo>/shared/tokenizers/llama3`` that
+        holds a ``tokenizer.json``.
+
+    Raises:
+        FileNotFoundError: the environment variable names a directory without a tokenizer.
+    """
+    named = os.environ.get(LLAMA3_TOKENIZER_ENV)
+    if named:
+        path = Path(named)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"${LLAMA3_TOKENIZER_ENV}={named} has no tokenizer.json")
+        return path
+    for path in _LLAMA3_TOKENIZER_CANDIDATES:
+        if (path / "tokenizer.json").is_file():
+            return path
+    return None
+
+
+def preset_tokenizer_dir(preset: str) -> Path | None:
+    """The real tokenizer a preset should use: Llama 3's for presets with its vocabulary.
+
+    Args:
+        preset: a key of :data:`PRESETS` or a tiny arch name.
+
+    Returns:
+        The tokenizer directory; None for presets of other vocabularies and, with a warning,
+        when the Llama 3 tokenizer is not on this machine (callers then write a synthetic one).
+    """
+    spec = PRESETS.get(preset)
+    if spec is None or spec["vocab_size"] != LLAMA3_VOCAB_SIZE:
+        return None
+    found = llama3_tokenizer_dir()
+    if found is None:
+        warnings.warn(
+            f"the Llama 3 tokenizer was not found (set ${LLAMA3_TOKENIZER_ENV} or put it at "
+            f"{_LLAMA3_TOKENIZER_CANDIDATES[0]}); --random-model {preset} uses a synthetic "
+            "word-level tokenizer, on which JSON/regex constraints cannot be compiled",
+            stacklevel=2)
+    return found
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """Copy a tokenizer directory's files (not its README) into a model directory."""
+    _copy_tokenizer(source, target)
+
+
     zero (timings on zeros can flatter).
 
     Args:

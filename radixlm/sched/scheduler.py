@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from radixlm.batch import ForwardMode, ScheduledBatch, ScheduledSeq, future_token
-from radixlm.config import SchedulerConfig
+from radixlm.config import SchedulerConfig, prefill_budget
 from radixlm.outputs import StepResult, TokenOutput
 from radixlm.request import FinishKind, FinishReason, Request, RequestStatus
 from radixlm.sched.kv_manager import KVManager
@@ -232,7 +232,7 @@ class Scheduler:
         return int(output) + chunks
 
     def _schedule_extend(self) -> ScheduledBatch | None:
-        budget = self.config.max_prefill_tokens
+        budget = prefill_budget(self.config)
         rows: list[ScheduledSeq] = []
         for req in list(self.prefilling):
             row = self._extend_row(req, budget)

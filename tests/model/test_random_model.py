@@ -64,3 +64,59 @@ def test_model_dir_takes_vocab_and_special_ids_from_tokenizer(tmp_path, llama2_t
     assert config["bos_token_id"] == tokenizer.bos_token_id == 1
     assert config["eos_token_id"] == tokenizer.eos_token_id == 2
     assert (path / "tokenizer.json").is_file() and not (path / "README.md").exists()
+
+
+def test_llama3_presets_use_the_real_llama3_tokenizer(llama3_tokenizer_dir, monkeypatch):
+    from radixlm.model import random_model
+
+    monkeypatch.setenv(random_model.LLAMA3_TOKENIZER_ENV, str(llama3_tokenizer_dir))
+    for preset in ("llama3-8b", "llama3-1b"):
+        assert random_model.preset_tokenizer_dir(preset) == llama3_tokenizer_dir
+    # Other vocabularies keep the synthetic tokenizer, silently.
+    assert random_model.preset_tokenizer_dir("qwen2-0.5b") is None
+    assert random_model.preset_tokenizer_dir("llama") is None
+    tokenizer = AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir))
+    assert len(tokenizer) == PRESETS["llama3-8b"]["vocab_size"]
+    # The text a JSON constraint needs is in the vocabulary (the synthetic one has no "{").
+    assert tokenizer.decode(tokenizer.encode('{"a": 1}', add_special_tokens=False)) == '{"a": 1}'
+
+
+def test_llama3_tokenizer_found_beside_the_repository_without_the_variable(monkeypatch):
+    from radixlm.model import random_model
+
+    monkeypatch.delenv(random_model.LLAMA3_TOKENIZER_ENV, raising=False)
+    found = random_model.llama3_tokenizer_dir()
+    candidates = random_model._LLAMA3_TOKENIZER_CANDIDATES
+    if not any((c / "tokenizer.json").is_file() for c in candidates):
+        pytest.skip("no shared/tokenizers/llama3 beside or inside this checkout")
+    assert found in candidates
+
+
+def test_missing_llama3_tokenizer_falls_back_with_a_warning(tmp_path, monkeypatch):
+    from radixlm.model import random_model
+
+    monkeypatch.delenv(random_model.LLAMA3_TOKENIZER_ENV, raising=False)
+    monkeypatch.setattr(random_model, "_LLAMA3_TOKENIZER_CANDIDATES", (tmp_path / "none",))
+    with pytest.warns(UserWarning, match="synthetic"):
+        assert random_model.preset_tokenizer_dir("llama3-8b") is None
+    monkeypatch.setenv(random_model.LLAMA3_TOKENIZER_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        random_model.llama3_tokenizer_dir()
+
+
+def test_bench_random_model_dir_copies_the_real_tokenizer(tmp_path, llama3_tokenizer_dir,
+                                                         monkeypatch):
+    """The cached directory is keyed by its tokenizer and gets the tokenizer's files (weights
+    writing is stubbed: an 8B preset is far too big for a unit test)."""
+    from radixlm.bench import common
+    from radixlm.model import random_model
+
+    monkeypatch.setenv(random_model.LLAMA3_TOKENIZER_ENV, str(llama3_tokenizer_dir))
+    monkeypatch.setattr(common, "_write_random_weights", lambda *args: None)
+    path = common.random_model_dir("llama3-8b", cache_dir=tmp_path)
+    assert path.name.endswith("-tok-llama3")
+    assert (path / "tokenizer.json").read_bytes() == (
+        llama3_tokenizer_dir / "tokenizer.json").read_bytes()
+    from radixlm.tokenizer.tokenizer import load_tokenizer
+
+    assert len(load_tokenizer(str(path))) == PRESETS["llama3-8b"]["vocab_size"]
