@@ -108,7 +108,6 @@ class ModelRunner:
 
     def _default_kv_tokens(self, cache: CacheConfig) -> int:
         arch = self.model.arch
-        free, _ = torch.cuda.mem_get_info(self.device)
         per_token = KVPool.bytes_per_token(arch.num_layers, self.model.layout.num_kv_heads,
                                            arch.head_dim, self.kv_dtype)
         if self.device.type != "cuda":
