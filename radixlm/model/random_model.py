@@ -244,22 +244,6 @@ def _shard_bytes(model: torch.nn.Module, shards: int) -> int | str:
     return total // shards + 1
 
 
-def _copy_tokenizer(source: Path, target: Path) -> None:
-    for file in source.iterdir():
-        if file.is_file() and file.suffix != ".md":
-            shutil.copy2(file, target / file.name)
-
-
-def build_random_model(
-    preset_or_config: str | dict[str, Any] | ModelArch | Any,
-    dtype: torch.dtype | str = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> CausalLM:
-    """A radixlm ``CausalLM`` with random weights, built straight on ``device``.
-
-    No transformers model and no disk: an 8B shape needs only its own memory on the GPU.
-    Matrices are N(0, 0.02), norm weights 1 + N(0, 0.1), biases N(0, 0.02), so nothing is
 # Where the real Llama 3 tokenizer is looked for (first hit wins): this variable, then
 # ``shared/tokenizers/llama3`` beside the repository and inside it.
 LLAMA3_TOKENIZER_ENV = "RADIXLM_LLAMA3_TOKENIZER"
@@ -323,6 +307,22 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
     _copy_tokenizer(source, target)
 
 
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for file in source.iterdir():
+        if file.is_file() and file.suffix != ".md":
+            shutil.copy2(file, target / file.name)
+
+
+def build_random_model(
+    preset_or_config: str | dict[str, Any] | ModelArch | Any,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> CausalLM:
+    """A radixlm ``CausalLM`` with random weights, built straight on ``device``.
+
+    No transformers model and no disk: an 8B shape needs only its own memory on the GPU.
+    Matrices are N(0, 0.02), norm weights 1 + N(0, 0.1), biases N(0, 0.02), so nothing is
     zero (timings on zeros can flatter).
 
     Args:
