@@ -252,4 +252,11 @@ def test_errors_surface_in_state_error(backend, engine):
     def bad_regex(s):
         s += "x" + rl.gen("x", regex="(unclosed", max_tokens=4)
 
-    assert bad_regex.run(backend=backend).error() is not None
+    with pytest.raises(re.error):  # as SGLang's gen, the pattern is checked in the program
+        bad_regex.run(backend=backend)
+
+    @rl.function
+    def unsupported_regex(s):
+        s += "x" + rl.gen("x", regex="a(?=b)", max_tokens=4)  # valid Python, no lookarounds
+
+    assert unsupported_regex.run(backend=backend).error() is not None
