@@ -158,3 +158,29 @@ def hf_model(demo_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(demo_model_dir)).eval()
+
+
+# ---- the default model (SmolLM2-135M-Instruct) for the SGLang-style programs -----------------
+# sglang_style/ runs its programs against both: sgl.Runtime (a real `radixlm serve`, started with
+# SGLang's argument names) and the session's shared in-process SmolLM2 engine.
+
+SGL_SERVER_ARGS = {"device": "cpu", "dtype": "float32", "max_total_tokens": 8192,
+                   "log_level": "warning"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sgl_server(smollm2_gguf):
+    """``sgl.Runtime(model_path=...)``: a real ``radixlm serve`` subprocess on 127.0.0.1."""
+    import radixlm_lang as sgl
+
+    runtime = sgl.Runtime(model_path=str(smollm2_gguf), **SGL_SERVER_ARGS)
+    yield runtime
+    runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sgl_engine(smollm2_engine):
+    """The session's shared SmolLM2 engine, in this process."""
+    import radixlm_lang as sgl
+
+    return sgl.EngineBackend(smollm2_engine)

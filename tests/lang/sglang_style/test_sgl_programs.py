@@ -1,5 +1,9 @@
 """SGLang-style programs, run unchanged against a real server and the in-process engine.
 
+Both serve the default model, SmolLM2-135M-Instruct: ``sgl.Runtime(model_path=...)`` (a real
+``radixlm serve`` on 127.0.0.1, started with SGLang's argument names) and the session's shared
+SmolLM2 engine through ``sgl.EngineBackend``.
+
 Every program below is written the way SGLang's own tests and examples write them; only the
 import differs. Answers are checked where SmolLM2-135M-Instruct is reliably right under greedy
 decoding (capital cities, few-shot patterns); elsewhere the checks are on structure.
@@ -17,6 +21,16 @@ import radixlm_lang as sgl
 pytestmark = pytest.mark.slow
 
 GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(params=["server", "engine"])
+def backend(request):
+    """Each backend in turn (``sgl_server``/``sgl_engine`` in tests/lang/conftest.py), set as the
+    default backend: the programs run with a plain ``.run()``, as SGLang programs do."""
+    chosen = request.getfixturevalue("sgl_server" if request.param == "server" else "sgl_engine")
+    sgl.set_default_backend(chosen)
+    yield chosen
+    sgl.set_default_backend(None)
 
 
 # ---- text, gen, few-shot ------------------------------------------------------------------------
