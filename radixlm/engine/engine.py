@@ -53,10 +53,15 @@ class Engine:
         self.tokenizer = load_tokenizer(
             self.config.model.tokenizer or model_metadata_dir(choice.path))
         self._states: dict[str, RequestState] = {}
+        # A request with n > 1 runs as n sub-requests; its rid maps to theirs (and back), so
+        # that an abort names requests exactly instead of matching id prefixes.
+        self._subs: dict[str, list[str]] = {}
+        self._parent: dict[str, str] = {}
         self._lock = threading.Lock()
         self._replies: dict[int, Future] = {}
         self._tokens = itertools.count()
         self._dead: str | None = None
+        self._closing = False
         self._start_core()
 
     def _start_core(self) -> None:
@@ -92,7 +97,20 @@ class Engine:
                 self._dispatch(self._conn.recv())
         except (EOFError, OSError):
             pass
-        self._mark_dead("the engine core process exited")
+        # Reap a core that died now: it leaves no <defunct> entry behind while the caller
+        # decides what to do (the server answers what is in flight, then exits). On shutdown()
+        # the caller's thread reaps it.
+        code = None
+        if not self._closing:
+            self._proc.join(5)
+            code = self._proc.exitcode
+        self._mark_dead("the engine core process exited"
+                        + (f" (exit code {code})" if code not in (None, 0) else ""))
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the core is gone (it exited or was killed), or None while it runs."""
+        return self._dead
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, ipc.Outputs):
@@ -101,6 +119,7 @@ class Engine:
                     state = self._states.get(out.rid)
                     if state is not None and out.finish is not None:
                         del self._states[out.rid]
+                        self._forget_sub(out.rid)
                 if state is not None:
                     state.apply(out)
         elif isinstance(msg, ipc.ControlReply):
@@ -117,6 +136,7 @@ class Engine:
                 return
             self._dead = reason
             states, self._states = list(self._states.values()), {}
+            self._subs, self._parent = {}, {}
         for state in states:
             state.fail(EngineDeadError(reason))
         for future in list(self._replies.values()):
@@ -144,26 +164,45 @@ class Engine:
             self._validate_length(ids, params)
         self._check_queue(sum(p.n for p in params_list))
         rids = self._rids(rid, len(prompts))
-        with self._lock:
-            busy = [r for r in rids if r in self._states or f"{r}-0" in self._states]
-        if busy:
-            raise RequestError(f"request id {busy[0]!r} is already in flight", "rid")
+        plan = [(base, ids, _fan_out(base, params))
+                for base, ids, params in zip(rids, prompts, params_list)]
         states: list[RequestState] = []
+        with self._lock:
+            names = [base for base, _, _ in plan] + [
+                sub for base, _, subs in plan for sub, _ in subs if sub != base]
+            busy = [r for r in names if r in self._states or r in self._subs]
+            if busy or len(set(names)) != len(names):
+                taken = busy[0] if busy else next(r for r in names if names.count(r) > 1)
+                raise RequestError(f"request id {taken!r} is already in flight", "rid")
+            for base, ids, subs in plan:
+                for sub_rid, sub_params in subs:
+                    states.append(RequestState(sub_rid, ids, sub_params, logprob,
+                                               self.tokenizer, stream, loop))
+                    self._states[sub_rid] = states[-1]
+                if len(subs) > 1:
+                    self._subs[base] = [sub for sub, _ in subs]
+                    self._parent.update({sub: base for sub, _ in subs})
         try:
-            for base, ids, params in zip(rids, prompts, params_list):
-                for sub_rid, sub_params in _fan_out(base, params):
-                    state = RequestState(sub_rid, ids, sub_params, logprob, self.tokenizer,
-                                         stream, loop)
-                    with self._lock:
-                        self._states[sub_rid] = state
-                    states.append(state)
-                    self._send(ipc.AddRequest(sub_rid, ids, sub_params, logprob))
+            for state in states:
+                self._send(ipc.AddRequest(state.rid, state.prompt_ids, state.params, logprob))
         except EngineDeadError:
             with self._lock:  # nothing will ever finish these: do not count them as queued
                 for state in states:
                     self._states.pop(state.rid, None)
+                    self._forget_sub(state.rid)
             raise
         return states
+
+    def _forget_sub(self, rid: str) -> None:
+        """Drop a finished sub-request from its parent (under ``self._lock``)."""
+        parent = self._parent.pop(rid, None)
+        if parent is None:
+            return
+        siblings = self._subs.get(parent, [])
+        if rid in siblings:
+            siblings.remove(rid)
+        if not siblings:
+            self._subs.pop(parent, None)
 
     def _prompt_ids(self, prompt, input_ids) -> list[list[int]]:
         if (prompt is None) == (input_ids is None):
@@ -340,13 +379,22 @@ class Engine:
             raise RequestError("stream=True takes a single prompt with n == 1", "stream")
         return states[0]
 
-    def abort(self, rid: str) -> None:
-        """Abort a request (and its ``n`` siblings ``rid-0``, ``rid-1``, ...)."""
+    def abort(self, rid: str, message: str = "aborted by the client") -> None:
+        """Abort the request with exactly this id; for a request with ``n > 1``, every one of
+        its samples. Unknown and finished ids are ignored; ids are never matched by prefix.
+
+        Args:
+            rid: the id the request was submitted with (or one sample's id).
+            message: the abort finish reason's message.
+        """
         with self._lock:
-            rids = [r for r in self._states if r == rid or r.startswith(f"{rid}-")]
+            if rid in self._subs:
+                rids = list(self._subs[rid])
+            else:
+                rids = [rid] if rid in self._states else []
         for r in rids:
             try:
-                self._send(ipc.AbortRequest(r))
+                self._send(ipc.AbortRequest(r, message))
             except EngineDeadError:
                 return
 
@@ -381,6 +429,7 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the core process (in-flight requests fail with EngineDeadError)."""
         atexit.unregister(self.shutdown)
+        self._closing = True
         if self._dead is None:
             try:
                 self._control("shutdown", timeout=30)

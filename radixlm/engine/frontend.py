@@ -37,6 +37,7 @@ class RequestState:
                  loop: asyncio.AbstractEventLoop | None = None):
         self.rid = rid
         self.prompt_ids = prompt_ids
+        self.params = params
         self.logprob = logprob
         self.tokenizer = tokenizer
         self.stream = stream

@@ -4,116 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import math
 import signal
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from radixlm.server.common import SafeJSONResponse, ServerContext, ServerLimits, dumps
 from radixlm.server.dashboard import router as dashboard_router
 from radixlm.server.errors import error_body, install_error_handlers
 from radixlm.server.metrics import ServerMetrics
-from radixlm.server.runner import Inflight, Runner
+from radixlm.server.native_api import router as native_router
+from radixlm.server.openai_api import router as openai_router
+from radixlm.server.transport import guarded_h11_protocol
 
 logger = logging.getLogger("radixlm.server")
 
 # Routes that answer without an API key (load-balancer probes and scrapers).
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
-
-
-def dumps(obj: Any) -> str:
-    """JSON text, with non-finite floats (a -inf logprob) written as null so it stays JSON."""
-    try:
-        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-class SafeJSONResponse(JSONResponse):
-    """A JSONResponse that writes -inf/nan as null instead of failing."""
-
-    def render(self, content: Any) -> bytes:
-        return dumps(content).encode("utf-8")
-
-
-def sse(obj: Any) -> bytes:
-    """One server-sent event carrying ``obj`` as JSON."""
-    return f"data: {dumps(obj)}\n\n".encode()
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-@dataclass
-class ServerContext:
-    """Everything the route handlers share; one per app (no module-level state).
-
-    Attributes:
-        engine: the radixlm Engine being served.
-        served_model_name: the name clients pass as ``model``.
-        api_key: when set, every route but OPEN_PATHS needs ``Authorization: Bearer <key>``.
-        metrics: Prometheus metrics of this server.
-        inflight: engine requests currently running.
-        runner: submits requests to the engine.
-        draining: set on SIGTERM; new requests are answered 503.
-        active_requests: HTTP requests being handled right now.
-    """
-
-    engine: Any
-    served_model_name: str
-    api_key: str | None
-    metrics: ServerMetrics
-    inflight: Inflight = field(default_factory=Inflight)
-    runner: Runner | None = None
-    draining: bool = False
-    active_requests: int = 0
-    started_at: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        self.runner = Runner(self.engine, self.metrics, self.inflight)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    async def drain(self, timeout: float) -> None:
-        """Refuse new requests, let running ones finish for ``timeout`` s, then abort the rest."""
-        self.draining = True
-        if await self._wait_idle(timeout):
-            return
-        logger.warning("drain timeout: aborting %d running request(s)", len(self.inflight))
-        self.runner.abort(self.inflight.rids())
-        await self._wait_idle(5.0)
-
-    async def _wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.active_requests and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.active_requests == 0
-
-
-def get_context(request: Request) -> ServerContext:
-    """The ServerContext of the app serving ``request`` (a FastAPI dependency)."""
-    return request.app.state.ctx
+ENGINE_WATCH_PERIOD_S = 0.25
+# After the core died, how long in-flight requests get to receive their 503 before the exit.
+DEAD_ENGINE_ANSWER_S = 10.0
 
 
 class GatewayMiddleware:
@@ -147,6 +63,11 @@ class GatewayMiddleware:
             return 503, "the server is shutting down; retry on another replica"
         if self.ctx.api_key and path not in OPEN_PATHS and not self._authorized(scope):
             return 401, "missing or invalid API key (send 'Authorization: Bearer <key>')"
+        length = _content_length(scope)
+        limit = self.ctx.limits.max_request_bytes
+        if length is not None and length > limit:
+            return 413, (f"the request body ({length} bytes) is larger than the server's limit "
+                         f"of {limit} bytes (--max-request-bytes)")
         return None
 
     def _authorized(self, scope: dict) -> bool:
@@ -164,7 +85,7 @@ class GatewayMiddleware:
         body = dumps(error_body(status, message)).encode()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(body)).encode())]
-        if status == 503:
+        if status in (413, 503):  # a 413's body is never read: the connection cannot be reused
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -179,7 +100,8 @@ class GatewayMiddleware:
 
 
 def create_app(engine: Any, served_model_name: str | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, limits: ServerLimits | None = None,
+               allowed_origins: list[str] | None = None, enable_docs: bool = True) -> FastAPI:
     """Build the HTTP application around a running engine.
 
     The app does not own the engine: whoever created it shuts it down.
@@ -188,23 +110,39 @@ def create_app(engine: Any, served_model_name: str | None = None,
         engine: a radixlm ``Engine``.
         served_model_name: the model name clients use; defaults to ``engine.model_name``.
         api_key: require ``Authorization: Bearer <api_key>`` (except on /health and /metrics).
+        limits: request size, queue and time limits (defaults: :class:`ServerLimits`).
+        allowed_origins: browser origins allowed by CORS (``["*"]`` for any); None: no CORS.
+        enable_docs: serve /docs, /redoc and /openapi.json.
 
     Returns:
         The FastAPI app; its ``state.ctx`` is the :class:`ServerContext`.
     """
-    from radixlm.server.native_api import router as native_router
-    from radixlm.server.openai_api import router as openai_router
-
     name = served_model_name or engine.model_name
-    ctx = ServerContext(engine, name, api_key, ServerMetrics(name))
-    app = FastAPI(title="radixlm", version=_version(), default_response_class=SafeJSONResponse)
+    ctx = ServerContext(engine, name, api_key, ServerMetrics(name), limits or ServerLimits())
+    docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="radixlm", version=_version(), default_response_class=SafeJSONResponse,
+                  **docs)
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(native_router)
     app.include_router(openai_router)
     app.include_router(dashboard_router)
     app.add_middleware(GatewayMiddleware, ctx=ctx)
+    if allowed_origins:
+        # outermost, so that a browser's preflight (no API key) is answered before the gateway
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])
     return app
+
+
+def _content_length(scope: dict) -> int | None:
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def _query_key(query: bytes) -> str:
@@ -234,6 +172,7 @@ class DrainingServer(uvicorn.Server):
         self.ctx = ctx
         self.drain_timeout = drain_timeout
         self.on_started = on_started
+        self.engine_death: str | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.ctx.draining = True  # from this instant new requests get 503
@@ -241,19 +180,41 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
+        if self.started:
+            self._watcher = asyncio.create_task(self._watch_engine())
         if self.started and self.on_started is not None:
             self.on_started()
+
+    async def _watch_engine(self) -> None:
+        """When the engine core dies: refuse new requests, let the in-flight ones get their
+        answer (503 engine_dead), then stop serving so the process exits non-zero and a
+        supervisor notices. A server that answers 503 forever helps nobody."""
+        while not self.should_exit:
+            await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
+            reason = self.ctx.engine.dead_reason
+            if reason is None:
+                continue
+            logger.error("the engine core died (%s); answering in-flight requests, then exiting",
+                         reason)
+            self.engine_death = reason
+            self.ctx.draining = True
+            await self.ctx.wait_idle(DEAD_ENGINE_ANSWER_S)
+            self.should_exit = True
+            return
 
     async def shutdown(self, sockets: Any = None) -> None:
         logger.info("draining: waiting up to %.0fs for %d request(s)", self.drain_timeout,
                     self.ctx.active_requests)
         await self.ctx.drain(self.drain_timeout)
         await super().shutdown(sockets)
+        self.ctx.close()
 
 
 def run_server(app: FastAPI, host: str, port: int, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
-               log_level: str = "info", on_started: Callable[[], None] | None = None) -> None:
-    """Serve ``app`` until SIGTERM/SIGINT, then drain and return (the caller stops the engine).
+               log_level: str = "info", on_started: Callable[[], None] | None = None,
+               ssl_keyfile: str | None = None, ssl_certfile: str | None = None) -> str | None:
+    """Serve ``app`` until SIGTERM/SIGINT or the engine core dies, then drain and return (the
+    caller stops the engine).
 
     Args:
         app: from :func:`create_app`.
@@ -262,10 +223,18 @@ def run_server(app: FastAPI, host: str, port: int, drain_timeout: float = DEFAUL
         drain_timeout: seconds in-flight requests get to finish on shutdown.
         log_level: uvicorn log level.
         on_started: called once listening.
+        ssl_keyfile: PEM private key; with ``ssl_certfile`` the server speaks HTTPS only.
+        ssl_certfile: PEM certificate (chain).
+
+    Returns:
+        None after a signal; why the engine core died, when that stopped the server.
     """
+    ctx = app.state.ctx
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=10, lifespan="off")
-    server = DrainingServer(config, app.state.ctx, drain_timeout, on_started)
+                            timeout_graceful_shutdown=10, lifespan="off",
+                            http=guarded_h11_protocol(ctx.limits.header_timeout),
+                            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+    server = DrainingServer(config, ctx, drain_timeout, on_started)
     # uvicorn re-raises the signal that stopped it once serving ends; a no-op handler keeps that
     # from killing the process before the caller shuts the engine down and exits cleanly.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -274,6 +243,7 @@ def run_server(app: FastAPI, host: str, port: int, drain_timeout: float = DEFAUL
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return server.engine_death
 
 
 def _ignore(signum: int, frame: Any) -> None:

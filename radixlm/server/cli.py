@@ -73,9 +73,46 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds running requests get to finish before they "
                              "are aborted")
+    add_limit_options(parser)
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level")
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """Request limits, TLS, CORS and docs (docs/server.md, "Limits")."""
+    from radixlm.server import common
+
+    parser.add_argument("--max-request-bytes", type=int, default=common.DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body in bytes; larger ones get 413")
+    parser.add_argument("--max-sequences-per-request", type=int,
+                        default=common.DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+                        help="most prompts x n one request may ask for; more get 400")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="seconds a request may run before it is aborted (finish_reason "
+                             "abort); default: no deadline")
+    parser.add_argument("--header-timeout", type=float, default=common.DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a connection gets to send a request's headers before "
+                             "it is closed")
+    parser.add_argument("--ssl-keyfile", default=None, help="PEM private key: serve HTTPS")
+    parser.add_argument("--ssl-certfile", default=None, help="PEM certificate: serve HTTPS")
+    parser.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                        help="browser origins allowed by CORS ('*' for any); default: no CORS")
+    parser.add_argument("--disable-docs", action="store_true",
+                        help="do not serve /docs, /redoc and /openapi.json")
+
+
+def server_limits(args: argparse.Namespace, engine_config: Any) -> Any:
+    """The HTTP limits from parsed ``args``; the queue limit is the engine's
+    ``--max-queued-requests`` when given."""
+    from radixlm.server.common import DEFAULT_MAX_QUEUED_REQUESTS, ServerLimits
+
+    queued = engine_config.scheduler.max_queued_requests
+    return ServerLimits(
+        max_request_bytes=args.max_request_bytes,
+        max_sequences_per_request=args.max_sequences_per_request,
+        max_queued_requests=DEFAULT_MAX_QUEUED_REQUESTS if queued is None else queued,
+        request_timeout=args.request_timeout, header_timeout=args.header_timeout)
 
 
 def add_engine_options(group: Any) -> None:
@@ -136,12 +173,18 @@ def serve(args: argparse.Namespace) -> int:
     demo = engine.is_demo
     try:
         info = engine.server_info()
-        app = create_app(engine, args.served_model_name, args.api_key)
+        app = create_app(engine, args.served_model_name, args.api_key,
+                         server_limits(args, config), args.allowed_origins,
+                         enable_docs=not args.disable_docs)
         banner = startup_banner(engine, info, args, app.state.ctx.served_model_name, demo)
-        run_server(app, args.host, args.port, args.drain_timeout, args.log_level,
-                   on_started=lambda: _say(banner))
+        death = run_server(app, args.host, args.port, args.drain_timeout, args.log_level,
+                           on_started=lambda: _say(banner), ssl_keyfile=args.ssl_keyfile,
+                           ssl_certfile=args.ssl_certfile)
     finally:
         engine.shutdown()
+    if death is not None:  # non-zero, so that a supervisor restarts the server
+        _say(f"radixlm server stopped: the engine core died ({death})")
+        return 1
     _say("radixlm server stopped")
     return 0
 
@@ -151,7 +194,8 @@ def startup_banner(engine: Any, info: dict[str, Any], args: argparse.Namespace,
     """What start-up prints once the socket is bound."""
     from radixlm.model.default_model import INSTALL_COMMAND
 
-    base = f"http://{args.host}:{args.port}"
+    scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
+    base = f"{scheme}://{args.host}:{args.port}"
     lines = [
         f"radixlm {_version()} listening on {base}",
         f"  model: {served_name} ({engine.config.model.model})",

@@ -19,6 +19,9 @@ from radixlm.engine.errors import EngineDeadError, QueueFullError, RequestError
 
 logger = logging.getLogger("radixlm.server")
 
+# Retry-After of a 429 raised by the engine's own queue check (the server's check says its own).
+QUEUE_RETRY_AFTER_S = 1
+
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -45,15 +48,17 @@ class APIError(Exception):
         message: what went wrong and, where possible, how to fix it.
         param: the request field at fault, if one is.
         code: a short machine-readable code (``model_not_found``, ``queue_full``...).
+        headers: extra response headers (``Retry-After`` on a 429).
     """
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
 
 def error_body(status: int, message: str, param: str | None = None,
@@ -64,9 +69,11 @@ def error_body(status: int, message: str, param: str | None = None,
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+                   code: str | None = None, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
     """A JSONResponse carrying :func:`error_body`."""
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=headers)
 
 
 def error_event(status: int, message: str, param: str | None = None) -> bytes:
@@ -88,7 +95,8 @@ def from_exception(exc: BaseException) -> APIError:
         message = str(exc) or "the request queue is full"
         if "retry later" not in message:  # the engine's own message may already say so
             message += "; retry later"
-        return APIError(503, message, code="queue_full")
+        return APIError(429, message, code="queue_full",
+                        headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)})
     if isinstance(exc, EngineDeadError):
         message = str(exc) or "the engine has stopped"
         return APIError(503, message, code="engine_dead")
@@ -102,11 +110,20 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         if err.get("type") == "json_invalid":
             detail = err.get("ctx", {}).get("error", "invalid JSON")
             return f"malformed JSON body: {detail}", None
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_branch(p)]
         param = ".".join(loc) or None
         first_param = first_param or param
         parts.append(f"{param}: {err.get('msg')}" if param else str(err.get("msg")))
     return "; ".join(parts) or "invalid request", first_param
+
+
+def _is_branch(part: Any) -> bool:
+    """A location part that names a union member's type (``list[int]``, ``str``), not a field."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_NAMES)
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "function-after",
+                         "json-or-python", "ContentPart", "ChatMessage", "JsonSchemaFormat"})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -114,7 +131,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -142,7 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _engine(_: Request, exc: Exception) -> JSONResponse:
         err = from_exception(exc)
-        return error_response(err.status, err.message, err.param, err.code)
+        return error_response(err.status, err.message, err.param, err.code, err.headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

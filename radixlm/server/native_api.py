@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
-from radixlm.server.app import SSE_DONE, ServerContext, get_context, sse
-from radixlm.server.errors import APIError, error_event, from_exception
+from radixlm.server.common import (
+    SSE_DONE,
+    ServerContext,
+    body_doc,
+    chat_prompt_ids,
+    check_model,
+    check_token_ids,
+    encode_prompt,
+    fan_out,
+    get_context,
+    parse_body,
+    sse,
+    stream_error,
+)
+from radixlm.server.errors import APIError
 from radixlm.server.metrics import CONTENT_TYPE
+from radixlm.server.preflight import check_prompt_length, check_sequences
 from radixlm.server.protocol import (
     MAX_N,
     AbortRequest,
@@ -29,18 +44,19 @@ logger = logging.getLogger("radixlm.server")
 router = APIRouter()
 
 HEALTH_TIMEOUT_S = 10.0
+HEARTBEAT_S = 1.0
 HEALTH_GENERATE_TIMEOUT_S = 60.0
 
 
 # ---- /generate --------------------------------------------------------------------------------
 
 
-@router.post("/generate")
-async def generate(body: GenerateRequest, request: Request,
-                   ctx: ServerContext = Depends(get_context)) -> Any:
+@router.post("/generate", openapi_extra=body_doc(GenerateRequest))
+async def generate(request: Request, ctx: ServerContext = Depends(get_context)) -> Any:
     """Native generation; the response is the engine's result dict (a list for batches/n>1)."""
-    jobs, single = native_jobs(body, ctx)  # first: it names sampling fields as the engine does
-    check_values(body)
+    body, jobs, single = await parse_body(request, GenerateRequest, ctx,
+                                          lambda b: (b, *native_jobs(b, ctx)))
+    check_groups_free(ctx, jobs)
     if body.stream:
         streams = await ctx.runner.open_streams(jobs, request)
         events = _native_events(ctx, jobs, streams, tag_index=len(jobs) > 1)
@@ -50,7 +66,8 @@ async def generate(body: GenerateRequest, request: Request,
 
 
 def native_jobs(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Job], bool]:
-    """Split a native request into single-sample engine jobs, prompt-major.
+    """Split a native request into single-sample engine jobs, prompt-major (blocking: it
+    tokenizes; run it off the loop).
 
     Returns:
         The jobs and whether the request was a single prompt with n == 1.
@@ -58,18 +75,29 @@ def native_jobs(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Job], b
     prompts, single_prompt = _native_prompts(body, ctx)
     params_list = _per_prompt(body.sampling_params, len(prompts), "sampling_params", {})
     vocab = ctx.engine.vocab_size
+    # first: it names sampling fields as the engine does
     params_list = [native_sampling_params(params or {}, vocab) for params in params_list]
+    check_values(body)
     groups = _per_prompt(body.rid, len(prompts), "rid", None)
+    ns = [params.get("n", 1) for params in params_list]
+    if all(isinstance(n, int) and not isinstance(n, bool) for n in ns):
+        check_sequences(ctx.bounds, len(prompts), max(ns), "sampling_params.n")
     common = {"return_logprob": body.return_logprob, "top_logprobs_num": body.top_logprobs_num,
               "logprob_start_len": body.logprob_start_len}
     jobs: list[Job] = []
     for prompt, params, group in zip(prompts, params_list, groups):
         group = group or new_rid()
-        for rid, sample_params in fan_out(group, params or {}):
-            if ctx.inflight.rids(rid):
-                raise APIError(400, f"request id {rid!r} is already in use", "rid")
+        for rid, sample_params in fan_out(group, params or {}, MAX_N):
             jobs.append(Job(rid, group, {**prompt, "sampling_params": sample_params, **common}))
     return jobs, single_prompt and len(jobs) == 1
+
+
+def check_groups_free(ctx: ServerContext, jobs: list[Job]) -> None:
+    """400 when the id a client chose names a request that is still running (on the loop: it
+    reads the in-flight table, which only the loop changes)."""
+    for group in dict.fromkeys(job.group for job in jobs):
+        if ctx.inflight.rids(group):
+            raise APIError(400, f"request id {group!r} is already in use", "rid")
 
 
 def _native_prompts(body: GenerateRequest, ctx: ServerContext
@@ -79,30 +107,24 @@ def _native_prompts(body: GenerateRequest, ctx: ServerContext
     if body.text is not None:
         texts = [body.text] if isinstance(body.text, str) else body.text
         _non_empty(texts, "text")
-        # "" is a prompt only where the tokenizer adds a BOS; zero tokens would reach the engine
-        if "" in texts and not ctx.tokenizer.encode(""):
-            raise APIError(400, "'text' must not be empty", "text")
-        return [{"prompt": t} for t in texts], isinstance(body.text, str)
+        check_sequences(ctx.bounds, len(texts), 1, "text")
+        prompts = []
+        for text in texts:
+            ids = encode_prompt(ctx, text, "text")
+            # "" is a prompt only where the tokenizer adds a BOS
+            if not ids:
+                raise APIError(400, "'text' must not be empty", "text")
+            check_prompt_length(ctx.bounds, len(ids), "text")
+            prompts.append({"input_ids": ids})
+        return prompts, isinstance(body.text, str)
     ids = body.input_ids
     batch = [ids] if ids and isinstance(ids[0], int) else ids
     _non_empty(batch, "input_ids")
+    check_sequences(ctx.bounds, len(batch), 1, "input_ids")
     for prompt_ids in batch:
+        check_prompt_length(ctx.bounds, len(prompt_ids), "input_ids")
         check_token_ids(prompt_ids, ctx.engine.vocab_size, "input_ids")
     return [{"input_ids": list(b)} for b in batch], batch is not ids
-
-
-def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
-    """400 unless ``ids`` is a non-empty list of ids in the vocabulary.
-
-    The engine checks this too, but the OpenAI route decodes the ids (for ``echo``) before the
-    engine sees them, and an id out of range overflows the tokenizer there.
-    """
-    if not ids:
-        raise APIError(400, f"'{param}' must not contain an empty prompt", param)
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"token id {bad} in '{param}' is outside the vocabulary "
-                            f"(size {vocab_size})", param)
 
 
 def _non_empty(items: list, param: str) -> None:
@@ -118,28 +140,6 @@ def _per_prompt(value: Any, count: int, param: str, default: Any) -> list[Any]:
     return value
 
 
-def fan_out(group: str, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``n`` samples become ``n`` requests ``group-0..``, seeds ``seed+i`` (as the engine does).
-
-    Raises:
-        APIError: ``n`` is not an integer in [1, MAX_N].
-    """
-    n = params.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
-        raise APIError(400, f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
-    base = {k: v for k, v in params.items() if k != "n"}
-    if n == 1:
-        return [(group, base)]
-    seed = base.get("seed")
-    out = []
-    for i in range(n):
-        sample = dict(base)
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            sample["seed"] = seed + i
-        out.append((f"{group}-{i}", sample))
-    return out
-
-
 async def _native_events(ctx: ServerContext, jobs: list[Job], streams: list,
                          tag_index: bool) -> AsyncIterator[bytes]:
     try:
@@ -152,24 +152,41 @@ async def _native_events(ctx: ServerContext, jobs: list[Job], streams: list,
     yield SSE_DONE
 
 
-def stream_error(exc: Exception) -> bytes:
-    """An error that happened after the stream started, as an SSE event."""
-    try:
-        err = from_exception(exc)
-    except Exception:
-        logger.exception("internal error during a stream")
-        return error_event(500, f"internal server error ({type(exc).__name__})")
-    return error_event(err.status, err.message, err.param)
-
-
 # ---- operational routes -----------------------------------------------------------------------
 
 
 @router.get("/health")
 async def health(ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
-    """200 while the engine core answers; 503 when it is gone or the server is draining."""
-    await _engine_call(ctx.engine.server_info, HEALTH_TIMEOUT_S)
+    """200 while the engine core answers; 503 when it is gone or the server is draining.
+
+    The core is asked by a heartbeat in the background (every ``HEARTBEAT_S``), not by each
+    probe: a probe answers at once, however busy the core's steps are, and still turns 503 when
+    the core has died or has not answered for ``HEALTH_TIMEOUT_S``.
+    """
+    if ctx.engine.dead_reason is not None:
+        raise APIError(503, f"the engine has stopped: {ctx.engine.dead_reason}",
+                       code="engine_dead")
+    if ctx.heartbeat is None or ctx.heartbeat.done():
+        ctx.heartbeat = asyncio.create_task(_heartbeat(ctx))
+    if ctx.core_seen is None:  # the first probe waits for the first answer
+        await _engine_call(ctx.engine.server_info, HEALTH_TIMEOUT_S)
+        ctx.core_seen = time.monotonic()
+    silent = time.monotonic() - ctx.core_seen
+    if silent > HEALTH_TIMEOUT_S:
+        raise APIError(503, f"the engine is not responding (no answer for {silent:.0f} s)",
+                       code="engine_unavailable")
     return {"status": "ok"}
+
+
+async def _heartbeat(ctx: ServerContext) -> None:
+    """Ask the core for its figures every ``HEARTBEAT_S``; note when it last answered."""
+    while ctx.engine.dead_reason is None:
+        try:
+            await _engine_call(ctx.engine.server_info, HEALTH_TIMEOUT_S)
+            ctx.core_seen = time.monotonic()
+        except APIError:
+            pass  # /health reports the silence once it lasts
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 @router.get("/health_generate")
@@ -222,9 +239,19 @@ async def server_info(ctx: ServerContext = Depends(get_context)) -> dict[str, An
     info.setdefault("model_path", ctx.engine.config.model.model)
     info.setdefault("context_length", ctx.engine.context_length)
     info.setdefault("config", ctx.engine.config.flat())
+    # file paths only behind an API key: an anonymous caller learns nothing of the filesystem
+    info["model_path"] = ctx.public_path(info["model_path"])
+    info["config"] = {k: ctx.public_path(v) for k, v in dict(info["config"]).items()}
+    limits = ctx.limits
     info.update({"served_model_name": ctx.served_model_name,
                  "inflight_requests": len(ctx.inflight), "draining": ctx.draining,
-                 "version": _version()})
+                 "version": _version(),
+                 "server_limits": {
+                     "max_request_bytes": limits.max_request_bytes,
+                     "max_sequences_per_request": limits.max_sequences_per_request,
+                     "max_queued_requests": limits.max_queued_requests,
+                     "request_timeout": limits.request_timeout,
+                     "header_timeout": limits.header_timeout}})
     return info
 
 
@@ -234,10 +261,14 @@ def _version() -> str:
     return __version__
 
 
-@router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_context)
+@router.post("/tokenize", openapi_extra=body_doc(TokenizeRequest))
+async def tokenize(request: Request, ctx: ServerContext = Depends(get_context)
                    ) -> dict[str, Any]:
     """Token ids of a text (``prompt``/``text``) or of chat ``messages`` after the template."""
+    return await parse_body(request, TokenizeRequest, ctx, lambda body: _tokenize(body, ctx))
+
+
+def _tokenize(body: TokenizeRequest, ctx: ServerContext) -> dict[str, Any]:
     check_values(body)
     check_model(ctx, body.model)
     if body.prompt is not None and body.text is not None:
@@ -248,14 +279,18 @@ async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_conte
     if body.messages is not None:
         ids = chat_prompt_ids(ctx, message_dicts(body.messages), body.add_generation_prompt)
     else:
-        ids = ctx.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        ids = encode_prompt(ctx, text, "prompt", add_special_tokens=body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.context_length}
 
 
-@router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, ctx: ServerContext = Depends(get_context)
+@router.post("/detokenize", openapi_extra=body_doc(DetokenizeRequest))
+async def detokenize(request: Request, ctx: ServerContext = Depends(get_context)
                      ) -> dict[str, Any]:
     """Text of a list of token ids."""
+    return await parse_body(request, DetokenizeRequest, ctx, lambda body: _detokenize(body, ctx))
+
+
+def _detokenize(body: DetokenizeRequest, ctx: ServerContext) -> dict[str, Any]:
     check_values(body)
     check_model(ctx, body.model)
     vocab = len(ctx.tokenizer)
@@ -266,47 +301,20 @@ async def detokenize(body: DetokenizeRequest, ctx: ServerContext = Depends(get_c
     return {"text": text}
 
 
-@router.post("/abort")
-async def abort(body: AbortRequest, ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
-    """Abort one request (by the ``rid`` the client gave or got back) or every request."""
+@router.post("/abort", openapi_extra=body_doc(AbortRequest))
+async def abort(request: Request, ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
+    """Abort one request, by the exact ``rid`` the client gave (every job of that request) or
+    got back (one job), or every request. Ids are never matched by prefix.
+
+    ``success`` is false when no running request has that id (it finished, or never existed).
+    """
+    body = await parse_body(request, AbortRequest, ctx)
     check_values(body)
     if body.abort_all:
         rids = ctx.inflight.rids()
     elif body.rid:
-        rids = ctx.inflight.rids(body.rid) or [body.rid]
+        rids = ctx.inflight.rids(body.rid)
     else:
         raise APIError(400, "give 'rid' or 'abort_all': true", "rid")
     ctx.runner.abort(rids)
-    return {"success": True, "rids": rids}
-
-
-# ---- shared with the OpenAI routes ------------------------------------------------------------
-
-
-def check_model(ctx: ServerContext, model: str | None) -> None:
-    """400 unless ``model`` is omitted or names the served model."""
-    if model is not None and model not in (ctx.served_model_name, ctx.engine.model_name):
-        raise APIError(400, f"the model {model!r} does not exist; this server serves "
-                            f"{ctx.served_model_name!r}", "model", "model_not_found")
-
-
-def chat_prompt_ids(ctx: ServerContext, messages: list[dict[str, Any]],
-                    add_generation_prompt: bool = True, continue_final: bool = False
-                    ) -> list[int]:
-    """Apply the tokenizer's chat template and return token ids (BOS as the template puts it).
-
-    Raises:
-        APIError: the tokenizer has no chat template, or the template rejects the messages.
-    """
-    tokenizer = ctx.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
-                       "messages")
-    try:
-        out = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt and not continue_final,
-            continue_final_message=continue_final, tokenize=True, return_dict=True)
-    except Exception as exc:  # jinja raise_exception, TemplateError, bad roles...
-        raise APIError(400, f"the chat template rejected the messages: {exc}",
-                       "messages") from None
-    return list(out["input_ids"])
+    return {"success": bool(rids) or body.abort_all, "rids": rids}

@@ -7,6 +7,7 @@ job index is the choice index), runs them, and shapes the engine results the way
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,16 +17,24 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from radixlm.engine.errors import RequestError
-from radixlm.server.app import SSE_DONE, ServerContext, get_context, sse
-from radixlm.server.errors import APIError
-from radixlm.server.native_api import (
+from radixlm.server.common import (
+    SSE_DONE,
+    ServerContext,
+    body_doc,
     chat_prompt_ids,
     check_model,
     check_token_ids,
+    encode_prompt,
     fan_out,
+    get_context,
+    parse_body,
+    sse,
     stream_error,
 )
+from radixlm.server.errors import APIError
+from radixlm.server.preflight import check_prompt_length, check_sequences
 from radixlm.server.protocol import (
+    MAX_N,
     ChatCompletionRequest,
     CompletionRequest,
     check_values,
@@ -45,7 +54,7 @@ router = APIRouter()
 
 def model_card(ctx: ServerContext) -> dict[str, Any]:
     return {"id": ctx.served_model_name, "object": "model", "created": int(ctx.started_at),
-            "owned_by": "radixlm", "root": ctx.engine.config.model.model,
+            "owned_by": "radixlm", "root": ctx.public_path(ctx.engine.config.model.model),
             "max_model_len": ctx.engine.context_length}
 
 
@@ -92,7 +101,7 @@ def _build_jobs(group: str, prompt_ids: list[list[int]], params: list[dict[str, 
     jobs = []
     for index, (ids, sample_params) in enumerate(zip(prompt_ids, params)):
         prompt_group = group if len(prompt_ids) == 1 else f"{group}-p{index}"
-        for rid, one in fan_out(prompt_group, {**sample_params, "n": n}):
+        for rid, one in fan_out(prompt_group, {**sample_params, "n": n}, MAX_N):
             jobs.append(Job(rid, group, {"input_ids": ids, "sampling_params": one, **logprob}))
     return jobs
 
@@ -117,6 +126,10 @@ def _check_common(body: CompletionRequest | ChatCompletionRequest, ctx: ServerCo
     check_model(ctx, body.model)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported (only best_of == n)", "best_of")
+
+
+def _check_rid_free(body: CompletionRequest | ChatCompletionRequest, ctx: ServerContext) -> None:
+    """On the loop: the in-flight table is only read where it changes."""
     if body.rid is not None and ctx.inflight.rids(body.rid):
         raise APIError(400, f"request id {body.rid!r} is already in use", "rid")
 
@@ -134,12 +147,16 @@ async def _run(ctx: ServerContext, plan: Plan, request: Request,
 # ---- /v1/completions --------------------------------------------------------------------------
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request,
-                      ctx: ServerContext = Depends(get_context)) -> Any:
+@router.post("/v1/completions", openapi_extra=body_doc(CompletionRequest))
+async def completions(request: Request, ctx: ServerContext = Depends(get_context)) -> Any:
     """OpenAI text completions (batch prompts, n, echo, logprobs, streaming)."""
-    _check_common(body, ctx)
-    plan = completion_plan(body, ctx)
+
+    def prepare(body: CompletionRequest) -> tuple[CompletionRequest, Plan]:
+        _check_common(body, ctx)
+        return body, completion_plan(body, ctx)
+
+    body, plan = await parse_body(request, CompletionRequest, ctx, prepare)
+    _check_rid_free(body, ctx)
     outcome = await _run(ctx, plan, request, body)
     if body.stream:
         return _event_stream(_completion_events, ctx, plan, body, outcome)
@@ -153,8 +170,8 @@ def _event_stream(make_events, ctx: ServerContext, plan, body, outcome) -> Strea
 
 
 def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
-    """Tokenize the prompt(s) and build one job per choice."""
-    prompt_ids, texts = _completion_prompts(body.prompt, ctx.tokenizer, ctx.engine.vocab_size)
+    """Tokenize the prompt(s) and build one job per choice (blocking: run it off the loop)."""
+    prompt_ids, texts = _completion_prompts(body.prompt, ctx, body.n)
     max_tokens = completion_max_tokens(body)
     vocab = ctx.engine.vocab_size
     params = [sampling_params(body, max_tokens if max_tokens is not None
@@ -167,7 +184,7 @@ def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
                 texts, body.n)
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int
+def _completion_prompts(prompt: Any, ctx: ServerContext, n: int
                         ) -> tuple[list[list[int]], list[str]]:
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -175,15 +192,19 @@ def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt")
+    check_sequences(ctx.bounds, len(prompt), n, "n" if n > 1 else "prompt")
+    tokenizer, vocab_size = ctx.tokenizer, ctx.engine.vocab_size
     ids, texts = [], []
     for item in prompt:
         if isinstance(item, str):
-            ids.append(tokenizer.encode(item))
+            ids.append(encode_prompt(ctx, item, "prompt"))
             texts.append(item)
         else:
+            check_prompt_length(ctx.bounds, len(item), "prompt")
             check_token_ids(item, vocab_size, "prompt")
             ids.append(list(item))
             texts.append(tokenizer.decode(item))
+        check_prompt_length(ctx.bounds, len(ids[-1]), "prompt")
     if any(not i for i in ids):
         raise APIError(400, "prompt must not be empty", "prompt")
     return ids, texts
@@ -236,12 +257,29 @@ def completion_logprobs(meta: dict[str, Any], echo: bool, prompt_chars: int,
 
 def _append_logprobs(out: dict[str, Any], entries: list, tops: list, position: int) -> None:
     for i, (logprob, _token_id, text) in enumerate(entries):
-        out["tokens"].append(text)
-        out["token_logprobs"].append(logprob)
-        top = tops[i] if i < len(tops) else None
-        out["top_logprobs"].append({t: lp for lp, _, t in top} if top else None)
-        out["text_offset"].append(position)
+        if _has_logprob(logprob):  # see has_logprob: the rest are left out, offsets kept
+            out["tokens"].append(text)
+            out["token_logprobs"].append(logprob)
+            top = _finite_top(tops[i] if i < len(tops) else None)
+            out["top_logprobs"].append({t: lp for lp, _, t in top} if top else None)
+            out["text_offset"].append(position)
         position += len(text)
+
+
+def _has_logprob(logprob: float | None) -> bool:
+    """Whether a token has a logprob of the model to report.
+
+    Tokens a grammar forced (jump-forward) were never sampled, and the first prompt token has
+    no context: both carry None, and OpenAI's schema has no place for that (a number or
+    nothing), so they are left out of ``logprobs`` -- consistently, in every format; the text
+    still contains them.
+    """
+    return logprob is not None and math.isfinite(logprob)
+
+
+def _finite_top(top: list | None) -> list:
+    """Top alternatives without the tokens a grammar masked (their logprob is -inf)."""
+    return [entry for entry in top or () if _has_logprob(entry[0])]
 
 
 def finish_reason(meta: dict[str, Any]) -> str | None:
@@ -334,12 +372,16 @@ class _StreamTracker:
 # ---- /v1/chat/completions ---------------------------------------------------------------------
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           ctx: ServerContext = Depends(get_context)) -> Any:
+@router.post("/v1/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
+async def chat_completions(request: Request, ctx: ServerContext = Depends(get_context)) -> Any:
     """OpenAI chat completions (chat template, n, logprobs, response_format, streaming)."""
-    _check_common(body, ctx)
-    plan = chat_plan(body, ctx)
+
+    def prepare(body: ChatCompletionRequest) -> tuple[ChatCompletionRequest, Plan]:
+        _check_common(body, ctx)
+        return body, chat_plan(body, ctx)
+
+    body, plan = await parse_body(request, ChatCompletionRequest, ctx, prepare)
+    _check_rid_free(body, ctx)
     outcome = await _run(ctx, plan, request, body)
     if body.stream:
         return _event_stream(_chat_events, ctx, plan, body, outcome)
@@ -347,11 +389,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
 
 def chat_plan(body: ChatCompletionRequest, ctx: ServerContext) -> Plan:
-    """Apply the chat template and build one job per choice."""
+    """Apply the chat template and build one job per choice (blocking: run it off the loop)."""
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    check_sequences(ctx.bounds, 1, body.n, "n")
     ids = chat_prompt_ids(ctx, message_dicts(body.messages), body.add_generation_prompt,
                           body.continue_final_message)
+    check_prompt_length(ctx.bounds, len(ids), "messages")
     max_tokens = completion_max_tokens(body)
     budget = max_tokens if max_tokens is not None else _default_budget(ctx, len(ids))
     params = sampling_params(body, budget, ctx.engine.vocab_size)
@@ -389,7 +433,9 @@ def chat_logprobs(meta: dict[str, Any], start: int = 0) -> dict[str, Any]:
     tops = list(meta.get("output_top_logprobs", []))[start:]
     content = []
     for i, (logprob, _token_id, text) in enumerate(entries):
-        top = tops[i] if i < len(tops) and tops[i] else []
+        if not _has_logprob(logprob):
+            continue
+        top = _finite_top(tops[i] if i < len(tops) else None)
         content.append({**_token_entry(logprob, text),
                         "top_logprobs": [_token_entry(lp, t) for lp, _, t in top]})
     return {"content": content, "refusal": None}

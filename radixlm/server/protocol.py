@@ -3,6 +3,11 @@
 The pydantic models accept what the official ``openai`` client and SGLang's native API send;
 the functions below turn them into plain ``SamplingParams`` dicts. Everything here is pure, so it
 is tested without a server.
+
+Every model is strict: a JSON string is not a number or a boolean (``"max_tokens": "4"``,
+``"stream": "yes"``), a boolean is not a number (``"logprobs": true`` on completions,
+``input_ids: [true]``), and a number is not a boolean (``"logprobs": 1`` on chat): each is a 400
+naming the field, never a silent conversion.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ OPENAI_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tok
 class _Lenient(BaseModel):
     """Unknown fields are kept (then checked against UNSUPPORTED_OPENAI_FIELDS)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     def reject_unsupported(self) -> None:
         """Raise a 400 naming the first OpenAI field radixlm does not implement."""
@@ -53,11 +58,13 @@ class _Lenient(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, strict=True)
 
     name: str | None = None
     description: str | None = None
@@ -66,6 +73,8 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text", "json_object", "json_schema", "regex"]
     json_schema: JsonSchemaFormat | None = None
     regex: str | None = None
@@ -111,14 +120,14 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: str | list[ContentPart] | None = None
@@ -140,7 +149,7 @@ class ChatCompletionRequest(_SamplingFields):
 class GenerateRequest(BaseModel):
     """POST /generate (SGLang's native shape)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -179,7 +188,7 @@ def native_sampling_params(values: Any, vocab_size: int) -> dict[str, Any]:
 class TokenizeRequest(BaseModel):
     """POST /tokenize: exactly one of prompt (alias text) or messages."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -190,7 +199,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     tokens: list[int]
@@ -198,7 +207,7 @@ class DetokenizeRequest(BaseModel):
 
 
 class AbortRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     rid: str | None = None
     abort_all: bool = False
@@ -218,6 +227,8 @@ def check_values(body: BaseModel) -> None:
         value, path = stack.pop()
         if isinstance(value, str):
             _check_text(value, path)
+            if path is not None and path.rsplit(".", 1)[-1] == "json_schema":
+                _check_schema_text(value, path)
         elif isinstance(value, float) and not math.isfinite(value):
             raise APIError(400, f"{path}: {value} is not a number JSON allows (NaN and Infinity "
                                 "are extensions)", path)
@@ -227,6 +238,20 @@ def check_values(body: BaseModel) -> None:
                 stack.append((item, f"{path}.{key}" if path else str(key)))
         elif isinstance(value, (list, tuple)):
             stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows (NaN and Infinity are extensions)")
+
+
+def _check_schema_text(text: str, param: str) -> None:
+    """A JSON schema given as a string must be strict JSON (Python's parser takes NaN)."""
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise APIError(400, f"{param}: the JSON schema is nested too deeply", param) from None
+    except ValueError as exc:
+        raise APIError(400, f"{param}: not a valid JSON schema string: {exc}", param) from None
 
 
 def _check_text(text: str, param: str | None) -> None:

@@ -2,7 +2,9 @@
 
 Every HTTP request becomes one or more engine requests ("jobs"), each a single prompt with
 ``n == 1`` and its own request id, so that any of them can be aborted on its own: when the client
-disconnects, when a sibling is rejected, or when the server drains.
+disconnects, when a sibling is rejected, when its deadline passes, or when the server drains.
+A request's jobs are listed by the request itself (``Job.group``); ids are matched exactly,
+never by prefix.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ class Job:
         rid: engine request id (unique).
         group: the id the client knows (``/abort`` with it aborts every job of the request).
         args: keyword arguments for ``engine.async_generate`` besides ``rid`` and ``stream``.
+        timer: the request's deadline (``--request-timeout``), cancelled when it finishes.
     """
 
     rid: str
     group: str
     args: dict[str, Any] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False, compare=False)
 
 
 class Inflight:
@@ -74,10 +78,27 @@ class Inflight:
             del self._jobs[job.rid]
 
     def rids(self, group: str | None = None) -> list[str]:
-        """Running engine ids, all of them or those of one client id (or the engine id)."""
+        """Running engine ids: all of them, or those of the request the client knows as
+        ``group``, or the one job whose engine id is exactly ``group``."""
         if group is None:
             return list(self._jobs)
         return [rid for rid, job in self._jobs.items() if group in (job.group, rid)]
+
+    def admit(self, jobs: list[Job]) -> None:
+        """Claim every job's rid, or none of them.
+
+        Raises:
+            APIError: 400, a rid is held by another running job.
+        """
+        claimed: list[Job] = []
+        try:
+            for job in jobs:
+                self.claim(job)
+                claimed.append(job)
+        except APIError:
+            for job in claimed:
+                self.discard(job)
+            raise
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -90,24 +111,55 @@ class Runner:
         engine: a radixlm Engine (its async API is used; nothing here blocks the event loop).
         metrics: where finished requests are recorded.
         inflight: the server's table of running requests.
+        capacity: most engine requests in flight (running + queued); beyond it a request is
+            answered 429.
+        retry_after: seconds a refused client is told to wait (``Retry-After``).
+        request_timeout: seconds a request may run before its jobs are aborted (None: never).
     """
 
-    def __init__(self, engine: Any, metrics: ServerMetrics, inflight: Inflight):
+    def __init__(self, engine: Any, metrics: ServerMetrics, inflight: Inflight,
+                 capacity: int | None = None, retry_after: int = 1,
+                 request_timeout: float | None = None):
         self.engine = engine
         self.metrics = metrics
         self.inflight = inflight
+        self.capacity = capacity
+        self.retry_after = retry_after
+        self.request_timeout = request_timeout
 
-    def abort_held(self, jobs: list[Job]) -> None:
+    def admit(self, jobs: list[Job]) -> None:
+        """Take the jobs' rids if the queue has room for all of them.
+
+        Raises:
+            APIError: 429 (with ``Retry-After``) when the queue is full; 400 for a rid in use.
+        """
+        if self.capacity is not None and len(self.inflight) + len(jobs) > self.capacity:
+            raise APIError(429, f"the server is busy: {len(self.inflight)} requests in flight, "
+                                f"room for {self.capacity}; retry later", code="queue_full",
+                           headers={"Retry-After": str(self.retry_after)})
+        self.inflight.admit(jobs)
+
+    def abort_held(self, jobs: list[Job], message: str = "aborted by the client") -> None:
         """Abort the jobs that hold their rid (a job that lost its rid to another is not ours)."""
-        self.abort([job.rid for job in jobs if self.inflight.holds(job)])
+        self.abort([job.rid for job in jobs if self.inflight.holds(job)], message)
 
-    def abort(self, rids: list[str]) -> None:
+    def abort(self, rids: list[str], message: str = "aborted by the client") -> None:
         """Abort engine requests (finished or unknown ids are ignored by the engine)."""
         for rid in rids:
             try:
-                self.engine.abort(rid)
+                self.engine.abort(rid, message)
             except Exception:  # an abort must never take the server down with it
                 logger.exception("abort of %s failed", rid)
+
+    def _deadline(self, jobs: list[Job]) -> asyncio.TimerHandle | None:
+        """Arm ``request_timeout``: when it passes, the jobs still running are aborted (their
+        results come back with finish_reason ``abort`` and what they generated so far)."""
+        if self.request_timeout is None:
+            return None
+        message = f"aborted: the request ran past the server's {self.request_timeout:g} s " \
+                  "limit (--request-timeout)"
+        return asyncio.get_running_loop().call_later(self.request_timeout, self.abort_held,
+                                                     jobs, message)
 
     # ---- whole results --------------------------------------------------------------------
 
@@ -124,8 +176,10 @@ class Runner:
         Returns:
             One engine result dict per job.
         """
+        self.admit(jobs)
         tasks = [asyncio.create_task(self._run_one(job)) for job in jobs]
         watcher = asyncio.create_task(_wait_disconnect(request))
+        deadline = self._deadline(jobs)
         try:
             await self._wait_all(tasks, watcher, jobs)
         except asyncio.CancelledError:  # the server gave up on this request (drain timeout)
@@ -135,6 +189,10 @@ class Runner:
             raise
         finally:
             watcher.cancel()
+            if deadline is not None:
+                deadline.cancel()
+            for job in jobs:
+                self.inflight.discard(job)
         return [task.result() for task in tasks]
 
     async def _wait_all(self, tasks: list[asyncio.Task], watcher: asyncio.Task,
@@ -161,7 +219,6 @@ class Runner:
                 task.cancel()
 
     async def _run_one(self, job: Job) -> dict[str, Any]:
-        self.inflight.claim(job)
         try:
             result = await self.engine.async_generate(**job.args, rid=job.rid)
         finally:
@@ -185,29 +242,34 @@ class Runner:
             Exception: the first rejection (RequestError, QueueFullError...), after aborting
                 the jobs already submitted; APIError 499 when the client disconnects first.
         """
+        self.admit(jobs)
         streams = await self._submit_streams(jobs)
         firsts = [asyncio.create_task(_first(stream)) for stream in streams]
         watcher = asyncio.create_task(_wait_disconnect(request))
+        timer = self._deadline(jobs)
         try:
             await self._wait_all(firsts, watcher, jobs)
         except BaseException:
+            if timer is not None:
+                timer.cancel()
             for job in jobs:
                 self.inflight.discard(job)
             raise
         finally:
             watcher.cancel()
+        for job in jobs:
+            job.timer = timer
         return [_prepend(task.result(), stream) for task, stream in zip(firsts, streams)]
 
     async def _submit_streams(self, jobs: list[Job]) -> list[AsyncIterator[dict[str, Any]]]:
         streams: list[AsyncIterator[dict[str, Any]]] = []
         for index, job in enumerate(jobs):
             try:
-                self.inflight.claim(job)
                 streams.append(await self.engine.async_generate(**job.args, rid=job.rid,
                                                                 stream=True))
             except BaseException:
                 self.abort_held(jobs[:index])
-                for j in jobs[: index + 1]:
+                for j in jobs:
                     self.inflight.discard(j)
                 raise
         return streams
@@ -238,6 +300,8 @@ class Runner:
 
     def _close_streams(self, jobs: list[Job], unfinished: set[int],
                        pumps: list[asyncio.Task]) -> None:
+        if jobs and jobs[0].timer is not None:
+            jobs[0].timer.cancel()
         self.abort_held([jobs[i] for i in unfinished])
         for i in unfinished:
             self.inflight.discard(jobs[i])

@@ -29,9 +29,9 @@ def free_port() -> int:
 class ServerProcess:
     """A running ``radixlm serve`` subprocess; its output is collected in ``lines``."""
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], scheme: str = "http"):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "radixlm", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -53,7 +53,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output}")
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=5, verify=False).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -76,19 +76,33 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def launch_server(tmp_path_factory):
-    """``launch_server(args) -> ServerProcess`` (healthy); every server is stopped at the end."""
-    started: list[ServerProcess] = []
-    cache = tmp_path_factory.mktemp("radixlm-cache")
+def radixlm_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("radixlm-cache")
 
-    def launch(args: list[str]) -> ServerProcess:
+
+@pytest.fixture(scope="session")
+def demo_model_dir(radixlm_cache) -> Path:
+    """The demo model (random weights), for servers that need a fast model named explicitly."""
+    return ensure_demo_model(radixlm_cache)
+
+
+@pytest.fixture(scope="session")
+def launch_server(radixlm_cache):
+    """``launch_server(args) -> ServerProcess`` (healthy); every server is stopped at the end.
+
+    ``launch_server(args, scheme="https")`` for a server started with a certificate.
+    """
+    started: list[ServerProcess] = []
+    cache = radixlm_cache
+
+    def launch(args: list[str], scheme: str = "http") -> ServerProcess:
         # the build itself is covered by tests/model/test_demo.py; doing it here, where
         # transformers is already imported, keeps server start-up short
         demo_dir = ensure_demo_model(cache)
         if "--model" not in args:  # these tests serve the demo model, not the default SmolLM2
             args = ["--model", str(demo_dir), *args]
         env = {**os.environ, "RADIXLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-        server = ServerProcess(args, env)
+        server = ServerProcess(args, env, scheme)
         started.append(server)
         server.wait_ready()
         return server

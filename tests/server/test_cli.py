@@ -106,3 +106,32 @@ def test_unknown_bench_is_a_clear_error(bench_package, capsys):
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "serve" in capsys.readouterr().out
+
+
+def test_server_limits_have_documented_defaults_and_flags():
+    limits = cli.server_limits(_parse(), EngineConfig())
+    assert limits.max_request_bytes == 4 * 1024 * 1024
+    assert limits.max_sequences_per_request == 256
+    assert limits.max_queued_requests == 1024  # no --max-queued-requests: the server's default
+    assert limits.request_timeout is None and limits.header_timeout == 5.0
+    args = _parse("--max-request-bytes", "1000", "--max-sequences-per-request", "8",
+                  "--request-timeout", "2.5", "--header-timeout", "1", "--max-queued-requests",
+                  "3", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem", "--allowed-origins",
+                  "http://a.example", "http://b.example", "--disable-docs")
+    limits = cli.server_limits(args, EngineConfig.from_kwargs(**cli.engine_kwargs(args)))
+    assert (limits.max_request_bytes, limits.max_sequences_per_request,
+            limits.max_queued_requests, limits.request_timeout, limits.header_timeout) == (
+        1000, 8, 3, 2.5, 1.0)
+    assert (args.ssl_keyfile, args.ssl_certfile) == ("k.pem", "c.pem")
+    assert args.allowed_origins == ["http://a.example", "http://b.example"]
+    assert args.disable_docs and not _parse().disable_docs
+
+
+def test_server_limits_refuse_nonsense():
+    from radixlm.server.common import ServerLimits
+
+    for bad in ({"max_request_bytes": 0}, {"max_sequences_per_request": 0},
+                {"request_timeout": 0.0}, {"header_timeout": -1.0},
+                {"max_queued_requests": -1}):
+        with pytest.raises(ValueError):
+            ServerLimits(**bad)

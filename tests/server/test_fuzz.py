@@ -38,9 +38,10 @@ FUZZ_CHEAP = settings(FUZZ, max_examples=EXAMPLES * 4 // 3)
 
 
 @pytest.fixture(scope="module")
-def server(launch_server):
+def server(launch_server, demo_model_dir):
     # no --max-queued-requests: a 503 queue_full cannot happen, so every 5xx is a bug
-    return launch_server(["--kv-cache-tokens", "4096", "--max-running-requests", "8"])
+    return launch_server(["--model", str(demo_model_dir), "--kv-cache-tokens", "4096",
+                          "--max-running-requests", "8"])
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from radixlm.server.app import dumps
+from radixlm.server.common import dumps
 from radixlm.server.openai_api import (
     Plan,
     _chat_deltas,
@@ -46,10 +46,35 @@ def test_legacy_logprobs_without_echo_start_after_the_prompt():
 
 def test_legacy_logprobs_with_echo_include_the_prompt():
     out = completion_logprobs(LOGPROB_META, echo=True, prompt_chars=5)
-    assert out["tokens"] == ["<s>", "Hi", " the", "ré"]
-    assert out["token_logprobs"] == [None, -1.5, -0.5, -0.25]
-    assert out["top_logprobs"][0] is None and out["top_logprobs"][1] == {"Hi": -1.5, "Yo": -2.0}
-    assert out["text_offset"] == [0, 3, 5, 9]  # prompt from 0, output after the prompt text
+    # the first prompt token has no logprob (no context): left out, its offset kept
+    assert out["tokens"] == ["Hi", " the", "ré"]
+    assert out["token_logprobs"] == [-1.5, -0.5, -0.25]
+    assert out["top_logprobs"][0] == {"Hi": -1.5, "Yo": -2.0}
+    assert out["text_offset"] == [3, 5, 9]  # prompt from 0, output after the prompt text
+
+
+# A constrained output: token 41 was sampled, 42 and 43 were forced by the grammar
+# (jump-forward: no logprob), and the grammar masked "x" (-inf) out of the alternatives.
+FORCED_META = _meta(
+    output_token_logprobs=[(-0.5, 41, '{"'), (None, 42, "a"), (None, 43, '":'), (-0.1, 44, "1")],
+    output_top_logprobs=[[(-0.5, 41, '{"'), (float("-inf"), 45, "x")], [], [],
+                         [(-0.1, 44, "1"), (-2.5, 46, "2"), (float("-inf"), 45, "x")]],
+)
+
+
+def test_forced_and_masked_tokens_leave_no_null_in_legacy_logprobs():
+    out = completion_logprobs(FORCED_META, echo=False, prompt_chars=0)
+    assert out == {"tokens": ['{"', "1"], "token_logprobs": [-0.5, -0.1],
+                   "top_logprobs": [{'{"': -0.5}, {"1": -0.1, "2": -2.5}],
+                   "text_offset": [0, 5]}  # "1" starts after '{"a":' (5 characters)
+    assert "null" not in json.dumps(out) and "Infinity" not in json.dumps(out)
+
+
+def test_forced_and_masked_tokens_leave_no_null_in_chat_logprobs():
+    content = chat_logprobs(FORCED_META)["content"]
+    assert [(e["token"], e["logprob"]) for e in content] == [('{"', -0.5), ("1", -0.1)]
+    assert [[t["token"] for t in e["top_logprobs"]] for e in content] == [['{"'], ["1", "2"]]
+    assert chat_logprobs(FORCED_META, start=1)["content"] == content[1:]
 
 
 def test_chat_logprobs_have_bytes_and_alternatives():

@@ -151,7 +151,8 @@ def test_engine_errors_map_to_statuses():
     err = from_exception(RequestError("bad value", "temperature"))
     assert (err.status, err.param, err.message) == (400, "temperature", "bad value")
     err = from_exception(QueueFullError("the server is busy"))
-    assert (err.status, err.code) == (503, "queue_full") and "busy" in err.message
+    assert (err.status, err.code) == (429, "queue_full") and "busy" in err.message
+    assert int(err.headers["Retry-After"]) >= 1
     assert from_exception(EngineDeadError("core exited")).status == 503
     with pytest.raises(KeyError):  # anything else is a bug, re-raised for the 500 handler
         from_exception(KeyError("x"))
