@@ -177,7 +177,8 @@ def select(
 
 
 def separate_reasoning(expr: Any = None, model_type: str | None = None) -> ir.Expr:
-    """``expr`` (a named gen or select), then split the reasoning out of its variable.
+    """``expr`` (a named gen or select, or an expression holding some), then split the
+    reasoning out of each such variable.
 
     After it runs, the variable holds the answer only and ``<name>_reasoning_content`` the
     reasoning (the text inside the model's thinking tags). The state's text is not changed.
@@ -192,11 +193,16 @@ def separate_reasoning(expr: Any = None, model_type: str | None = None) -> ir.Ex
     """
     if expr is None:
         raise ValueError("separate_reasoning needs the gen (or select) whose output it splits")
-    leaf = to_expr(expr)
-    if not isinstance(leaf, (ir.Gen, ir.Select)) or leaf.name is None:
-        raise TypeError("separate_reasoning wraps a named gen or select")
+    expr = to_expr(expr)
+    names = [
+        leaf.name
+        for leaf in expr.flatten()
+        if isinstance(leaf, (ir.Gen, ir.Select)) and leaf.name is not None
+    ]
+    if not names:
+        raise TypeError("separate_reasoning wraps an expression with a named gen or select")
     reasoning_format(model_type)  # an unknown model type fails here
-    return ir.Concat((leaf, ir.SeparateReasoning(leaf.name, model_type)))
+    return ir.Concat((expr, *(ir.SeparateReasoning(name, model_type) for name in names)))
 
 
 def image(expr: Any) -> ir.Expr:

@@ -448,6 +448,18 @@ def test_separate_reasoning_sets_the_answer_and_the_reasoning_variable(make_scri
     assert state.text() == "Q?<think>easy</think> yes"
     with pytest.raises(ValueError, match="unknown reasoning model_type"):
         sgl.separate_reasoning(sgl.gen("a"), model_type="gpt-9")
+    with pytest.raises(TypeError, match="named gen or select"):
+        sgl.separate_reasoning("text only")
+
+    @sgl.function
+    def in_a_role(s):
+        s += sgl.user("Q?")
+        s += sgl.assistant(sgl.separate_reasoning("Sure. " + sgl.gen("b"), model_type="qwen3"))
+
+    # the gen's own output is split; the message keeps the whole text
+    inner = in_a_role.run(backend=backend)
+    assert inner["b"] == "yes" and inner["b_reasoning_content"] == "easy"
+    assert inner.messages()[-1]["content"] == "Sure. <think>easy</think> yes"
     graph = program.trace()  # the tracer follows it too
     assert graph.error is None
     assert [n.kind for n in graph.nodes] == ["text", "gen", "set_var"]
