@@ -55,6 +55,12 @@ class ModelConfig:
     cascade_min_shared: int = _opt(
         256, "Fewest shared prefix tokens for sequences to form a cascade-attention group."
     )
+    load_format: str = _opt(
+        "auto",
+        "auto reads the weights; dummy fills them with random values (only config.json and the "
+        "tokenizer are read): for benchmarking shapes whose weights are not at hand.",
+        ("auto", "dummy"),
+    )
     quantization: str = _opt(
         "auto",
         "Weight quantization: fp8 runs the decoder's linear layers as FP8 GEMMs (an FP8 "
@@ -63,7 +69,6 @@ class ModelConfig:
         "declares (fp8 for an FP8 checkpoint, none otherwise).",
         ("auto", "none", "fp8"),
     )
-
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,6 @@ class CacheConfig:
         "the checkpoint, 1.0 when it has none); auto = the model dtype.",
         ("auto", "fp8_e4m3"),
     )
-
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,6 @@ class ParallelConfig:
     )
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything the engine needs, grouped by the component that reads it."""
-
 # Extend-batch budget when neither it nor a prefill chunk is configured.
 DEFAULT_MAX_PREFILL_TOKENS = 16384
 
@@ -166,6 +166,10 @@ def prefill_budget(config: SchedulerConfig) -> int:
     ``DEFAULT_MAX_PREFILL_TOKENS``."""
     return config.max_prefill_tokens or config.chunked_prefill_size or DEFAULT_MAX_PREFILL_TOKENS
 
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, grouped by the component that reads it."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +293,8 @@ def default_model_cache() -> Path:
 
 
 def random_model_dir(preset: str, cache_dir: Path | None = None, seed: int = 0,
-                     device: torch.device | str = "cpu", dtype: str = "bfloat16") -> Path:
+                     device: torch.device | str = "cpu", dtype: str = "bfloat16",
+                     weights: bool = True) -> Path:
     """A Hugging Face directory with random weights of ``preset``, built on first use.
 
     Args:
@@ -302,18 +303,19 @@ def random_model_dir(preset: str, cache_dir: Path | None = None, seed: int = 0,
         seed: weight seed.
         device: where to draw the random numbers (a GPU is much faster for 8B).
         dtype: dtype of the saved weights.
+        weights: False writes config and tokenizer only (for ``load_format="dummy"``).
 
     Returns:
         The directory (config.json, tokenizer files, model-*.safetensors).
     """
     root = Path(cache_dir) if cache_dir is not None else default_model_cache()
-    target = root / f"{preset}-seed{seed}-{dtype}"
+    target = root / f"{preset}-seed{seed}-{dtype}{'' if weights else '-noweights'}"
     if (target / "done.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        write_random_model(staging, preset, seed, torch.device(device), dtype)
+        write_random_model(staging, preset, seed, torch.device(device), dtype, weights=weights)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staging, target)
     finally:
@@ -322,7 +324,7 @@ def random_model_dir(preset: str, cache_dir: Path | None = None, seed: int = 0,
 
 
 def write_random_model(path: Path, preset: str, seed: int, device: torch.device,
-                       dtype: str) -> None:
+                       dtype: str, weights: bool = True) -> None:
     """Write config.json, a synthetic tokenizer and random safetensors shards into ``path``."""
     from radixlm.model.random_model import config_dict
 
@@ -332,7 +334,8 @@ def write_random_model(path: Path, preset: str, seed: int, device: torch.device,
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_synthetic_tokenizer(path, config["vocab_size"], config.get("bos_token_id"),
                               config.get("eos_token_id"))
-    _write_random_weights(path, config, seed, device, getattr(torch, dtype))
+    if weights:
+        _write_random_weights(path, config, seed, device, getattr(torch, dtype))
     (path / "done.json").write_text(json.dumps({"format": RANDOM_MODEL_FORMAT, "seed": seed}))
 
 
@@ -439,6 +442,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weight quantization (fp8: FP8 projections; auto: the checkpoint's)")
     group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
                        help="KV cache storage dtype (auto: the model dtype)")
+    group.add_argument("--tp-size", type=int, default=1,
+                       help="tensor-parallel size (the roofline then counts that many devices)")
+    group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="dummy: random weights made on the devices; a --random-model "
+                            "directory then holds no weights (shapes too large for the disk)")
     roof = parser.add_argument_group("roofline")
     roof.add_argument("--hbm-gbps", type=float, default=None,
                       help="HBM bandwidth (GB/s, read + write); measured when absent")
@@ -471,8 +479,11 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
     arch = ModelArch.from_dir(model_dir)
     dtype = resolve_dtype(args.dtype, device, arch.torch_dtype)
     fp8 = resolve_quantization(args.quantization, model_dir) == "fp8"
-    return BenchSetup(device, model_dir, arch, dtype,
-                      measure_ceilings(device, args.hbm_gbps, args.tflops),
+    ceil = measure_ceilings(device, args.hbm_gbps, args.tflops)
+    if args.tp_size > 1:  # N devices: N times the bandwidth and FLOPs (all-reduces not counted)
+        ceil = replace(ceil, hbm_gbps=ceil.hbm_gbps * args.tp_size,
+                       matmul_tflops=ceil.matmul_tflops * args.tp_size)
+    return BenchSetup(device, model_dir, arch, dtype, ceil,
                       weight_dtype=FP8_DTYPE if fp8 else None,
                       kv_dtype=resolve_kv_dtype(args.kv_cache_dtype, dtype))
 
@@ -483,7 +494,8 @@ def resolve_model_dir(args: argparse.Namespace, device: torch.device) -> Path:
         return Path(args.model)
     if not args.random_model:
         raise SystemExit("give --model DIR or --random-model PRESET")
-    return random_model_dir(args.random_model, args.model_cache_dir, args.seed, device)
+    return random_model_dir(args.random_model, args.model_cache_dir, args.seed, device,
+                            weights=args.load_format != "dummy")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -495,6 +507,10 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["cuda_graph_max_batch_size"] = args.cuda_graph_max_batch_size
     if args.cascade_attention:
         opts["cascade_attention"] = True
+    if args.tp_size > 1:
+        opts["tp_size"] = args.tp_size
+    if args.load_format != "auto":
+        opts["load_format"] = args.load_format
     if args.quantization != "auto":
         opts["quantization"] = args.quantization
     if args.kv_cache_dtype != "auto":

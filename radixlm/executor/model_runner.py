@@ -67,7 +67,8 @@ class ModelRunner:
         self.device = resolve_device(model_config.device)
         self.tp = tp
         self.model = load_model(model_path, model_config.dtype, self.device, progress=progress,
-                                tp=tp, quantization=model_config.quantization)
+                                tp=tp, quantization=model_config.quantization,
+                                load_format=model_config.load_format)
         arch = self.model.arch
         self.dtype = self.model.lm_head.weight.dtype  # FP8 projections excepted, the model dtype
         self.kv_dtype = resolve_kv_dtype(cache_config.kv_cache_dtype, self.dtype)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -109,7 +110,7 @@ class _StepDone:
 
 @dataclass
 class _Captured:
-    pass
+    batch_sizes: list[int]  # the decode batch sizes captured (empty: no CUDA graphs)
 
 
 @dataclass
@@ -228,6 +229,7 @@ def _serve(rank: int, runner: ModelRunner, conn) -> None:
     """Run every broadcast command; rank 0 reads them from the core and answers fetches."""
     group = runner.tp.cpu_group
     steps: dict[int, Any] = {}  # step id -> its PendingStep, or the exception its launch raised
+    profiler = CollectiveProfiler.from_env(rank)
     while True:
         box: list[Any] = [None]
         if rank == 0:
@@ -244,6 +246,8 @@ def _serve(rank: int, runner: ModelRunner, conn) -> None:
         if isinstance(msg, _Stop):
             return
         if isinstance(msg, _Launch):
+            if profiler is not None:
+                profiler.before_launch(msg.batch)
             steps[msg.step] = _launch(runner, msg, steps)
             for old in [s for s in steps if s < msg.step - 2]:
                 del steps[old]
@@ -258,7 +262,97 @@ def _serve(rank: int, runner: ModelRunner, conn) -> None:
         elif isinstance(msg, _Capture):
             runner.capture_cuda_graphs(msg.max_batch_size)
             if rank == 0:
-                conn.send(_Captured())
+                conn.send(_Captured(list(runner.graphs.buckets) if runner.graphs else []))
+
+
+class CollectiveProfiler:
+    """Torch-profiles decode steps on a worker and reports the collectives' share of them.
+
+    Set ``RADIXLM_TP_PROFILE_STEPS=N`` (and optionally ``RADIXLM_TP_PROFILE_OUT=DIR``): for every
+    decode batch size, after ``warmup`` steps of it, the next N steps of that size are recorded;
+    the worker logs (and writes ``DIR/rank<R>.json``) the device time of NCCL kernels per step
+    next to all kernels' time per step and the wall time per step.
+
+    Args:
+        rank: this worker's rank.
+        steps: decode steps recorded per batch size.
+        out_dir: where to write the JSON summaries, or None.
+        warmup: decode steps of a batch size skipped before recording it.
+    """
+
+    ENV_STEPS = "RADIXLM_TP_PROFILE_STEPS"
+    ENV_OUT = "RADIXLM_TP_PROFILE_OUT"
+
+    def __init__(self, rank: int, steps: int, out_dir: str | None, warmup: int = 8):
+        self.rank, self.steps, self.out_dir, self.warmup = rank, steps, out_dir, warmup
+        self.seen: dict[int, int] = {}
+        self.results: dict[int, dict[str, float]] = {}
+        self._active: Any = None
+        self._size = 0
+        self._count = 0
+        self._started = 0.0
+
+    @classmethod
+    def from_env(cls, rank: int) -> CollectiveProfiler | None:
+        steps = int(os.environ.get(cls.ENV_STEPS, "0") or 0)
+        return cls(rank, steps, os.environ.get(cls.ENV_OUT)) if steps > 0 else None
+
+    def before_launch(self, batch: ScheduledBatch) -> None:
+        decode = batch.mode.value == "decode"
+        size = len(batch.seqs)
+        if self._active is not None and (not decode or size != self._size):
+            self._finish(record=self._count >= self.steps)
+        if not decode or size in self.results:
+            return
+        self.seen[size] = self.seen.get(size, 0) + 1
+        if self._active is None and self.seen[size] > self.warmup:
+            self._start(size)
+        elif self._active is not None:
+            self._count += 1
+            if self._count >= self.steps:
+                self._finish(record=True)
+
+    def _start(self, size: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        self._active = profile(activities=activities)
+        self._active.__enter__()
+        self._size, self._count, self._started = size, 0, time.perf_counter()
+
+    def _finish(self, record: bool) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._started
+        prof, self._active = self._active, None
+        prof.__exit__(None, None, None)
+        if not record or self._count == 0:
+            return
+        nccl = kernels = 0.0
+        for event in prof.key_averages():
+            device_us = getattr(event, "self_device_time_total", None)
+            if device_us is None:
+                device_us = getattr(event, "self_cuda_time_total", 0.0)
+            kernels += device_us
+            if "nccl" in event.key.lower():
+                nccl += device_us
+        steps = self._count
+        summary = {
+            "batch_size": self._size,
+            "steps": steps,
+            "nccl_us_per_step": nccl / steps,
+            "kernel_us_per_step": kernels / steps,
+            "wall_us_per_step": wall * 1e6 / steps,
+        }
+        self.results[self._size] = summary
+        logger.info("rank %d profile: %s", self.rank, summary)
+        if self.out_dir:
+            path = os.path.join(self.out_dir, f"rank{self.rank}.json")
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(list(self.results.values()), f, indent=1)
 
 
 def _launch(runner: ModelRunner, msg: _Launch, steps: dict[int, Any]) -> Any:
@@ -398,8 +492,16 @@ class WorkerGroup:
             self.procs[i].join(1.0)
             raise self._fail(self._exit_text(i)) from None
         if isinstance(msg, _Failed):
-            raise self._fail(msg.message)
+            raise self._fail(self._blame_dead_peers(i, msg.message))
         return msg
+
+    def _blame_dead_peers(self, reporter: int, message: str) -> str:
+        """A rank's failure often is a peer's death seen through a collective: name the dead
+        peers first (their exits reach us a moment after the survivor's report)."""
+        others = [j for j in range(len(self.procs)) if j != reporter]
+        wait_any([self.procs[j].sentinel for j in others], 0.5)
+        dead = [self._exit_text(j) for j in others if not self.procs[j].is_alive()]
+        return "; ".join(dead + [message]) if dead else message
 
     def _exit_text(self, i: int) -> str:
         proc = self.procs[i]
@@ -427,6 +529,35 @@ class WorkerGroup:
         for conn in self.conns:
             conn.close()
         self.conns = []
+
+    def wait_exit(self) -> None:
+        """Block until every worker has exited (a follower node's ranks, stopped by rank 0).
+
+        Raises:
+            RunnerDeadError: a worker failed or exited with an error.
+        """
+        running = set(range(len(self.procs)))
+        listening = set(running)
+        while running:
+            watched = [self.procs[i].sentinel for i in running]
+            watched += [self.conns[i] for i in listening]
+            ready = wait_any(watched)
+            for i in list(listening):
+                if self.conns[i] in ready:
+                    try:
+                        msg = self.conns[i].recv()
+                    except (EOFError, OSError):  # the worker closed its end on the way out
+                        listening.discard(i)
+                        continue
+                    if isinstance(msg, _Failed):
+                        raise self._fail(msg.message)
+            for i in list(running):
+                if self.procs[i].sentinel in ready:
+                    self.procs[i].join()
+                    running.discard(i)
+                    listening.discard(i)
+                    if self.procs[i].exitcode != 0:
+                        raise self._fail(self._exit_text(i))
 
     @property
     def pids(self) -> list[int]:
@@ -590,6 +721,7 @@ class TPRunner:
         self.vocab_size = first.info.vocab_size
         self.context_length = first.info.context_length
         self._ranks = {msg.rank: msg.info for msg in ready}
+        self.graph_batch_sizes: list[int] = []
         self._steps = itertools.count(1)
 
     @property
@@ -607,6 +739,7 @@ class TPRunner:
         msg = self.workers.receive()
         if not isinstance(msg, _Captured):
             raise self.workers._fail(f"unexpected answer to a capture: {msg!r}")
+        self.graph_batch_sizes = msg.batch_sizes
 
     def launch(self, batch: ScheduledBatch, futures: RemoteStep | None = None) -> RemoteStep:
         """Send one step to every rank.

@@ -181,6 +181,7 @@ def load_model(
     progress: bool = True,
     tp: TensorParallel | None = None,
     quantization: str = "auto",
+    load_format: str = "auto",
 ) -> CausalLM:
     """Load a Hugging Face model directory or a GGUF file.
 
@@ -196,6 +197,8 @@ def load_model(
         quantization: "fp8" runs the projections in FP8 (an FP8 checkpoint loads as is, others
             are quantized per output channel); "none" keeps ``dtype``; "auto" follows the
             checkpoint's ``quantization_config`` (see :mod:`radixlm.model.quantization`).
+        load_format: "auto" reads the weights; "dummy" fills them with random values and reads
+            only config.json (benchmarks of shapes whose weights are not at hand).
 
     Returns:
         The model in eval mode, every weight loaded.
@@ -213,7 +216,13 @@ def load_model(
         arch, resolve_dtype(dtype, device, arch.torch_dtype), device, tp, quantization=method
     )
     gguf_file = find_gguf_file(path)
-    if gguf_file is not None:
+    if load_format == "dummy":
+        if method != "none":
+            raise ValueError("load_format=dummy makes no FP8 weights; use quantization=none")
+        fill_random_weights(model, seed=tp.rank if tp is not None else 0)
+    elif load_format != "auto":
+        raise ValueError(f"unknown load_format {load_format!r}; use auto or dummy")
+    elif gguf_file is not None:
         load_tensors(
             model,
             iter_gguf_weights(gguf_file, meta_dir),
@@ -223,6 +232,23 @@ def load_model(
     else:
         load_weights(model, checkpoint_files(meta_dir), progress=progress)
     return model
+
+
+@torch.no_grad()
+def fill_random_weights(model: CausalLM, seed: int = 0) -> None:
+    """Random weights in place: matrices and biases N(0, 0.02), norm weights 1 + N(0, 0.1), so
+    nothing is zero (timings on zeros can flatter) and activations stay finite.
+
+    Args:
+        model: a model from :func:`build_empty_model`.
+        seed: generator seed.
+    """
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.normal_(1.0, 0.1, generator=gen)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

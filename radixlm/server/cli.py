@@ -164,6 +164,10 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s "
                         "%(name)s: %(message)s")
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    if config.parallel.node_rank > 0:  # no server here: only this host's tensor-parallel ranks
+        from radixlm.engine.tp_node import serve_worker_node
+
+        return serve_worker_node(config)
     try:
         check_startup(args.host, args.port, config)
     except StartupError as exc:

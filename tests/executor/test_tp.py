@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,10 +172,12 @@ def test_tp_matches_single_device(model_dirs, reference, name, tp):
 def test_tp_serial_steps_match(model_dirs, reference):
     """Without overlap scheduling (no placeholder tokens) the same tokens come out."""
     core = make_core(model_dirs["llama"], 2, enable_overlap=False)
+    pids = core.runner.workers.pids
     try:
         got = run_workload(core, workload(MODELS["llama"][1]["vocab_size"]))
     finally:
         core.close()
+    assert wait_gone(pids) == []  # a clean close leaves no worker behind
     for rid, r in got.items():
         if rid != "_info":
             assert r["ids"] == reference["llama"][rid]["ids"], rid
@@ -193,6 +196,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def wait_gone(pids: list[int], seconds: float = 5) -> list[int]:
+    """The pids still alive after up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
 def test_killed_rank_fails_the_core_within_seconds_and_leaves_no_process(model_dirs):
     core = make_core(model_dirs["llama"], 2, kv_cache_tokens=2048)
     pids = core.runner.workers.pids
@@ -209,7 +220,31 @@ def test_killed_rank_fails_the_core_within_seconds_and_leaves_no_process(model_d
         assert time.monotonic() - started < 5
     finally:
         core.close()
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in pids)
+    assert wait_gone(pids) == []
+
+
+def test_two_nodes_on_one_host(model_dirs, reference):
+    """--nnodes 2: node 0 runs the core and rank 0, node 1 (here a thread of this process) only
+    rank 1; both meet at --dist-init-addr. Node 1 returns 0 once rank 0 stops it."""
+    from radixlm.engine.tp_node import serve_worker_node
+    from radixlm.executor.tp_worker import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    nodes = dict(tp_size=2, nnodes=2, dist_init_addr=addr)
+    node1 = EngineConfig.from_kwargs(
+        model=str(model_dirs["qwen2"]), node_rank=1, **{**ENGINE, **nodes}
+    )
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(serve_worker_node(node1)))
+    thread.start()
+    core = make_core(model_dirs["qwen2"], 2, nnodes=2, dist_init_addr=addr)
+    try:
+        assert len(core.runner.workers.pids) == 1  # node 0 holds rank 0 only
+        got = run_workload(core, workload(MODELS["qwen2"][1]["vocab_size"]))
+    finally:
+        core.close()
+    thread.join(30)
+    assert status == [0]
+    for rid, r in got.items():
+        if rid != "_info":
+            assert r["ids"] == reference["qwen2"][rid]["ids"], rid

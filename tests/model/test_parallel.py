@@ -157,3 +157,18 @@ def test_unshardable_shapes_are_refused(override, size, message):
     }
     with pytest.raises(ValueError, match=message):
         check_shardable(ModelArch.from_hf_config(config), size)
+
+
+def test_dummy_load_format_reads_no_weights(dirs, tmp_path):
+    """load_format=dummy: config.json alone suffices (benchmarks of shapes too big for disk)."""
+    (tmp_path / "config.json").write_text((dirs["llama_kv2"] / "config.json").read_text())
+    model = load_model(
+        tmp_path,
+        torch.float32,
+        "cpu",
+        progress=False,
+        tp=TensorParallel(1, 2),
+        load_format="dummy",
+    )
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all() and param.std() > 0, name
