@@ -20,9 +20,10 @@ def test_one_batch_times_prefill_and_decode_and_hf(bench_model_dir, tmp_path, ca
     rows = result["results"]
     assert [(r["batch"], r["input_len"]) for r in rows] == [(1, 6), (3, 6)]
     for row in rows:
-        # every prompt is admitted in one extend step; each later step decodes one token each
-        assert len(row["step_seconds"]) == 4 and row["decode_steps"] == 3
-        assert row["prefill_ms"] == pytest.approx(row["step_seconds"][0] * 1e3)
+        # Overlapped loop: the call that launches the extend returns nothing, the next one
+        # returns the first tokens; each later call returns one decoded token per request.
+        assert len(row["step_seconds"]) == 5 and row["decode_steps"] == 3
+        assert row["prefill_ms"] == pytest.approx(sum(row["step_seconds"][:2]) * 1e3)
         assert row["total_s"] == pytest.approx(sum(row["step_seconds"]))
         assert row["output_tok_s"] == pytest.approx(row["batch"] * 4 / row["total_s"])
         assert 0 < row["prefill_roof_ms"] and 0 < row["decode_roof_ms"] < row["decode_ms"]
@@ -34,3 +35,20 @@ def test_one_batch_times_prefill_and_decode_and_hf(bench_model_dir, tmp_path, ca
         assert r["radixlm_speedup"] == pytest.approx(ours["output_tok_s"] / r["output_tok_s"])
     printed = capsys.readouterr().out
     assert "decode ms/step" in printed and "HF variant" in printed
+
+
+def test_one_batch_serial_loop_and_profile(bench_model_dir, tmp_path, capsys, ceilings):
+    out = tmp_path / "ob.json"
+    status = one_batch.main(["--model", str(bench_model_dir), "--batch-sizes", "2",
+                             "--input-lens", "5", "--output-len", "8", "--no-enable-overlap",
+                             "--profile", "--profile-steps", "3", "--out", str(out),
+                             *ceilings])
+    assert status == 0
+    row = json.loads(out.read_text())["results"][0]
+    # Serially every call runs one step: one extend, then seven decodes.
+    assert len(row["step_seconds"]) == 8 and row["decode_steps"] == 7
+    prof = row["profile"]
+    assert prof["profiled_steps"] == 3 and prof["host_op_ms_per_step"] > 0
+    assert prof["top"] and all(item["calls_per_step"] > 0 for item in prof["top"])
+    assert (tmp_path / "ob-trace-bs2-in5.json").is_file()
+    assert "kernel ms/step" in capsys.readouterr().out
