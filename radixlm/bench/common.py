@@ -308,14 +308,19 @@ def random_model_dir(preset: str, cache_dir: Path | None = None, seed: int = 0,
     Returns:
         The directory (config.json, tokenizer files, model-*.safetensors).
     """
+    from radixlm.model.random_model import preset_tokenizer_dir
+
     root = Path(cache_dir) if cache_dir is not None else default_model_cache()
-    target = root / f"{preset}-seed{seed}-{dtype}{'' if weights else '-noweights'}"
+    tokenizer_dir = preset_tokenizer_dir(preset)
+    suffix = f"-tok-{tokenizer_dir.name}" if tokenizer_dir is not None else ""
+    target = root / f"{preset}-seed{seed}-{dtype}{suffix}{'' if weights else '-noweights'}"
     if (target / "done.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        write_random_model(staging, preset, seed, torch.device(device), dtype, weights=weights)
+        write_random_model(staging, preset, seed, torch.device(device), dtype, tokenizer_dir,
+                           weights)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staging, target)
     finally:
@@ -324,16 +329,24 @@ def random_model_dir(preset: str, cache_dir: Path | None = None, seed: int = 0,
 
 
 def write_random_model(path: Path, preset: str, seed: int, device: torch.device,
-                       dtype: str, weights: bool = True) -> None:
-    """Write config.json, a synthetic tokenizer and random safetensors shards into ``path``."""
-    from radixlm.model.random_model import config_dict
+                       dtype: str, tokenizer_dir: Path | None = None,
+                       weights: bool = True) -> None:
+    """Write config.json, a tokenizer and random safetensors shards into ``path``.
+
+    The tokenizer is a copy of ``tokenizer_dir`` (a real one whose vocabulary fits the
+    preset's), or a synthetic word-level one when None.
+    """
+    from radixlm.model.random_model import config_dict, copy_tokenizer_files
 
     config = config_dict(preset)
     config["architectures"] = [_architecture(config["model_type"])]
     config["torch_dtype"] = dtype
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    write_synthetic_tokenizer(path, config["vocab_size"], config.get("bos_token_id"),
-                              config.get("eos_token_id"))
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, path)
+    else:
+        write_synthetic_tokenizer(path, config["vocab_size"], config.get("bos_token_id"),
+                                  config.get("eos_token_id"))
     if weights:
         _write_random_weights(path, config, seed, device, getattr(torch, dtype))
     (path / "done.json").write_text(json.dumps({"format": RANDOM_MODEL_FORMAT, "seed": seed}))
