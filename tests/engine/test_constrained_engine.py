@@ -128,14 +128,27 @@ def test_invalid_schema_fails_that_request_only(core3):
     assert len(results["good"]["ids"]) == 4
 
 
-def test_unconstrained_request_streams_while_a_slow_schema_compiles(core3):
-    """Compilation runs off the loop: a plain request finishes while a big grammar compiles."""
-    big = {"type": "object", "properties": {
-        f"field_{i}": {"type": "string", "pattern": f"[a-z]{{2,{20 + i}}}[0-9]{{1,9}}"}
-        for i in range(60)}, "required": [f"field_{i}" for i in range(60)]}
+def test_unconstrained_request_streams_while_a_slow_schema_compiles(core3, monkeypatch):
+    """Compilation runs off the loop: a plain request finishes while a grammar compiles.
+
+    The compile is held back for two seconds (a real compile with the default backend takes
+    milliseconds), so the test does not depend on any backend's speed.
+    """
+    import threading
+    from concurrent.futures import Future
+
+    real_submit = core3.grammar.compiler.submit
+
+    def slow_submit(kind, spec):
+        compiled = real_submit(kind, spec)
+        delayed: Future = Future()
+        threading.Timer(2.0, lambda: delayed.set_result(compiled.result())).start()
+        return delayed
+
+    monkeypatch.setattr(core3.grammar.compiler, "submit", slow_submit)
     prompt = core3.tokenizer.encode("timing")
     core3.add_request(ipc.AddRequest("slow", prompt, SamplingParams(
-        max_new_tokens=1, json_schema=json.dumps(big))))
+        max_new_tokens=1, json_schema=json.dumps(PERSON))))
     core3.add_request(ipc.AddRequest("fast", prompt, SamplingParams(
         max_new_tokens=16, temperature=0.0, ignore_eos=True)))
     fast_done = slow_done = None
@@ -147,7 +160,23 @@ def test_unconstrained_request_streams_while_a_slow_schema_compiles(core3):
             if out.finish is not None and out.rid == "slow":
                 slow_done = time.monotonic() - start
     assert fast_done is not None and slow_done is not None
-    assert fast_done < slow_done, (fast_done, slow_done)
+    assert fast_done < 2.0 <= slow_done, (fast_done, slow_done)
+
+
+@pytest.mark.slow
+def test_jump_forward_leaves_the_models_own_token_boundary(smollm2_engine):
+    """SmolLM2 spells ``{"colours": ["red"`` with `` ["``. Splicing ``{"colours": [`` as tokens
+    ending in `` [`` took that token away, and the model answered ``"./I/painted/..."``; with
+    the splice healed it names the colour, as it does without jump-forward."""
+    schema = {"type": "object", "required": ["colours"], "properties": {
+        "colours": {"type": "array", "items": {"type": "string"}}}}
+    question = "I painted the fence red. Which colours did I use? Answer in JSON."
+    prompt = smollm2_engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    out = smollm2_engine.generate(prompt, {"max_new_tokens": 12, "temperature": 0.0,
+                                           "json_schema": json.dumps(schema)})
+    assert out["text"].startswith('{"colours": ["red"'), out["text"]
+    assert out["meta_info"]["jump_forward_tokens"] > 0
 
 
 def test_stop_string_inside_jump_forward_text_finishes(core3):
