@@ -61,6 +61,7 @@ COLUMNS = [
     ("request_per_s", "req/s"), ("input_tok_s", "in tok/s"), ("output_tok_s", "out tok/s"),
     ("cache_hit_rate", "cache hit"), ("roof_output_tok_s", "roof out tok/s"),
     ("roof_pct", "% roof"), ("ttft_p50_s", "TTFT p50 s"), ("e2e_p50_s", "e2e p50 s"),
+    ("peak_running", "peak running"),
 ]
 
 
@@ -161,6 +162,9 @@ class RunResult:
     prompt_tokens: int
     info: dict[str, Any]
     aborted: list[str] = field(default_factory=list)
+    # Most requests decoding or prefilling at once (in-process runs only): what the KV pool's
+    # capacity (e.g. an FP8 cache) and the running cap allow.
+    peak_running: int | None = None
 
 
 def engine_config(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -202,9 +206,10 @@ def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     aborted: list[str] = []
-    tokens = cached = 0
+    tokens = cached = peak = 0
     while core.has_work():
         outputs = core.step()
+        peak = max(peak, len(core.scheduler.running) + len(core.scheduler.prefilling))
         now = time.perf_counter() - start
         for out in outputs:
             tokens += len(out.new_token_ids)
@@ -219,7 +224,7 @@ def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -
     wall = time.perf_counter() - start
     prompt = sum(len(r.input_ids) for r in requests)
     return RunResult(wall, list(first.values()), list(done.values()), tokens, cached, prompt, {},
-                     aborted)
+                     aborted, peak)
 
 
 def run_engine_process(opts: dict[str, Any], requests: list[BenchRequest],
@@ -360,7 +365,7 @@ def _radixlm_row(args: argparse.Namespace, run: RunResult, requests: list[BenchR
     name = "radixlm" + ("" if radix else " (no radix)") + (" [Engine]" if args.engine_process
                                                           else "")
     row = result_row(name, run, roof_s, items)
-    row.update({"roof_concurrency": concurrency,
+    row.update({"roof_concurrency": concurrency, "peak_running": run.peak_running,
                 "kv_capacity_tokens": run.info["kv_capacity_tokens"],
                 "max_running_requests": run.info["max_running_requests"],
                 "num_retractions": run.info.get("num_retractions")})

@@ -453,6 +453,8 @@ class _LoadPlan:
         return data.narrow(0, sum(sizes[:block]), sizes[block])
 
     def finish(self) -> None:
+        for name in self.fp8_layers:
+            self.model.get_submodule(name).weights_changed()
         for layer, scales in self.kv_scales.items():
             k, v = self.model.kv_scales[layer]
             self.model.kv_scales[layer] = (scales.get("k", k), scales.get("v", v))

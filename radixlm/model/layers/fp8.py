@@ -14,10 +14,11 @@ How a forward runs depends on the device and the row count M (tokens):
   widens it to the activation dtype in registers and multiplies with the unquantized activation
   (W8A16). A small-M step is bound by the weight bytes, which FP8 halves either way; skipping the
   activation quantization saves a launch and keeps the activation exact.
-- Anywhere else (CPU; GPUs without FP8): the reference path quantizes the activation per token
-  and dequantizes both operands, then multiplies in float32. That is exactly the arithmetic of the
-  ``_scaled_mm`` path (up to the summation order), so accuracy measured on CPU is what the GPU's
-  W8A8 path delivers.
+- Anywhere else (CPU; GPUs without FP8): the reference path dequantizes the weight (once, kept in
+  float32 by ``Fp8Linear``) and multiplies in float32, emulating the GPU path of the same row
+  count: above ``triton_max_m`` rows it first rounds the activation through per-token FP8 (the
+  ``_scaled_mm`` arithmetic, W8A8), at or below it keeps the activation exact (W8A16). So
+  accuracy measured on CPU is what the GPU delivers, up to the summation order.
 
 The embedding, LM head and norms are never quantized (the callers only route the decoder's
 projection matrices here).
@@ -25,6 +26,7 @@ projection matrices here).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +101,15 @@ def dequantize(
 
 def fp8_gemm_supported(device: torch.device) -> bool:
     """Whether ``device`` has FP8 tensor cores (CUDA compute capability 8.9 or newer)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _cuda_has_fp8(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_has_fp8(index: int) -> bool:
+    # Cached: every FP8 layer asks on every forward.
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def fp8_linear_reference(
@@ -110,6 +118,7 @@ def fp8_linear_reference(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     quantize_input: bool = True,
+    dequantized: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The FP8 linear layer by dequantization: what the GPU kernels are tested against.
 
@@ -120,6 +129,7 @@ def fp8_linear_reference(
         bias: optional [N] bias.
         quantize_input: round the activation through per-token FP8 first (the ``_scaled_mm``
             path, W8A8); False keeps it exact (the Triton small-M path, W8A16).
+        dequantized: ``weight * weight_scale[:, None]`` in float32 if already at hand.
 
     Returns:
         [M, N] in ``x``'s dtype.
@@ -128,7 +138,9 @@ def fp8_linear_reference(
     if quantize_input:
         x_fp8, x_scale = quantize_rows(xf)
         xf = x_fp8.float() * x_scale
-    out = xf @ (weight.float() * weight_scale.float()[:, None]).t()
+    if dequantized is None:
+        dequantized = dequantize(weight, weight_scale.float()[:, None], torch.float32)
+    out = xf @ dequantized.t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -140,6 +152,7 @@ def fp8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: Fp8LinearConfig = DEFAULT_FP8_LINEAR_CONFIG,
+    dequantized: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(weight).T + bias`` through the fastest path the device has (module doc).
 
@@ -148,19 +161,26 @@ def fp8_linear(
         weight: [N, K] FP8 weight, row-major.
         weight_scale: [N] float32 per-output-channel scales.
         bias: optional [N] bias in ``x``'s dtype.
-        config: path selection on CUDA.
+        config: path selection (on CPU it picks which GPU path the reference emulates).
+        dequantized: the float32 dequantized weight, for the reference path (else computed).
 
     Returns:
         [..., N] in ``x``'s dtype.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    n, k = weight.shape
+    small = x2.shape[0] <= config.triton_max_m
     if not fp8_gemm_supported(x.device):
-        out = fp8_linear_reference(x2, weight, weight_scale, bias)
-    elif x2.shape[0] <= config.triton_max_m:
+        # Emulate the GPU path of this row count: W8A16 for small M, W8A8 above.
+        out = fp8_linear_reference(x2, weight, weight_scale, bias, not small, dequantized)
+    elif small:
         from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
 
         out = fp8_small_m_gemm(x2, weight, weight_scale, bias)
+    elif n % 16 or k % 16:
+        # _scaled_mm wants 16-aligned K and N; odd shapes take the (slow, exact) reference.
+        out = fp8_linear_reference(x2, weight, weight_scale, bias)
     else:
         out = _scaled_mm_linear(x2, weight, weight_scale, bias)
     return out.reshape(*lead, weight.shape[0])
@@ -216,9 +236,28 @@ class Fp8Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.config = DEFAULT_FP8_LINEAR_CONFIG
+        # The reference path's float32 copy of the weight, and the versions it was made from.
+        self._dequantized: torch.Tensor | None = None
+        self._dequantized_key: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.config)
+        dequantized = None if fp8_gemm_supported(x.device) else self._reference_weight()
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.config, dequantized)
+
+    def weights_changed(self) -> None:
+        """Drop the reference path's float32 copy (call after writing through ``.data``, which
+        in-place version counters do not see; the loader calls it when it finishes)."""
+        self._dequantized = self._dequantized_key = None
+
+    def _reference_weight(self) -> torch.Tensor:
+        """Dequantized once, not on every call: where the reference path serves (CPU) it
+        dominated the step. Made again when the weight or scales change in place."""
+        w, s = self.weight, self.weight_scale
+        key = (w.data_ptr(), w._version, s.data_ptr(), s._version)
+        if key != self._dequantized_key:
+            self._dequantized = dequantize(w, s.float()[:, None], torch.float32)
+            self._dequantized_key = key
+        return self._dequantized
 
     def _apply(self, fn, recurse: bool = True):
         # Let device moves and to_empty through; refuse dtype changes of the quantized tensors.

@@ -83,13 +83,36 @@ def test_reference_linear_is_the_dequantized_product():
     assert rel_err(exact_x, ref) < 1e-6
 
 
-def test_cpu_fp8_linear_runs_the_reference_path():
+def test_cpu_fp8_linear_emulates_the_gpu_path_of_its_row_count():
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 7, 32, generator=gen)
+    x = torch.randn(3, 7, 32, generator=gen)  # 21 rows > triton_max_m: W8A8 (_scaled_mm)
     w_fp8, w_scale = quantize_rows(torch.randn(16, 32, generator=gen))
-    out = fp8_linear(x, w_fp8, w_scale.view(-1))
-    ref = fp8_linear_reference(x.reshape(21, 32), w_fp8, w_scale.view(-1)).view(3, 7, 16)
+    w_scale = w_scale.view(-1)
+    out = fp8_linear(x, w_fp8, w_scale)
+    ref = fp8_linear_reference(x.reshape(21, 32), w_fp8, w_scale).view(3, 7, 16)
     assert torch.equal(out, ref)
+    few = x[0, :4]  # 4 rows: W8A16 (the Triton small-M kernel), the activation kept exact
+    exact = fp8_linear_reference(few, w_fp8, w_scale, quantize_input=False)
+    assert torch.equal(fp8_linear(few, w_fp8, w_scale), exact)
+    assert not torch.equal(exact, fp8_linear_reference(few, w_fp8, w_scale))
+
+
+def test_fp8_linear_dequantizes_once_and_again_after_a_load():
+    layer = Fp8Linear(32, 16)
+    gen = torch.Generator().manual_seed(5)
+    q, scale = quantize_rows(torch.randn(16, 32, generator=gen))
+    layer.weight.data.copy_(q)
+    layer.weight_scale.data.copy_(scale.view(-1))
+    x = torch.randn(20, 32, generator=gen)
+    first = layer(x)
+    cached = layer._dequantized
+    assert torch.equal(layer(x), first) and layer._dequantized is cached
+    with torch.no_grad():
+        layer.weight_scale.mul_(2)  # in place: the version counter says so
+    assert torch.allclose(layer(x), 2 * first, rtol=1e-6, atol=1e-6)
+    layer.weight_scale.data.mul_(2)  # through .data (as loaders write): told explicitly
+    layer.weights_changed()
+    assert torch.allclose(layer(x), 4 * first, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 40, 72), (5, 33, 64), (16, 64, 200)])
