@@ -181,8 +181,9 @@ def _die_with_parent(supervisor_pid: int) -> None:
     """Ask the kernel to kill this process when its parent dies (Linux), and leave at once if the
     supervisor is already gone.
 
-    The parent is the fork server, which exits when the supervisor does (its pipe closes), so
-    the worker goes with them; rank 0 also stops everyone when the supervisor's pipe closes.
+    The parent is the supervisor (spawned workers) or the fork server, which exits when the
+    supervisor does (its pipe closes), so the worker goes with them either way; rank 0 also
+    stops everyone when the supervisor's pipe closes.
     """
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
@@ -331,7 +332,11 @@ class CollectiveProfiler:
         if not record or self._count == 0:
             return
         nccl = kernels = 0.0
+        from torch.autograd import DeviceType
+
         for event in prof.key_averages():
+            if event.device_type != DeviceType.CUDA:  # kernels only: ops would count them twice
+                continue
             device_us = getattr(event, "self_device_time_total", None)
             if device_us is None:
                 device_us = getattr(event, "self_cuda_time_total", 0.0)
@@ -389,13 +394,16 @@ class WorkerGroup:
     """
 
     def __init__(self, specs: list[WorkerSpec]):
-        # A fork server imports torch and the model code once; every worker is then a fork of
-        # it (no CUDA context, no threads in it: safe to fork), so N ranks start in about the
-        # time of one import instead of N.
-        ctx = mp.get_context("forkserver")
-        # torch imports dynamo (and sympy) lazily on the first meta-device op, when the empty
-        # model is built: seconds of work that would otherwise repeat in every worker.
-        ctx.set_forkserver_preload([__name__, "torch._dynamo"])
+        if resolve_device(specs[0].model_config.device).type == "cuda":
+            # Fresh interpreters: nothing CUDA-related can leak into a worker from its parent.
+            ctx = mp.get_context("spawn")
+        else:
+            # A fork server imports torch and the model code once; every worker is then a fork
+            # of it, so N ranks start in about the time of one import instead of N (what CPU
+            # tests on two cores need). torch imports dynamo (and sympy) lazily on the first
+            # meta-device op, when the empty model is built: preloaded too.
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__, "torch._dynamo"])
         self.ranks = [s.rank for s in specs]
         self.procs: list[Any] = []
         self.conns: list[Any] = []

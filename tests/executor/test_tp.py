@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ from radixlm.executor.errors import RunnerDeadError
 from radixlm.model.random_model import make_random_model_dir
 from radixlm.request import LogprobOptions
 from radixlm.sampling_params import SamplingParams
+from radixlm.tokenizer.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo workers tested on Linux")
 
@@ -248,3 +250,45 @@ def test_two_nodes_on_one_host(model_dirs, reference):
     for rid, r in got.items():
         if rid != "_info":
             assert r["ids"] == reference["qwen2"][rid]["ids"], rid
+
+
+def test_constrained_rows_match(tmp_path_factory, llama2_tokenizer_dir):
+    """Grammar masks are filled by the core after launch and sent to every rank (commit_mask);
+    a regex-constrained row and a free row in one batch give TP=1's tokens."""
+    path = make_random_model_dir(
+        tmp_path_factory.mktemp("tp-regex") / "m",
+        "llama",
+        seed=2,
+        tokenizer_dir=llama2_tokenizer_dir,
+        num_key_value_heads=2,
+    )
+    work = [
+        [
+            (
+                "re",
+                [1, 450, 1234, 2000],
+                SamplingParams(max_new_tokens=10, temperature=0.0, regex=r"[0-9]{3}-[a-z]{4}"),
+                LogprobOptions(),
+            ),
+            (
+                "free",
+                [1, 300, 301],
+                SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True),
+                LogprobOptions(),
+            ),
+        ]
+    ]
+    outs = []
+    for tp in (1, 2):
+        core = EngineCore(
+            EngineConfig.from_kwargs(model=str(path), tp_size=tp, kv_cache_tokens=512),
+            progress=False,
+        )
+        try:
+            outs.append(run_workload(core, work))
+        finally:
+            core.close()
+    assert outs[0]["re"]["ids"] == outs[1]["re"]["ids"]
+    assert outs[0]["free"]["ids"] == outs[1]["free"]["ids"]
+    text = load_tokenizer(str(path)).decode(outs[1]["re"]["ids"], skip_special_tokens=True)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{4}", text), text
