@@ -253,7 +253,10 @@ class Fp8Linear(nn.Module):
         """Dequantized once, not on every call: where the reference path serves (CPU) it
         dominated the step. Made again when the weight or scales change in place."""
         w, s = self.weight, self.weight_scale
-        key = (w.data_ptr(), w._version, s.data_ptr(), s._version)
+        # Inference tensors keep no version counter: there only a load (weights_changed) or a
+        # new tensor invalidates the copy.
+        versions = (0, 0) if w.is_inference() or s.is_inference() else (w._version, s._version)
+        key = (w.data_ptr(), s.data_ptr(), *versions)
         if key != self._dequantized_key:
             self._dequantized = dequantize(w, s.float()[:, None], torch.float32)
             self._dequantized_key = key
