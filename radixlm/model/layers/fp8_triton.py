@@ -17,6 +17,8 @@ e4m3 cast rounds wrongly across binade boundaries (31.9 becomes 16), so on CPU
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -167,7 +169,10 @@ def fp8_small_m_gemm(
     if m == 0:
         return out
     interpreted = runs_interpreted(x.device)
-    block_n = block_n or (16 if interpreted else 32)
+    if block_n is None:
+        # Each program streams BLOCK_N rows of the weight: keep at least two per SM busy.
+        wide_enough = not interpreted and triton.cdiv(n, 32) >= 2 * _num_sms(x.device.index)
+        block_n = 32 if wide_enough else 16
     block_k = block_k or (32 if interpreted else 256)
     grid = (triton.cdiv(n, block_n),)
     SMALL_M_GEMM_KERNEL.on(x.device)[grid](
@@ -179,3 +184,8 @@ def fp8_small_m_gemm(
         num_warps=4,
     )  # fmt: skip
     return out
+
+
+@functools.cache
+def _num_sms(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index or 0).multi_processor_count
