@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -309,6 +310,16 @@ def test_positional_max_tokens_and_stop_regex(backend):
     assert state.error() is None
     assert "7" not in state["rest"] and state["rest"].startswith(" 4, 5, 6")
     assert state.get_meta_info("rest")["finish_reason"]["type"] == "stop"
+    # the frontend closed the stream at the match: the request ended there, its KV came back
+    deadline = time.monotonic() + 30
+    while True:
+        info = sgl.get_server_info()
+        if info["running_requests"] == 0 and info["waiting_requests"] == 0:
+            break
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    if isinstance(backend, sgl.EngineBackend):
+        assert backend.engine.check_invariants()
 
 
 @sgl.function
