@@ -26,19 +26,39 @@ from radixlm_lang.server_args import translate_server_args
 class RuntimeEndpoint(NativeBackend):
     """A running ``radixlm serve`` reached through its native routes.
 
-    Args:
+    Args (SGLang's order):
         base_url: e.g. ``http://127.0.0.1:30000``.
         api_key: sent as ``Authorization: Bearer`` when the server requires one.
+        verify: TLS verification for ``https`` servers: a CA bundle path, or False to skip it
+            (None: verify with the system's CAs).
+        chat_template_name: SGLang's client-side template override; only None is accepted,
+            since the server renders chat roles with the model's own template.
         timeout: seconds per request (None: no limit).
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float | None = 600.0):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        verify: str | bool | None = None,
+        chat_template_name: str | None = None,
+        timeout: float | None = 600.0,
+    ):
         super().__init__()
+        if chat_template_name is not None:
+            raise ValueError(
+                f"chat_template_name={chat_template_name!r} is not supported: radixlm renders "
+                "chat roles with the served model's own chat template"
+            )
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self._client = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=timeout, limits=limits
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout,
+            limits=limits,
+            verify=True if verify is None else verify,
         )
         self._lock = threading.Lock()
         self._bos: tuple[int | None, str | None] | None = None

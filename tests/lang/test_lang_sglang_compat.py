@@ -323,6 +323,14 @@ def test_sglang_server_arguments_translate_to_radixlm_options():
         translate_server_args({"model_path": "/a", "model": "/b"})
 
 
+def test_runtime_endpoint_takes_sglang_arguments():
+    endpoint = sgl.RuntimeEndpoint("http://127.0.0.1:9", None, False)  # (base_url, api_key, verify)
+    assert endpoint.base_url == "http://127.0.0.1:9"
+    endpoint.shutdown()
+    with pytest.raises(ValueError, match="model's own chat template"):
+        sgl.RuntimeEndpoint("http://127.0.0.1:9", chat_template_name="llama-2-chat")
+
+
 def test_flush_cache_and_get_server_info_without_a_backend():
     # SGLang: flush_cache() returns False and get_server_info() None when no backend is set.
     assert sgl.flush_cache() is False
