@@ -11,6 +11,14 @@ With ``--device-ms`` it also runs decode steps through the engine's step loop ag
 runner that emulates an asynchronous device taking that long per step, serially and with
 overlap scheduling, and reports steps/s and the share of time the emulated device sat idle
 waiting for the host. That measures how much host work overlap hides, not GPU speed.
+
+With ``--constrained-tokenizer DIR`` and ``--regex``/``--json-schema``/``--choices`` it runs the
+same comparison for whole constrained requests (prefill, then decode until every grammar
+completes or ``--output-len`` tokens), with real grammars (llguidance) over that tokenizer: the
+null model samples the first token each mask allows, so mask filling, grammar advance and
+jump-forward are all on the host as in the engine. Unconstrained requests of the same lengths
+run alongside as the reference. Usage: ``radixlm bench scheduler --batch-sizes 64 256
+--device-ms 5 --constrained-tokenizer ../shared/tokenizers/llama3 --regex '[0-9a-f]{128}'``
 """
 
 from __future__ import annotations
@@ -116,6 +124,85 @@ def measure_overlap(batch_size: int, prompt_len: int, steps: int, page_size: int
             "host_cpu_ms_per_step": cpu / launched * 1e3, "device_idle": max(0.0, 1 - busy / wall)}
 
 
+def measure_constrained(batch_size: int, prompt_len: int, output_len: int, device_ms: float,
+                        overlap: bool, grammar, constraint: dict | None) -> dict:
+    """Run ``batch_size`` requests (constrained by ``constraint``, or not) to completion
+    through the step loop against an emulated device.
+
+    Returns:
+        Steps, output tokens, tokens/s, and the device's idle share over the whole run.
+    """
+    gc.collect()
+    compiler = grammar.compiler
+    eos = frozenset(compiler.info.eos_ids)
+    capacity = batch_size * (prompt_len + output_len + 64) + 1024
+    allocator = PageAllocator(capacity, 1, first_slot=1)
+    kv = KVManager(allocator, RadixCache(1, free_fn=allocator.free), True)
+    limits = SchedulerLimits(batch_size, context_length=1 << 20, eos_token_ids=eos)
+    sched = Scheduler(SchedulerConfig(max_prefill_tokens=batch_size * prompt_len + 1), limits,
+                      kv, grammar)
+    runner = NullRunner(vocab_size=compiler.vocab_size, device_ms=device_ms)
+    loop = StepLoop(sched, runner, overlap)
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0,
+                            ignore_eos=constraint is None, **(constraint or {}))
+    for i in range(batch_size):
+        prompt = [(i * 7919 + j) % 32000 + 1000 for j in range(prompt_len)]
+        req = Request(rid=f"r{i}", input_ids=prompt, params=params)
+        grammar.submit(req)
+        sched.add(req)
+    tokens = 0
+    wall_start, cpu_start = time.perf_counter(), time.thread_time()
+    while loop.has_work():
+        tokens += sum(len(out.new_token_ids) for out in loop.step())
+    wall = time.perf_counter() - wall_start
+    cpu = time.thread_time() - cpu_start
+    kind = next(iter(constraint)) if constraint else "none"
+    return {"batch_size": batch_size, "device_ms": device_ms, "overlap": overlap,
+            "constraint": kind, "steps": loop.steps_launched, "output_tokens": tokens,
+            "tokens_per_s": tokens / wall, "ms_per_step": wall / loop.steps_launched * 1e3,
+            "host_cpu_ms_per_step": cpu / loop.steps_launched * 1e3,
+            "dry_waits": runner.syncs_on_empty_queue,
+            "device_idle": max(0.0, 1 - runner.device_busy_seconds / wall)}
+
+
+def print_constrained(rows: list[dict]) -> None:
+    print(f"\n{'batch':>6} {'device ms':>9} {'constraint':>11} {'loop':>8} {'steps':>6} "
+          f"{'tokens':>7} {'tok/s':>8} {'ms/step':>8} {'host CPU ms/step':>16} "
+          f"{'dry waits':>9} {'device idle':>11}")
+    for r in rows:
+        loop = "overlap" if r["overlap"] else "serial"
+        print(f"{r['batch_size']:>6} {r['device_ms']:>9.1f} {r['constraint']:>11} {loop:>8} "
+              f"{r['steps']:>6} {r['output_tokens']:>7} {r['tokens_per_s']:>8.0f} "
+              f"{r['ms_per_step']:>8.2f} {r['host_cpu_ms_per_step']:>16.2f} "
+              f"{r['dry_waits']:>9} {r['device_idle']:>10.1%}")
+
+
+def run_constrained(args: argparse.Namespace) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from radixlm.constrained import GrammarCompiler
+    from radixlm.sched.grammar_state import GrammarState
+
+    if args.regex:
+        constraint = {"regex": args.regex}
+    elif args.json_schema:
+        constraint = {"json_schema": args.json_schema}
+    else:
+        constraint = {"choices": args.choices}
+    tokenizer = AutoTokenizer.from_pretrained(args.constrained_tokenizer)
+    rows = []
+    with GrammarCompiler(tokenizer, backend=args.grammar_backend, isolate=False) as compiler:
+        grammar = GrammarState(compiler, tokenizer, mask_threads=args.mask_threads)
+        compiler.submit(*next(iter(constraint.items()))).result()  # compile (cached) up front
+        for b in args.batch_sizes:
+            for which in (None, constraint):
+                for overlap in (False, True):
+                    rows.append(measure_constrained(b, args.prompt_len, args.output_len,
+                                                    args.device_ms, overlap, grammar, which))
+    print_constrained(rows)
+    return rows
+
+
 def print_overlap(rows: list[dict]) -> None:
     print(f"\n{'batch':>6} {'device ms':>9} {'loop':>8} {'steps/s':>8} {'ms/step':>8} "
           f"{'host CPU ms/step':>16} {'device idle':>11}")
@@ -136,7 +223,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="also compare serial and overlapped loops against an emulated "
                              "device taking this long per step")
     parser.add_argument("--out", help="write the rows as JSON here")
+    con = parser.add_argument_group("constrained requests (with --device-ms)")
+    con.add_argument("--constrained-tokenizer", default=None,
+                     help="a real tokenizer directory: run constrained requests to completion")
+    con.add_argument("--regex", default=None)
+    con.add_argument("--json-schema", default=None, help="a JSON schema (text)")
+    con.add_argument("--choices", nargs="+", default=None)
+    con.add_argument("--output-len", type=int, default=128)
+    con.add_argument("--grammar-backend", default="llguidance")
+    con.add_argument("--mask-threads", type=int, default=None,
+                     help="threads filling masks (default: the engine's, up to 8)")
     args = parser.parse_args(argv)
+    if args.constrained_tokenizer:
+        if args.device_ms <= 0 or not (args.regex or args.json_schema or args.choices):
+            parser.error("--constrained-tokenizer needs --device-ms and a constraint")
+        rows = run_constrained(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     rows = [measure(b, args.prompt_len, args.steps, args.page_size) for b in args.batch_sizes]
     print(f"{'batch':>6} {'schedule µs':>12} {'process µs':>11} {'step p50 µs':>12} "
           f"{'step p99 µs':>12} {'µs/request':>11} {'build µs':>9}")

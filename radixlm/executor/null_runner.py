@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from radixlm.batch import ScheduledBatch, ScheduledSeq, future_row
+from radixlm.executor.pending import HostMaskBuffers
 from radixlm.outputs import SeqStepResult, StepResult
 
 # The null model hashes this many trailing tokens of a sequence (and its length).
@@ -65,15 +66,14 @@ class NullStep:
         """Sample every row (masked rows within their masks); the device waits for this."""
         if self._result is not None:
             return
-        allowed = None if self.bitmask is None else np.unpackbits(
-            self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        words = None if self.bitmask is None else self.bitmask.numpy().view(np.uint32)
         results, tokens = [], []
         for tail, mask_row in zip(self._tails, self._mask_rows):
             res = SeqStepResult()
             if tail is not None:
                 token = self.runner._hash(*tail)
-                if mask_row is not None and allowed is not None:
-                    token = _first_allowed(allowed[mask_row], token, self.runner.vocab_size)
+                if mask_row is not None and words is not None:
+                    token = _first_allowed(words[mask_row], token, self.runner.vocab_size)
                 res.next_token_id, res.logprob = token, 0.0
             results.append(res)
             tokens.append(res.next_token_id or 0)
@@ -98,13 +98,28 @@ class NullStep:
         return self._result
 
 
-def _first_allowed(allowed: np.ndarray, token: int, vocab: int) -> int:
-    """The first allowed id at or after ``token``, wrapping around (``token`` if none is)."""
-    ids = np.flatnonzero(allowed[:vocab])
-    if not len(ids):
-        return token
-    at = int(np.searchsorted(ids, token))
-    return int(ids[at % len(ids)])
+def _first_allowed(words: np.ndarray, token: int, vocab: int) -> int:
+    """The first id allowed by the packed mask row ``words`` (uint32) at or after ``token``,
+    wrapping around (``token`` if none is); a scan of words, as cheap as a device would make it.
+    """
+    w, bit = divmod(token, 32)
+    here = int(words[w]) >> bit << bit
+    if here:
+        return _lowest_id(w, here, token, vocab)
+    later = np.flatnonzero(words[w + 1:])
+    if len(later):
+        w = w + 1 + int(later[0])
+        return _lowest_id(w, int(words[w]), token, vocab)
+    earlier = np.flatnonzero(words[: w + 1])
+    if len(earlier):
+        w = int(earlier[0])
+        return _lowest_id(w, int(words[w]), token, vocab)
+    return token
+
+
+def _lowest_id(word_index: int, word: int, fallback: int, vocab: int) -> int:
+    found = 32 * word_index + (word & -word).bit_length() - 1
+    return found if found < vocab else fallback
 
 
 class NullRunner:
@@ -126,6 +141,7 @@ class NullRunner:
         self.device_busy_seconds = 0.0
         self.launched = 0
         self.syncs_on_empty_queue = 0
+        self._mask_buffers = HostMaskBuffers(pinned=False)
 
     def next_token(self, seq: list[int]) -> int:
         """The deterministic 'model': a rolling hash of the sequence's last 64 tokens and its
@@ -164,8 +180,7 @@ class NullRunner:
         tails = [self._sequence_tail(seq, futures) if seq.sample else None for seq in batch.seqs]
         bitmask = None
         if batch.num_mask_rows and any(t is not None for t in tails):
-            bitmask = torch.full((batch.num_mask_rows, -(-self.vocab_size // 32)), -1,
-                                 dtype=torch.int32)
+            bitmask = self._mask_buffers.take(batch.num_mask_rows, -(-self.vocab_size // 32))
         step = NullStep(self, self.launched, tails, bitmask,
                         [seq.bitmask_row for seq in batch.seqs], self._occupy_device())
         self.launched += 1
