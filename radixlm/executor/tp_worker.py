@@ -201,8 +201,10 @@ def _start_runner(spec: WorkerSpec) -> ModelRunner:
         device = torch.device("cuda", spec.local_rank)
         torch.cuda.set_device(device)
     else:
-        # Ranks share the host's cores: oversubscribed OpenMP threads stall each other.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.local_size))
+        # Ranks share the host's cores: oversubscribed OpenMP threads stall each other. A lower
+        # limit already set (OMP_NUM_THREADS) stands.
+        share = max(1, (os.cpu_count() or 1) // spec.local_size)
+        torch.set_num_threads(min(torch.get_num_threads(), share))
     started = time.perf_counter()
     tp = init_tensor_parallel(spec.rank, spec.size, spec.init_addr, device)
     joined = time.perf_counter()

@@ -73,7 +73,9 @@ def tp_workers(core_pid: int) -> list[int]:
 
 
 def start(model: Path) -> Engine:
-    return Engine(model=str(model), tp_size=2, kv_cache_tokens=4096, grammar_backend="outlines")
+    return Engine(
+        model=str(model), tp_size=2, kv_cache_tokens=4096, grammar_backend="outlines", device="cpu"
+    )
 
 
 def wait_gone(pids: list[int], seconds: float = 10) -> list[int]:
