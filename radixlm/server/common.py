@@ -164,21 +164,31 @@ class ServerContext:
     draining: bool = False
     active_requests: int = 0
     started_at: float = field(default_factory=time.time)
-    parse_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
-        PARSE_THREADS, thread_name_prefix="radixlm-parse"))
+    parse_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(
+            PARSE_THREADS, thread_name_prefix="radixlm-parse"
+        )
+    )
     bounds: Bounds | None = None
     preflight_pool: ProcessPoolExecutor | None = None
     core_seen: float | None = None
     heartbeat: asyncio.Task | None = None
 
     def __post_init__(self) -> None:
-        self.bounds = Bounds(self.engine.context_length, self.limits.max_sequences_per_request,
-                             max_bytes_per_token(self.engine.tokenizer))
+        self.bounds = Bounds(
+            self.engine.context_length,
+            self.limits.max_sequences_per_request,
+            max_bytes_per_token(self.engine.tokenizer),
+        )
         running = int(self.engine.startup_info.get("max_running_requests", 0))
-        self.runner = Runner(self.engine, self.metrics, self.inflight,
-                             capacity=running + self.limits.max_queued_requests,
-                             retry_after=self.limits.retry_after,
-                             request_timeout=self.limits.request_timeout)
+        self.runner = Runner(
+            self.engine,
+            self.metrics,
+            self.inflight,
+            capacity=running + self.limits.max_queued_requests,
+            retry_after=self.limits.retry_after,
+            request_timeout=self.limits.request_timeout,
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -210,8 +220,9 @@ class ServerContext:
             self.preflight_pool = preflight_pool()
         loop = asyncio.get_running_loop()
         try:
-            error = await loop.run_in_executor(self.preflight_pool, preflight, model.__name__,
-                                               raw, self.bounds)
+            error = await loop.run_in_executor(
+                self.preflight_pool, preflight, model.__name__, raw, self.bounds
+            )
         except BrokenProcessPool:  # the worker died (killed?): a new one serves the next body
             logger.warning("the preflight process died; parsing this body in-process")
             self.preflight_pool = None
@@ -250,8 +261,9 @@ def get_context(request: Request) -> ServerContext:
 
 
 # Pre-tokenizers that keep every character of the text (each token covers some of its bytes).
-_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation",
-                                     "UnicodeScripts", "Sequence"})
+_KEEPING_PRE_TOKENIZERS = frozenset(
+    {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
+)
 
 
 def max_bytes_per_token(tokenizer: Any) -> int | None:
@@ -277,8 +289,9 @@ def max_bytes_per_token(tokenizer: Any) -> int | None:
     except Exception:
         return None
     model = spec.get("model") or {}
-    if spec.get("normalizer") is not None or (model.get("fuse_unk")
-                                              and not model.get("byte_fallback")):
+    if spec.get("normalizer") is not None or (
+        model.get("fuse_unk") and not model.get("byte_fallback")
+    ):
         return None
     stack = [spec.get("pre_tokenizer")]
     while stack:
@@ -309,8 +322,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"the request body is larger than the server's limit of "
-                                f"{limit} bytes (--max-request-bytes)", code="request_too_large")
+            raise APIError(
+                413,
+                f"the request body is larger than the server's limit of "
+                f"{limit} bytes (--max-request-bytes)",
+                code="request_too_large",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -324,8 +341,12 @@ def validate_json(model: type[Model], raw: bytes) -> Model:
     return parse_model(model, raw)
 
 
-async def parse_body(request: Request, model: type[Model], ctx: ServerContext,
-                     then: Callable[[Model], Any] | None = None) -> Any:
+async def parse_body(
+    request: Request,
+    model: type[Model],
+    ctx: ServerContext,
+    then: Callable[[Model], Any] | None = None,
+) -> Any:
     """Read, parse and validate a request body off the event loop.
 
     Args:
@@ -353,8 +374,7 @@ def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` describing a JSON body a route parses itself (for /docs)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": schema}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 # ---- checks shared by the native and OpenAI routes --------------------------------------------
@@ -363,8 +383,12 @@ def body_doc(model: type[BaseModel]) -> dict[str, Any]:
 def check_model(ctx: ServerContext, model: str | None) -> None:
     """400 unless ``model`` is omitted or names the served model."""
     if model is not None and model not in (ctx.served_model_name, ctx.engine.model_name):
-        raise APIError(400, f"the model {model!r} does not exist; this server serves "
-                            f"{ctx.served_model_name!r}", "model", "model_not_found")
+        raise APIError(
+            400,
+            f"the model {model!r} does not exist; this server serves {ctx.served_model_name!r}",
+            "model",
+            "model_not_found",
+        )
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
@@ -377,8 +401,9 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise APIError(400, f"'{param}' must not contain an empty prompt", param)
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise APIError(400, f"token id {bad} in '{param}' is outside the vocabulary "
-                            f"(size {vocab_size})", param)
+        raise APIError(
+            400, f"token id {bad} in '{param}' is outside the vocabulary (size {vocab_size})", param
+        )
 
 
 def encode_prompt(ctx: ServerContext, text: str, param: str, **kwargs: Any) -> list[int]:
@@ -419,9 +444,12 @@ def fan_out(group: str, params: dict[str, Any], max_n: int) -> list[tuple[str, d
     return out
 
 
-def chat_prompt_ids(ctx: ServerContext, messages: list[dict[str, Any]],
-                    add_generation_prompt: bool = True, continue_final: bool = False
-                    ) -> list[int]:
+def chat_prompt_ids(
+    ctx: ServerContext,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final: bool = False,
+) -> list[int]:
     """Apply the tokenizer's chat template and return token ids (BOS as the template puts it).
 
     Blocking: call it off the loop.
@@ -431,17 +459,23 @@ def chat_prompt_ids(ctx: ServerContext, messages: list[dict[str, Any]],
     """
     tokenizer = ctx.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
-                       "messages")
+        raise APIError(
+            400, "this model's tokenizer has no chat template; use /v1/completions", "messages"
+        )
     # stripped: a template may trim what it puts in
-    check_text_fits(ctx.bounds, sum(text_bytes(str(m.get("content") or "").strip())
-                                    for m in messages), "messages")
+    check_text_fits(
+        ctx.bounds,
+        sum(text_bytes(str(m.get("content") or "").strip()) for m in messages),
+        "messages",
+    )
     try:
         out = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt and not continue_final,
-            continue_final_message=continue_final, tokenize=True, return_dict=True)
+            messages,
+            add_generation_prompt=add_generation_prompt and not continue_final,
+            continue_final_message=continue_final,
+            tokenize=True,
+            return_dict=True,
+        )
     except Exception as exc:  # jinja raise_exception, TemplateError, bad roles...
-        raise APIError(400, f"the chat template rejected the messages: {exc}",
-                       "messages") from None
+        raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from None
     return list(out["input_ids"])
-

@@ -291,6 +291,7 @@ async def detokenize(request: Request, ctx: ServerContext = Depends(get_context)
 
 
 def _detokenize(body: DetokenizeRequest, ctx: ServerContext) -> dict[str, Any]:
+    check_prompt_length(ctx.bounds, len(body.tokens), "tokens")  # no longer than a context
     check_values(body)
     check_model(ctx, body.model)
     vocab = len(ctx.tokenizer)

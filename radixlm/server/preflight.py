@@ -61,8 +61,11 @@ def parse_model(model: type[Model], raw: bytes) -> Model:
     except ValidationError as exc:
         errors = list(exc.errors(include_url=False))
     message = str(errors[0].get("msg")) if errors else ""
-    if errors and errors[0].get("type") == "json_invalid" and ("surrogate" in message
-                                                     or "hex escape" in message):
+    if (
+        errors
+        and errors[0].get("type") == "json_invalid"
+        and ("surrogate" in message or "hex escape" in message)
+    ):
         try:
             return model.model_validate(json.loads(raw))
         except ValidationError as exc:
@@ -76,16 +79,24 @@ def parse_model(model: type[Model], raw: bytes) -> Model:
 def check_sequences(bounds: Bounds, prompts: int, n: int, param: str) -> None:
     """400 when a request asks for more than ``max_sequences`` prompts x ``n``."""
     if prompts * n > bounds.max_sequences:
-        raise APIError(400, f"the request asks for {prompts} prompt(s) x n={n} = {prompts * n} "
-                            f"sequences; the server's limit is {bounds.max_sequences} per "
-                            "request (--max-sequences-per-request)", param)
+        raise APIError(
+            400,
+            f"the request asks for {prompts} prompt(s) x n={n} = {prompts * n} "
+            f"sequences; the server's limit is {bounds.max_sequences} per "
+            "request (--max-sequences-per-request)",
+            param,
+        )
 
 
 def check_prompt_length(bounds: Bounds, length: int, param: str) -> None:
     """400 for a prompt longer than the context (before anyone walks its ids)."""
     if length > bounds.context_length:
-        raise APIError(400, f"This model's maximum context length is {bounds.context_length} "
-                            f"tokens; your request has {length} input tokens.", param)
+        raise APIError(
+            400,
+            f"This model's maximum context length is {bounds.context_length} "
+            f"tokens; your request has {length} input tokens.",
+            param,
+        )
 
 
 def check_text_fits(bounds: Bounds, size: int, param: str) -> None:
@@ -93,9 +104,13 @@ def check_text_fits(bounds: Bounds, size: int, param: str) -> None:
     tokenization (each token stands for at most ``max_bytes_per_token`` bytes)."""
     per_token = bounds.max_bytes_per_token
     if per_token and size > bounds.context_length * per_token:
-        raise APIError(400, f"This model's maximum context length is {bounds.context_length} "
-                            f"tokens; your prompt of {size} bytes is longer than that many "
-                            "tokens can be.", param)
+        raise APIError(
+            400,
+            f"This model's maximum context length is {bounds.context_length} "
+            f"tokens; your prompt of {size} bytes is longer than that many "
+            "tokens can be.",
+            param,
+        )
 
 
 def text_bytes(text: str) -> int:
@@ -109,13 +124,19 @@ def check_bounds(body: BaseModel, bounds: Bounds) -> None:
         APIError: 400 naming the field.
     """
     if isinstance(body, protocol.GenerateRequest):
-        _check_prompts(bounds, body.text if body.text is not None else body.input_ids,
-                       "text" if body.text is not None else "input_ids", 1)
+        _check_prompts(
+            bounds,
+            body.text if body.text is not None else body.input_ids,
+            "text" if body.text is not None else "input_ids",
+            1,
+        )
     elif isinstance(body, protocol.CompletionRequest):
         _check_prompts(bounds, body.prompt, "prompt", body.n)
     elif isinstance(body, protocol.ChatCompletionRequest):
         check_sequences(bounds, 1, body.n, "n")
         check_text_fits(bounds, sum(text_bytes(_content(m)) for m in body.messages), "messages")
+    elif isinstance(body, protocol.DetokenizeRequest):
+        check_prompt_length(bounds, len(body.tokens), "tokens")
     elif isinstance(body, protocol.TokenizeRequest):
         text = body.prompt if body.prompt is not None else body.text
         if text is not None:
@@ -164,6 +185,7 @@ def preflight(model_name: str, raw: bytes, bounds: Bounds) -> tuple[int, str, st
 
 def _watch_parent(parent: int) -> None:
     """Exit when the server process is gone (so no preflight worker outlives it)."""
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(_PARENT_POLL_S)
@@ -174,5 +196,6 @@ def _watch_parent(parent: int) -> None:
 
 def preflight_pool() -> ProcessPoolExecutor:
     """One worker process for :func:`preflight` (started on first use)."""
-    return ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"),
-                               initializer=_watch_parent, initargs=(os.getpid(),))
+    return ProcessPoolExecutor(
+        1, mp_context=mp.get_context("spawn"), initializer=_watch_parent, initargs=(os.getpid(),)
+    )

@@ -50,8 +50,11 @@ class HeaderDeadlineH11Protocol(H11Protocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            logger.info("closing a connection from %s: no complete request headers within "
-                        "%gs", self.client, self.header_timeout)
+            logger.info(
+                "closing a connection from %s: no complete request headers within %gs",
+                self.client,
+                self.header_timeout,
+            )
             self.transport.close()
 
 
@@ -64,5 +67,8 @@ def guarded_h11_protocol(header_timeout: float) -> type[HeaderDeadlineH11Protoco
     Returns:
         A subclass of :class:`HeaderDeadlineH11Protocol` bound to ``header_timeout``.
     """
-    return type("HeaderDeadlineH11Protocol", (HeaderDeadlineH11Protocol,),
-                {"header_timeout": header_timeout})
+    return type(
+        "HeaderDeadlineH11Protocol",
+        (HeaderDeadlineH11Protocol,),
+        {"header_timeout": header_timeout},
+    )

@@ -31,13 +31,17 @@ async def _finish(stream) -> dict:
 
 def test_abort_is_exact_and_covers_a_requests_own_samples(engine):
     async def scenario() -> None:
-        streams = {rid: await engine.async_generate(prompt=f"p {rid}", sampling_params=LONG,
-                                                    rid=rid, stream=True)
-                   for rid in ("a", "a-1", "ab")}
+        streams = {
+            rid: await engine.async_generate(
+                prompt=f"p {rid}", sampling_params=LONG, rid=rid, stream=True
+            )
+            for rid in ("a", "a-1", "ab")
+        }
         for stream in streams.values():
             await _started(stream)
-        samples = asyncio.ensure_future(engine.async_generate(
-            prompt="q", sampling_params={**LONG, "n": 2}, rid="b"))
+        samples = asyncio.ensure_future(
+            engine.async_generate(prompt="q", sampling_params={**LONG, "n": 2}, rid="b")
+        )
         await asyncio.sleep(0.3)
         engine.abort("")  # neither an empty id ...
         engine.abort("b-")  # ... nor a prefix of a sample's id aborts anything
@@ -60,14 +64,16 @@ def test_abort_is_exact_and_covers_a_requests_own_samples(engine):
 
 def test_sample_ids_cannot_collide_with_other_requests(engine):
     async def scenario() -> None:
-        stream = await engine.async_generate(prompt="c", sampling_params=LONG, rid="c-0",
-                                             stream=True)
+        stream = await engine.async_generate(
+            prompt="c", sampling_params=LONG, rid="c-0", stream=True
+        )
         await _started(stream)
         with pytest.raises(RequestError, match="already in flight"):
             await engine.async_generate(prompt="d", sampling_params={**LONG, "n": 2}, rid="c")
         with pytest.raises(RequestError, match="already in flight"):
-            await engine.async_generate(prompt=["e", "f"], sampling_params={**LONG, "n": 2},
-                                        rid=["g", "g-0"])
+            await engine.async_generate(
+                prompt=["e", "f"], sampling_params={**LONG, "n": 2}, rid=["g", "g-0"]
+            )
         engine.abort("c-0")
         assert (await _finish(stream))["type"] == "abort"
 

@@ -35,13 +35,29 @@ ORIGIN = "http://app.example"
 
 @pytest.fixture(scope="module")
 def server(launch_server, demo_model_dir):
-    return launch_server([
-        "--model", str(demo_model_dir), "--kv-cache-tokens", "8192",
-        "--max-running-requests", str(MAX_RUNNING), "--max-queued-requests", str(MAX_QUEUED),
-        "--max-request-bytes", str(MAX_BYTES), "--max-sequences-per-request",
-        str(MAX_SEQUENCES), "--header-timeout", str(HEADER_TIMEOUT_S),
-        "--request-timeout", str(REQUEST_TIMEOUT_S), "--allowed-origins", ORIGIN,
-        "--disable-docs"])
+    return launch_server(
+        [
+            "--model",
+            str(demo_model_dir),
+            "--kv-cache-tokens",
+            "8192",
+            "--max-running-requests",
+            str(MAX_RUNNING),
+            "--max-queued-requests",
+            str(MAX_QUEUED),
+            "--max-request-bytes",
+            str(MAX_BYTES),
+            "--max-sequences-per-request",
+            str(MAX_SEQUENCES),
+            "--header-timeout",
+            str(HEADER_TIMEOUT_S),
+            "--request-timeout",
+            str(REQUEST_TIMEOUT_S),
+            "--allowed-origins",
+            ORIGIN,
+            "--disable-docs",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +85,9 @@ class Stream:
         self.thread.start()
 
     def _run(self, url: str, body: dict) -> None:
-        with httpx.stream("POST", url + "/generate", json={**body, "stream": True},
-                          timeout=120) as r:
+        with httpx.stream(
+            "POST", url + "/generate", json={**body, "stream": True}, timeout=120
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     self.chunks.append((time.monotonic(), json.loads(line[6:])))
@@ -114,12 +131,10 @@ def test_abort_matches_request_ids_exactly(server, http):
 
 
 def test_abort_of_a_request_aborts_its_own_samples(server, http):
-    both = Stream(server.url, {"text": "three", "rid": "grp",
-                               "sampling_params": {**LONG, "n": 2}})
+    both = Stream(server.url, {"text": "three", "rid": "grp", "sampling_params": {**LONG, "n": 2}})
     other = Stream(server.url, {"text": "four", "rid": "grp-x", "sampling_params": LONG})
     assert both.started.wait(60) and other.started.wait(60)
-    assert sorted(http.post("/abort", json={"rid": "grp"}).json()["rids"]) == ["grp-0",
-                                                                             "grp-1"]
+    assert sorted(http.post("/abort", json={"rid": "grp"}).json()["rids"]) == ["grp-0", "grp-1"]
     both.join()
     assert both.finishes() == {0: "abort", 1: "abort"}
     assert not other.finishes()
@@ -130,8 +145,12 @@ def test_abort_of_a_request_aborts_its_own_samples(server, http):
 def test_a_disconnect_aborts_only_its_own_request(server, http):
     keep = Stream(server.url, {"text": "five", "rid": "conn-1", "sampling_params": LONG})
     assert keep.started.wait(60)
-    with httpx.stream("POST", server.url + "/generate", timeout=60, json={
-            "text": "six", "rid": "conn", "stream": True, "sampling_params": LONG}) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/generate",
+        timeout=60,
+        json={"text": "six", "rid": "conn", "stream": True, "sampling_params": LONG},
+    ) as r:
         next(r.iter_lines())  # started; leaving the block drops the connection
     left_at = time.monotonic()
     time.sleep(1.0)
@@ -158,8 +177,10 @@ def _raw_request(port: int, head: bytes, body_chunks=(), timeout: float = 30) ->
 
 
 def test_content_length_over_the_limit_is_413_before_the_body(server):
-    head = (f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {MAX_BYTES + 1}\r\n\r\n").encode()
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_BYTES + 1}\r\n\r\n"
+    ).encode()
     start = time.monotonic()
     reply = _raw_request(server.port, head)  # no body sent at all
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
@@ -167,8 +188,10 @@ def test_content_length_over_the_limit_is_413_before_the_body(server):
 
 
 def test_a_chunked_body_over_the_limit_is_413(server):
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     piece = b"x" * MiB
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * 12 + [b"1\r\nx\r\n"]
     reply = _raw_request(server.port, head, chunks)
@@ -204,8 +227,12 @@ class HealthProbe:
     def __init__(self, url: str):
         self.latencies: list[float] = []
         self.failures: list[str] = []
-        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE, url],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _PROBE, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def stop(self) -> float:
         """Stop polling; returns the 99th-percentile latency."""
@@ -219,9 +246,11 @@ class HealthProbe:
 def test_health_stays_responsive_while_8mb_requests_are_processed(server, http):
     text = ("lorem ipsum dolor sit amet " * 400_000)[: 8 * MiB]
     ids = [i % 2000 for i in range(1_700_000)]  # ~8 MB of JSON
-    bodies = [("/generate", {"text": text}),
-              ("/v1/completions", {"prompt": ids, "max_tokens": 4}),
-              ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]})]
+    bodies = [
+        ("/generate", {"text": text}),
+        ("/v1/completions", {"prompt": ids, "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}),
+    ]
     probe = HealthProbe(server.url)
     time.sleep(0.3)
     try:
@@ -235,18 +264,25 @@ def test_health_stays_responsive_while_8mb_requests_are_processed(server, http):
         p99 = probe.stop()
     assert not probe.failures
     assert len(probe.latencies) >= 5
+    print(
+        f"/health during 8 MB requests: {len(probe.latencies)} probes, "
+        f"p99 {p99 * 1000:.1f} ms, max {max(probe.latencies) * 1000:.1f} ms"
+    )
     assert p99 < 0.2, f"/health p99 {p99 * 1000:.0f} ms while 8 MB requests were processed"
 
 
 def test_prompts_times_n_is_capped(http):
-    r = http.post("/v1/completions", json={"prompt": ["a", "b", "c", "d", "e"], "n": 4,
-                                            "max_tokens": 1})
+    r = http.post(
+        "/v1/completions", json={"prompt": ["a", "b", "c", "d", "e"], "n": 4, "max_tokens": 1}
+    )
     assert r.status_code == 400 and _error(r)["param"] == "n"
     assert "--max-sequences-per-request" in _error(r)["message"]
     r = http.post("/generate", json={"text": ["a"] * (MAX_SEQUENCES + 1)})
     assert r.status_code == 400 and _error(r)["param"] == "text"
-    r = http.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "n": MAX_SEQUENCES + 1})
+    r = http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "n": MAX_SEQUENCES + 1},
+    )
     assert r.status_code == 400
 
 
@@ -256,20 +292,26 @@ USER = [{"role": "user", "content": "hi"}]
 NAN_SCHEMA = '{"type": "number", "maximum": NaN}'
 
 
-@pytest.mark.parametrize("route, body, param", [
-    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": "4"}, "max_tokens"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"messages": USER, "logprobs": 1}, "logprobs"),
-    ("/v1/chat/completions", {"messages": USER, "json_schema": NAN_SCHEMA}, "json_schema"),
-    ("/tokenize", {"prompt": "hi", "add_special_tokens": "no"}, "add_special_tokens"),
-    ("/abort", {"abort_all": "yes"}, "abort_all"),
-    ("/generate", {"input_ids": [True]}, "input_ids"),
-    ("/generate", {"text": "hi", "stream": 0}, "stream"),
-    ("/generate", {"text": "hi", "sampling_params": {"json_schema": NAN_SCHEMA}},
-     "json_schema"),
-    ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "4"}}, "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "4"}, "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"messages": USER, "logprobs": 1}, "logprobs"),
+        ("/v1/chat/completions", {"messages": USER, "json_schema": NAN_SCHEMA}, "json_schema"),
+        ("/tokenize", {"prompt": "hi", "add_special_tokens": "no"}, "add_special_tokens"),
+        ("/abort", {"abort_all": "yes"}, "abort_all"),
+        ("/generate", {"input_ids": [True]}, "input_ids"),
+        ("/generate", {"text": "hi", "stream": 0}, "stream"),
+        (
+            "/generate",
+            {"text": "hi", "sampling_params": {"json_schema": NAN_SCHEMA}},
+            "json_schema",
+        ),
+        ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "4"}}, "max_new_tokens"),
+    ],
+)
 def test_lax_types_are_400_naming_the_field(http, route, body, param):
     r = http.post(route, json=body)
     assert r.status_code == 400, r.text
@@ -327,9 +369,12 @@ def test_slow_but_complete_headers_are_served(server):
 
 # ---- 10. logprobs under a grammar -------------------------------------------------------------
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
-                                           "age": {"type": "integer"}},
-          "required": ["name", "age"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 
 
 def _finite_number(value: object) -> bool:
@@ -337,23 +382,48 @@ def _finite_number(value: object) -> bool:
 
 
 def test_constrained_logprobs_have_no_null_and_no_masked_alternatives(http):
-    native = http.post("/generate", json={"text": "Person:", "sampling_params": {
-        "json_schema": json.dumps(SCHEMA), "max_new_tokens": 40, "temperature": 0}}).json()
+    native = http.post(
+        "/generate",
+        json={
+            "text": "Person:",
+            "sampling_params": {
+                "json_schema": json.dumps(SCHEMA),
+                "max_new_tokens": 40,
+                "temperature": 0,
+            },
+        },
+    ).json()
     assert native["meta_info"]["jump_forward_tokens"] > 0  # the grammar forced some tokens
-    chat = http.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "A person"}], "max_tokens": 40,
-        "temperature": 0, "logprobs": True, "top_logprobs": 5,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "p",
-                                                                   "schema": SCHEMA}}})
+    chat = http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "A person"}],
+            "max_tokens": 40,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": SCHEMA},
+            },
+        },
+    )
     assert chat.status_code == 200
     assert "null" not in json.dumps(chat.json()["choices"][0]["logprobs"]["content"])
     content = chat.json()["choices"][0]["logprobs"]["content"]
     assert content and all(_finite_number(e["logprob"]) for e in content)
     for entry in content:
         assert all(_finite_number(t["logprob"]) for t in entry["top_logprobs"])
-    comp = http.post("/v1/completions", json={
-        "prompt": "Person:", "max_tokens": 40, "temperature": 0, "logprobs": 5,
-        "json_schema": json.dumps(SCHEMA)}).json()
+    comp = http.post(
+        "/v1/completions",
+        json={
+            "prompt": "Person:",
+            "max_tokens": 40,
+            "temperature": 0,
+            "logprobs": 5,
+            "json_schema": json.dumps(SCHEMA),
+        },
+    ).json()
     lp = comp["choices"][0]["logprobs"]
     assert lp["tokens"] and all(_finite_number(x) for x in lp["token_logprobs"])
     assert len(lp["tokens"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
@@ -367,8 +437,13 @@ def test_constrained_logprobs_have_no_null_and_no_masked_alternatives(http):
 
 
 def test_a_full_queue_is_429_with_retry_after(http):
-    r = http.post("/generate", json={"text": ["q"] * (MAX_RUNNING + MAX_QUEUED + 1),
-                                     "sampling_params": {"max_new_tokens": 1}})
+    r = http.post(
+        "/generate",
+        json={
+            "text": ["q"] * (MAX_RUNNING + MAX_QUEUED + 1),
+            "sampling_params": {"max_new_tokens": 1},
+        },
+    )
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) >= 1
     assert _error(r)["code"] == "queue_full"
@@ -377,8 +452,7 @@ def test_a_full_queue_is_429_with_retry_after(http):
 
 def test_request_timeout_aborts_a_long_request(http):
     start = time.monotonic()
-    r = http.post("/v1/completions", json={"prompt": "go", "max_tokens": 4000,
-                                            "ignore_eos": True})
+    r = http.post("/v1/completions", json={"prompt": "go", "max_tokens": 4000, "ignore_eos": True})
     elapsed = time.monotonic() - start
     assert r.status_code == 200
     assert r.json()["choices"][0]["finish_reason"] == "abort"
@@ -386,12 +460,13 @@ def test_request_timeout_aborts_a_long_request(http):
 
 
 def test_cors_allows_only_the_configured_origin(http):
-    preflight = {"Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type"}
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
     ok = http.options("/v1/completions", headers={"Origin": ORIGIN, **preflight})
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
-    bad = http.options("/v1/completions", headers={"Origin": "http://evil.example",
-                                                    **preflight})
+    bad = http.options("/v1/completions", headers={"Origin": "http://evil.example", **preflight})
     assert "access-control-allow-origin" not in bad.headers
     simple = http.get("/health", headers={"Origin": ORIGIN})
     assert simple.headers["access-control-allow-origin"] == ORIGIN
@@ -432,22 +507,47 @@ def _soak_request(i: int) -> tuple[str, str, object, dict]:
     user = [{"role": "user", "content": f"hello {i}"}]
     kinds = [
         ("ok", "/generate", {"text": f"soak {i}", "sampling_params": small}, {}),
-        ("ok", "/generate", {"input_ids": [1, 2, i % 500 + 3], "stream": True,
-                             "sampling_params": small}, {}),
+        (
+            "ok",
+            "/generate",
+            {"input_ids": [1, 2, i % 500 + 3], "stream": True, "sampling_params": small},
+            {},
+        ),
         ("ok", "/v1/completions", {"prompt": f"soak {i}", "max_tokens": 3, "n": 2}, {}),
-        ("ok", "/v1/chat/completions", {"messages": user, "max_tokens": 3, "stream": True,
-                                        "logprobs": True, "top_logprobs": 2}, {}),
+        (
+            "ok",
+            "/v1/chat/completions",
+            {
+                "messages": user,
+                "max_tokens": 3,
+                "stream": True,
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
+            {},
+        ),
         ("bad", "/v1/completions", b'{"prompt": "x", "max_tokens": ', {}),
         ("bad", "/v1/chat/completions", {"messages": user, "stream": "yes"}, {}),
         ("bad", "/generate", {"text": "x", "sampling_params": {"temperature": "hot"}}, {}),
         ("bad", "/generate", b"[" * 5000, {}),
         ("bad", "/v1/completions", {"prompt": [[True]]}, {}),
         ("bad", "/nope", {}, {}),
-        ("drop", "/generate", {"text": f"drop {i}", "stream": True,
-                               "sampling_params": {"max_new_tokens": 500,
-                                                   "ignore_eos": True}}, {}),
-        ("drop", "/v1/completions", {"prompt": f"drop {i}", "max_tokens": 500,
-                                     "ignore_eos": True}, {"timeout": 0.2}),
+        (
+            "drop",
+            "/generate",
+            {
+                "text": f"drop {i}",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 500, "ignore_eos": True},
+            },
+            {},
+        ),
+        (
+            "drop",
+            "/v1/completions",
+            {"prompt": f"drop {i}", "max_tokens": 500, "ignore_eos": True},
+            {"timeout": 0.2},
+        ),
         ("ok", "/abort", {"rid": f"nobody-{i}"}, {}),
         ("ok", "/tokenize", {"prompt": f"soak {i}"}, {}),
     ]
@@ -467,8 +567,9 @@ async def _soak_one(client, i: int, statuses: list, hangs: list) -> None:
             return
         timeout = options.get("timeout", SOAK_TIMEOUT_S)
         if route.startswith("/v1/chat") or b'"stream": true' in content:
-            async with client.stream("POST", route, content=content, headers=headers,
-                                     timeout=timeout) as r:
+            async with client.stream(
+                "POST", route, content=content, headers=headers, timeout=timeout
+            ) as r:
                 statuses.append(r.status_code)
                 async for _ in r.aiter_lines():
                     pass
@@ -488,21 +589,27 @@ def test_soak_mixed_malformed_and_disconnecting_requests(server, http):
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=SOAK_CONCURRENCY * 2)
-        async with httpx.AsyncClient(base_url=server.url, timeout=SOAK_TIMEOUT_S,
-                                     limits=limits) as client:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=SOAK_TIMEOUT_S, limits=limits
+        ) as client:
             gate = asyncio.Semaphore(SOAK_CONCURRENCY)
 
             async def gated(i: int) -> None:
                 async with gate:
                     await _soak_one(client, i, statuses, hangs)
 
-            await asyncio.wait_for(asyncio.gather(*(gated(i) for i in range(SOAK_REQUESTS))),
-                                   SOAK_TIMEOUT_S)
+            await asyncio.wait_for(
+                asyncio.gather(*(gated(i) for i in range(SOAK_REQUESTS))), SOAK_TIMEOUT_S
+            )
 
     start = time.monotonic()
     probe = HealthProbe(server.url)
-    big = threading.Thread(target=lambda: statuses.append(http.post("/generate", json={
-        "text": "z" * (8 * MiB)}).status_code), daemon=True)
+    big = threading.Thread(
+        target=lambda: statuses.append(
+            http.post("/generate", json={"text": "z" * (8 * MiB)}).status_code
+        ),
+        daemon=True,
+    )
     big.start()
     try:
         asyncio.run(run())
@@ -514,6 +621,10 @@ def test_soak_mixed_malformed_and_disconnecting_requests(server, http):
     assert len(statuses) >= SOAK_REQUESTS - SOAK_REQUESTS // 14  # short-timeout drops aside
     assert not [s for s in statuses if s >= 500], sorted(set(statuses))
     assert statuses.count(200) > SOAK_REQUESTS // 3
+    print(
+        f"soak: {len(statuses)} answers, statuses {sorted(set(statuses))}, /health "
+        f"{len(probe.latencies)} probes, p99 {p99 * 1000:.1f} ms"
+    )
     assert not probe.failures and p99 < 0.2, f"/health p99 {p99 * 1000:.0f} ms"
 
 
@@ -535,18 +646,49 @@ def _self_signed(directory) -> tuple[str, str]:
     if openssl is None:
         pytest.skip("the openssl command is needed to make a test certificate")
     key, cert = directory / "key.pem", directory / "cert.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(key), str(cert)
 
 
 @pytest.fixture(scope="module")
 def tls_server(launch_server, demo_model_dir, tmp_path_factory):
     key, cert = _self_signed(tmp_path_factory.mktemp("tls"))
-    server = launch_server(["--model", str(demo_model_dir), "--kv-cache-tokens", "4096",
-                            "--ssl-keyfile", key, "--ssl-certfile", cert], scheme="https")
+    server = launch_server(
+        [
+            "--model",
+            str(demo_model_dir),
+            "--kv-cache-tokens",
+            "4096",
+            "--ssl-keyfile",
+            key,
+            "--ssl-certfile",
+            cert,
+        ],
+        scheme="https",
+    )
     server.cert = cert
     return server
 
@@ -579,15 +721,19 @@ def test_a_dead_core_is_reaped_and_the_server_exits_non_zero(tls_server):
     server = tls_server
     client = httpx.Client(base_url=server.url, verify=server.cert, timeout=60)
     # the engine core: a multiprocessing child (not the resource tracker)
-    cores = [pid for pid in _children(server.proc.pid)
-             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-             and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    cores = [
+        pid
+        for pid in _children(server.proc.pid)
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
     assert len(cores) == 1, cores
     result: dict = {}
 
     def in_flight() -> None:
-        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3000,
-                                                  "ignore_eos": True})
+        r = client.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 3000, "ignore_eos": True}
+        )
         result["status"] = r.status_code
         result["body"] = r.json()
 

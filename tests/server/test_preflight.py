@@ -20,26 +20,44 @@ def _check(model: str, body: dict):
 def test_bodies_within_the_bounds_pass():
     assert _check("GenerateRequest", {"input_ids": [[1] * 100] * 8}) is None
     assert _check("CompletionRequest", {"prompt": ["x" * 1000] * 4, "n": 2}) is None
-    assert _check("ChatCompletionRequest", {"messages": [{"role": "user",
-                                                          "content": "y" * 1000}]}) is None
+    assert (
+        _check("ChatCompletionRequest", {"messages": [{"role": "user", "content": "y" * 1000}]})
+        is None
+    )
     # a text whose padding a template may strip is not counted
-    assert _check("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"
-                                                          + " " * 5000}]}) is None
+    assert (
+        _check(
+            "ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi" + " " * 5000}]}
+        )
+        is None
+    )
 
 
-@pytest.mark.parametrize("model, body, status, param", [
-    ("GenerateRequest", {"input_ids": [1] * 101}, 400, "input_ids"),
-    ("GenerateRequest", {"text": ["a"] * 9}, 400, "text"),
-    ("GenerateRequest", {"text": "x" * 1001}, 400, "text"),
-    ("CompletionRequest", {"prompt": ["a"] * 3, "n": 3}, 400, "n"),
-    ("CompletionRequest", {"prompt": [[1] * 101]}, 400, "prompt"),
-    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "z" * 1001}]}, 400,
-     "messages"),
-    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "z"}], "n": 9}, 400,
-     "n"),
-    ("TokenizeRequest", {"prompt": "t" * 1001}, 400, "prompt"),
-    ("CompletionRequest", {"prompt": "x", "max_tokens": "4"}, 400, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "model, body, status, param",
+    [
+        ("GenerateRequest", {"input_ids": [1] * 101}, 400, "input_ids"),
+        ("GenerateRequest", {"text": ["a"] * 9}, 400, "text"),
+        ("GenerateRequest", {"text": "x" * 1001}, 400, "text"),
+        ("CompletionRequest", {"prompt": ["a"] * 3, "n": 3}, 400, "n"),
+        ("CompletionRequest", {"prompt": [[1] * 101]}, 400, "prompt"),
+        (
+            "ChatCompletionRequest",
+            {"messages": [{"role": "user", "content": "z" * 1001}]},
+            400,
+            "messages",
+        ),
+        (
+            "ChatCompletionRequest",
+            {"messages": [{"role": "user", "content": "z"}], "n": 9},
+            400,
+            "n",
+        ),
+        ("TokenizeRequest", {"prompt": "t" * 1001}, 400, "prompt"),
+    ("DetokenizeRequest", {"tokens": [1] * 101}, 400, "tokens"),
+        ("CompletionRequest", {"prompt": "x", "max_tokens": "4"}, 400, "max_tokens"),
+    ],
+)
 def test_bodies_beyond_the_bounds_are_refused(model, body, status, param):
     error = _check(model, body)
     assert error is not None and error[0] == status and error[2] == param, error
@@ -51,8 +69,16 @@ def test_malformed_json_is_a_400():
 
 
 def test_bytes_per_token_bounds_real_tokenizations(llama3_tokenizer_dir, llama2_tokenizer_dir):
-    samples = ["Hello world " * 50, " " * 300, "\n\n\n\t\t" * 40, "日本語のテキスト" * 30,
-               "🙂🙃" * 50, "<|begin_of_text|>" * 5, "a" * 500, "0123456789" * 40]
+    samples = [
+        "Hello world " * 50,
+        " " * 300,
+        "\n\n\n\t\t" * 40,
+        "日本語のテキスト" * 30,
+        "🙂🙃" * 50,
+        "<|begin_of_text|>" * 5,
+        "a" * 500,
+        "0123456789" * 40,
+    ]
     for directory in (llama3_tokenizer_dir, llama2_tokenizer_dir):
         tokenizer = AutoTokenizer.from_pretrained(directory)
         per_token = max_bytes_per_token(tokenizer)

@@ -43,6 +43,17 @@ def test_api_key_is_required_except_for_probes(server, tiny_llama3_dir):
         bad.models.list()
 
 
+def test_paths_are_shown_only_behind_the_api_key(server, tiny_llama3_dir):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    info = httpx.get(server.url + "/server_info", headers=headers, timeout=30).json()
+    assert info["model_path"] == str(tiny_llama3_dir)
+    card = httpx.get(server.url + "/v1/models", headers=headers, timeout=30).json()["data"][0]
+    assert card["root"] == str(tiny_llama3_dir)
+    # and anonymous callers get nothing at all there (the probes carry no paths)
+    assert httpx.get(server.url + "/server_info", timeout=30).status_code == 401
+    assert str(tiny_llama3_dir) not in httpx.get(server.url + "/metrics", timeout=30).text
+
+
 def test_model_name_defaults_to_the_directory_name(client, tiny_llama3_dir):
     assert [m.id for m in client.models.list().data] == [tiny_llama3_dir.name]
 
