@@ -18,7 +18,7 @@ from radixlm.config import EngineConfig
 from radixlm.engine import ipc
 from radixlm.engine.core import run_core_loop
 from radixlm.engine.errors import EngineDeadError, QueueFullError, RequestError
-from radixlm.engine.frontend import RequestState, is_done
+from radixlm.engine.frontend import DeliveryBatch, RequestState, is_done, take_coalesced
 from radixlm.model.default_model import choose_model
 from radixlm.model.loader import model_metadata_dir
 from radixlm.request import LogprobOptions
@@ -114,20 +114,27 @@ class Engine:
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, ipc.Outputs):
-            for out in msg.items:
-                with self._lock:
-                    state = self._states.get(out.rid)
-                    if state is not None and out.finish is not None:
-                        del self._states[out.rid]
-                        self._forget_sub(out.rid)
-                if state is not None:
-                    state.apply(out)
+            deliveries = DeliveryBatch()  # one hand-over per event loop for the whole step
+            try:
+                self._apply_outputs(msg.items, deliveries)
+            finally:
+                deliveries.flush()
         elif isinstance(msg, ipc.ControlReply):
             future = self._replies.pop(msg.token, None)
             if future is not None:
                 future.set_result(msg.value)
         elif isinstance(msg, ipc.Fatal):  # the core is stopping (a tensor-parallel rank died)
             self._mark_dead(msg.message)
+
+    def _apply_outputs(self, outputs: list, deliveries: DeliveryBatch) -> None:
+        for out in outputs:
+            with self._lock:
+                state = self._states.get(out.rid)
+                if state is not None and out.finish is not None:
+                    del self._states[out.rid]
+                    self._forget_sub(out.rid)
+            if state is not None:
+                state.apply(out, deliveries)
 
     def _mark_dead(self, reason: str) -> None:
         # Both the receiving thread and a failed send may find the core gone: first one wins.
@@ -326,11 +333,13 @@ class Engine:
         return results[0] if single and len(results) == 1 else results
 
     def _iterate(self, state: RequestState) -> Iterator[dict[str, Any]]:
+        held = None  # an item taken from the queue while merging chunks, to handle next
         try:
             while True:
-                item = state.events.get()
+                item, held = (held, None) if held is not None else (state.events.get(), None)
                 if is_done(item):
                     return
+                item, held = take_coalesced(item, state.events)
                 yield _raise_if_error(item, state)
         finally:
             if not state.finished:
@@ -356,11 +365,15 @@ class Engine:
         return results[0] if single and len(results) == 1 else list(results)
 
     async def _aiterate(self, state: RequestState) -> AsyncIterator[dict[str, Any]]:
+        held = None  # an item taken from the queue while merging chunks, to handle next
         try:
             while True:
-                item = await state.events.get()
+                item, held = (held, None) if held is not None else (await state.events.get(),
+                                                                    None)
                 if is_done(item):
                     return
+                # A consumer behind by several steps sends their tokens as one chunk.
+                item, held = take_coalesced(item, state.events)
                 yield _raise_if_error(item, state)
         finally:
             if not state.finished:
