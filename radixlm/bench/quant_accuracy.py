@@ -44,6 +44,7 @@ from radixlm.bench.common import (
 )
 from radixlm.kvcache.pool import FP8_KV_DTYPE, KVPool, resolve_kv_dtype
 from radixlm.model.attention import create_attention_backend
+from radixlm.model.layers.fp8 import Fp8Linear, Fp8LinearConfig
 from radixlm.model.loader import load_model, resolve_device
 
 INSTRUCTIONS = [
@@ -93,6 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=64,
         help="prompt length when the model has no chat template",
     )
+    parser.add_argument(
+        "--triton-max-m",
+        type=int,
+        default=None,
+        help="FP8 layers: most rows that take the W8A16 path (Triton on GPU, emulated on CPU; "
+        "<= 64); default Fp8LinearConfig's",
+    )
     return parser.parse_args(argv)
 
 
@@ -141,6 +149,11 @@ def run_model(
     """Greedy-decode every prompt, then score prompt + ``forced`` (default: own tokens)."""
     device = resolve_device(args.device)
     model = load_model(model_dir, args.dtype, device, progress=False, quantization=quantization)
+    if args.triton_max_m is not None:
+        config = Fp8LinearConfig(triton_max_m=min(args.triton_max_m, 64))
+        for module in model.modules():
+            if isinstance(module, Fp8Linear):
+                module.config = config
     arch = model.arch
     dtype = model.lm_head.weight.dtype
     kv_dtype = resolve_kv_dtype(kv_cache_dtype, dtype)
@@ -223,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     cand = run_model(model_dir, args, quantization, args.kv_cache_dtype, prompts, ref.tokens)
     result = compare(ref, cand)
     label = f"quantization={quantization} kv_cache_dtype={args.kv_cache_dtype}"
+    if args.triton_max_m is not None:
+        label += f" triton_max_m={min(args.triton_max_m, 64)}"
     print(f"quant-accuracy on {device}, {model_dir}: {label} vs the {args.dtype} model")
     print(
         f"  {result['prompts']} prompts x {args.output_len} greedy tokens: agreement "
