@@ -135,6 +135,8 @@ class StepLoop:
             if step.pending.bitmask is not None:
                 self.scheduler.fill_bitmask(step.batch, step.pending.bitmask)
             step.pending.commit_mask()
+        except RunnerDeadError:
+            raise
         except Exception as exc:  # a grammar or sampling failure fails this batch only
             logger.error("masking or sampling failed:\n%s", traceback.format_exc())
             self.in_flight = None
