@@ -37,12 +37,13 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def f64_product(x, w_fp8, w_scale, bias=None, quantize_input=True) -> torch.Tensor:
-    """float64 x @ dequant(w).T (+ bias), the activation rounded through per-row FP8 first."""
+    """float64 x @ dequant(w).T (+ bias), the activation rounded through per-row FP8 first
+    (float32 scales, as the layer computes them), on ``x``'s device."""
     xd = x.double()
     if quantize_input:
-        amax = xd.abs().amax(-1, keepdim=True).clamp(min=1e-12)
-        scale = (amax / 448).float()  # the scale itself is a float32 value
-        q = (xd / scale.double()).clamp(-448, 448).to(FP8_DTYPE)
+        amax = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        scale = amax / 448
+        q = (x.float() / scale).clamp(-448, 448).to(FP8_DTYPE)
         xd = q.double() * scale.double()
     out = xd @ (w_fp8.double() * w_scale.double()[:, None]).t()
     return out if bias is None else out + bias.double()
@@ -332,7 +333,7 @@ def test_gpu_fp8_linear_matches_the_reference(m, k, n):
     out = fp8_linear(x, w_fp8, w_scale)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     small = m <= Fp8LinearConfig().triton_max_m
-    ref = f64_product(x.float().cpu(), w_fp8.cpu(), w_scale.cpu(), quantize_input=not small)
+    ref = f64_product(x.float(), w_fp8, w_scale, quantize_input=not small).cpu()
     # bf16 output rounding (2^-9) plus, on the _scaled_mm path, rare one-step activation
     # rounding differences of the GPU's division.
     assert rel_err(out, ref) < 1e-2
