@@ -126,6 +126,8 @@ def _constraint(args: argparse.Namespace) -> dict[str, Any] | None:
         return {"json_schema": path.read_text() if path.is_file() else args.json_schema}
     if args.regex:
         return {"regex": args.regex}
+    if args.choices:
+        return {"choices": list(args.choices)}
     return None
 
 
@@ -170,8 +172,10 @@ class RunResult:
 def engine_config(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     opts = {"model": str(model_dir), **engine_options(args),
             "enable_radix_cache": not args.disable_radix_cache}
+    if args.disable_jump_forward:
+        opts["enable_jump_forward"] = False
     for name in ("kv_cache_tokens", "max_running_requests", "chunked_prefill_size",
-                 "max_prefill_tokens", "schedule_policy", "mem_fraction"):
+                 "max_prefill_tokens", "schedule_policy", "mem_fraction", "grammar_backend"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     return opts
@@ -295,6 +299,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--json-schema", default=None,
                       help="constrain every request to this JSON schema (a file or JSON text)")
     data.add_argument("--regex", default=None, help="constrain every request to this regex")
+    data.add_argument("--choices", nargs="+", default=None,
+                      help="constrain every request to one of these strings")
+    data.add_argument("--grammar-backend", default=None, choices=["llguidance", "outlines"],
+                      help="constrained-decoding backend (default: the engine's)")
+    data.add_argument("--disable-jump-forward", action="store_true",
+                      help="sample forced grammar text token by token instead of splicing it")
     eng = parser.add_argument_group("engine")
     eng.add_argument("--disable-radix-cache", action="store_true")
     eng.add_argument("--engine-process", action="store_true",

@@ -124,3 +124,14 @@ def test_aborted_requests_are_reported():
     run = offline._drive(_AbortingCore(), reqs, "t", torch.device("cpu"))
     assert run.output_tokens == 1
     assert run.aborted == ["t-1: forward failed"]
+
+
+def test_offline_constrained_with_a_real_tokenizer(tiny_llama3_dir, tmp_path, ceilings):
+    """--choices (like --regex/--json-schema) compiles against the model's real tokenizer and
+    every request ends with one of the choices (EOS ignored, the grammar completes)."""
+    rows = _run(["--model", str(tiny_llama3_dir), "--num-requests", "4", "--input-len", "8",
+                 "--output-len", "8", "--warmup-requests", "1", "--choices", "red", "green",
+                 "blue"], tmp_path / "c.json", ceilings)
+    ours = rows[0]
+    assert not ours.get("aborted")
+    assert 4 <= ours["output_tokens"] < 4 * 8  # each choice is a token or two, then EOS
