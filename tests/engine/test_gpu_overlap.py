@@ -81,3 +81,74 @@ def test_overlap_on_and_off_give_the_same_greedy_tokens(model_path):
     torch.cuda.empty_cache()
     overlapped = make_core(model_path, overlap=True, dtype="float32")
     assert run_greedy(overlapped, prompts, new_tokens=32) == expected
+
+
+CONSTRAINTS = [
+    {"regex": "[0-9a-f]{40}"},
+    {"json_schema": '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},'
+                    ' "age": {"type": "integer"}, "tags": {"type": "array", "maxItems": 5,'
+                    ' "items": {"type": "string", "maxLength": 8}}},'
+                    ' "required": ["name", "age", "tags"], "additionalProperties": false}'},
+    {"choices": ["red", "green", "blue"]},
+    None,
+]
+
+
+def run_constrained(core: EngineCore, prompts: list[list[int]]) -> list[list[int]]:
+    outs: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
+    for i, ids in enumerate(prompts):
+        extra = CONSTRAINTS[i % len(CONSTRAINTS)] or {"ignore_eos": True}
+        params = SamplingParams(max_new_tokens=48, temperature=0.0, **extra)
+        core.add_request(ipc.AddRequest(f"p{i}", ids, params, LogprobOptions()))
+    while core.has_work():
+        for out in core.step():
+            outs[out.rid].extend(out.new_token_ids)
+    return [outs[f"p{i}"] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(model_path):
+    from radixlm.model.random_model import preset_tokenizer_dir
+
+    if preset_tokenizer_dir("llama3-1b") is None:
+        pytest.skip("the Llama 3 tokenizer is not on this machine (RADIXLM_LLAMA3_TOKENIZER)")
+
+
+def test_constrained_steps_launch_and_mask_without_host_sync(model_path, real_tokenizer):
+    """Masks are filled while the forward pass runs; neither the launch nor the mask upload,
+    masking and sampling queued behind it synchronise with the device."""
+    core = make_core(model_path, overlap=True)
+    launch = core.runner.launch
+    checked = []
+
+    def strict(call, *args):
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+        try:
+            return call(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def strict_launch(batch, futures=None):
+        if not batch.has_future_tokens:
+            return launch(batch, futures)
+        step = strict(launch, batch, futures)
+        if step.bitmask is not None:
+            commit = step.commit_mask
+            step.commit_mask = lambda: (strict(commit), checked.append(len(batch.seqs)))
+        return step
+
+    core.runner.launch = strict_launch
+    prompts = prompts_for(core, (17, 64, 200, 5, 33, 90, 12, 40))
+    run_constrained(core, prompts)
+    assert len(checked) >= 10, "constrained decode steps were launched with placeholders"
+    core.check_invariants()
+
+
+def test_constrained_overlap_on_and_off_give_the_same_greedy_tokens(model_path, real_tokenizer):
+    serial = make_core(model_path, overlap=False, dtype="float32")
+    prompts = prompts_for(serial, (9, 33, 120, 250, 7, 64, 15, 80))
+    expected = run_constrained(serial, prompts)
+    del serial
+    torch.cuda.empty_cache()
+    overlapped = make_core(model_path, overlap=True, dtype="float32")
+    assert run_constrained(overlapped, prompts) == expected
