@@ -176,7 +176,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     grammar_backend: str = _opt(
-        "outlines", "Constrained-decoding backend.", ("outlines", "llguidance")
+        "llguidance",
+        "Constrained-decoding backend: llguidance, or outlines (radixlm's JSON-schema-to-regex "
+        "compiler + an outlines-core token index; see docs/constrained.md for when it is faster).",
+        ("llguidance", "outlines"),
     )
 
     @classmethod

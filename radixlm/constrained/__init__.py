@@ -25,6 +25,7 @@ _EXPORTS = {
     "allocate_token_bitmask": "radixlm.constrained.bitmask",
     "apply_token_bitmask": "radixlm.constrained.bitmask",
     "canonical_json": "radixlm.constrained.json_canonical",
+    "grammar_json": "radixlm.constrained.json_canonical",
     "JsonSchemaOptions": "radixlm.constrained.json_schema",
     "compile_json_schema": "radixlm.constrained.json_schema",
 }

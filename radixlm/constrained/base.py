@@ -38,10 +38,13 @@ class Grammar(ABC):
     Attributes:
         vocab_size: width of the masks (the model's logits width).
         relaxed: constraints of the spec the grammar does not enforce (accepts a superset).
+        compile_cpu_s: CPU seconds the compilation took on its lane's thread (None when it ran
+            in a worker process).
     """
 
     vocab_size: int
     relaxed: tuple[str, ...] = ()
+    compile_cpu_s: float | None = None
 
     @abstractmethod
     def matcher(self) -> GrammarMatcher:

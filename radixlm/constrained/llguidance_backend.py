@@ -10,6 +10,9 @@ Masks are computed by llguidance on every call (it keeps no per-state cache).
 from __future__ import annotations
 
 import json
+import re
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -17,8 +20,30 @@ import torch
 from radixlm.constrained.base import Grammar, GrammarMatcher
 from radixlm.constrained.errors import GrammarError
 from radixlm.constrained.index_build import choices_regex, user_regex
+from radixlm.constrained.json_repair import MAX_REPAIRS, prepare, repair
 from radixlm.constrained.json_schema import JsonSchemaOptions
 from radixlm.constrained.outlines_backend import TokenizerInfo, complete_utf8
+
+_SET_OPERATORS = re.compile(r"&&|--|~~")
+# LLTokenizer per (HF tokenizer, width, EOS ids): building one walks the whole vocabulary
+# (~1 s for 128k tokens), and it is immutable, so compilers of one tokenizer share it
+_LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LL_LOCK = threading.Lock()
+
+
+def _ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> Any:
+    import llguidance.hf
+
+    with _LL_LOCK:
+        try:
+            by_shape = _LL_TOKENIZERS.setdefault(tokenizer, {})
+        except TypeError:  # not weak-referenceable: no sharing
+            by_shape = {}
+        key = (vocab_size, tuple(eos_ids))
+        if key not in by_shape:
+            by_shape[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                         eos_token=eos_ids or None)
+        return by_shape[key]
 
 
 class LLGuidanceCompiler:
@@ -30,35 +55,76 @@ class LLGuidanceCompiler:
     """
 
     def __init__(self, info: TokenizerInfo, options: JsonSchemaOptions):
-        import llguidance.hf
-
         self.info = info
         self.options = options
-        self.tokenizer = llguidance.hf.from_tokenizer(
-            info.tokenizer, n_vocab=info.vocab_size, eos_token=sorted(info.eos_ids) or None)
+        self.tokenizer = _ll_tokenizer(info.tokenizer, info.vocab_size, sorted(info.eos_ids))
 
     def build(self, kind: str, spec: Any) -> LLGuidanceGrammar:
         """Compile one constraint (raises GrammarError)."""
         from llguidance import LLMatcher
 
+        if kind == "json_schema":
+            return self._build_schema(_schema_object(kind, spec))
+        if kind == "regex" and isinstance(spec, str) and not _SET_OPERATORS.search(spec):
+            # Most Python patterns mean the same in llguidance's (Rust) syntax, which it parses
+            # in microseconds, while re-emitting one from Python's parse tree can take seconds
+            # (a large counted repetition). Class set operators are literal text in Python and
+            # operators in Rust; those patterns, and any Rust refuses, are translated.
+            lead = "(?: )?" if self.info.vocab.dummy_prefix else ""
+            grammar = LLMatcher.grammar_from_regex(lead + "(?:" + spec + ")")
+            matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+            if not matcher.is_error():
+                return LLGuidanceGrammar(self, grammar, matcher)
         grammar = self._grammar_text(kind, spec)
         matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"llguidance: {matcher.get_error()[:400]}", feature="llguidance")
         return LLGuidanceGrammar(self, grammar, matcher)
 
+    def _build_schema(self, schema: Any) -> LLGuidanceGrammar:
+        """Compile as given; on a refusal json_repair knows, relax that part and retry."""
+        from llguidance import LLMatcher
+
+        notes: list[str] = []
+        if not self.options.strict:
+            schema, notes = prepare(schema)
+        for _ in range(MAX_REPAIRS + 1):
+            grammar = self._schema_grammar(schema)
+            matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+            if not matcher.is_error():
+                return LLGuidanceGrammar(self, grammar, matcher, tuple(notes))
+            error = matcher.get_error()
+            fixed = None if self.options.strict else repair(schema, error, self._pattern_ok)
+            if fixed is None:
+                break
+            schema, note = fixed
+            notes.append(note)
+        raise GrammarError(f"llguidance: {error[:400]}", feature=_feature(error))
+
+    def _pattern_ok(self, pattern: str) -> bool:
+        from llguidance import LLMatcher
+
+        grammar = LLMatcher.grammar_from_json_schema({"type": "string", "pattern": pattern})
+        return not LLMatcher.validate_grammar(grammar)
+
+    def _schema_grammar(self, schema: Any) -> str:
+        from llguidance import LLMatcher
+
+        if isinstance(schema, dict):
+            schema = {**schema, "x-guidance": self._json_options()}
+        if self.info.vocab.dummy_prefix:
+            lark = 'start: " "? body\nbody: %json ' + json.dumps(schema)
+            return LLMatcher.grammar_from_lark(lark)
+        return LLMatcher.grammar_from_json_schema(schema)
+
     def _grammar_text(self, kind: str, spec: Any) -> str:
         from llguidance import LLMatcher
 
         lead = self.info.vocab.dummy_prefix
         if kind in ("json_schema", "json_object"):
-            schema = _schema_object(kind, spec)
-            schema = {**schema, "x-guidance": self._json_options()} if isinstance(
-                schema, dict) else schema
-            if lead:
-                return LLMatcher.grammar_from_lark('start: " "? body\nbody: %json '
-                                                   + json.dumps(schema))
-            return LLMatcher.grammar_from_json_schema(schema)
+            return self._schema_grammar(_schema_object(kind, spec))
+        if kind == "lark":  # taken as written (no optional SentencePiece dummy space)
+            return LLMatcher.grammar_from_lark(spec)
         if kind == "regex":
             regex = user_regex(spec)
         elif kind == "choices":
@@ -74,6 +140,16 @@ class LLGuidanceCompiler:
         return {"item_separator": self.options.item_separator,
                 "key_separator": self.options.key_separator,
                 "whitespace_flexible": False, "lenient": lenient, "coerce_one_of": lenient}
+
+
+def _feature(error: str) -> str:
+    """GrammarError.feature for an llguidance error (limits are "size", as in outlines)."""
+    lowered = error.lower()
+    if "unsatisfiable" in lowered:
+        return "unsatisfiable"
+    if "fuel" in lowered or "too many" in lowered or "limit" in lowered or "too large" in lowered:
+        return "size"
+    return "llguidance"
 
 
 def _schema_object(kind: str, spec: Any) -> Any:
@@ -94,11 +170,12 @@ def _schema_object(kind: str, spec: Any) -> Any:
 class LLGuidanceGrammar(Grammar):
     """A compiled llguidance grammar; matchers are copies of a validated template."""
 
-    def __init__(self, owner: LLGuidanceCompiler, text: str, template: Any):
+    def __init__(self, owner: LLGuidanceCompiler, text: str, template: Any,
+                 repairs: tuple[str, ...] = ()):
         self.owner = owner
         self.text = text
         self.vocab_size = owner.info.vocab_size
-        self.relaxed = tuple(template.get_grammar_warnings())
+        self.relaxed = repairs + tuple(template.get_grammar_warnings())
         self._template = template
 
     def matcher(self) -> LLGuidanceMatcher:

@@ -5,6 +5,11 @@ threaded, CUDA-holding parent, and no re-import of the parent's ``__main__``). I
 the index builder, applies an address-space limit to itself, then serves one job at a time over
 its stdin/stdout as length-prefixed pickles. The parent enforces the wall-clock limit: on
 timeout it SIGKILLs the child (the Rust index builder never checks for signals).
+
+A worker never outlives its parent: on Linux the kernel SIGKILLs it when the thread that started
+it dies (``PR_SET_PDEATHSIG``, so a ``kill -9`` of the engine core takes its workers along even
+mid-build); elsewhere a watcher thread exits once the parent's pid is gone; and between jobs an
+EOF on stdin ends it.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import os
 import pickle
 import selectors
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, BinaryIO
 
@@ -38,7 +45,7 @@ class WorkerProcess:
     def __init__(self, vocab_blob: bytes, options: JsonSchemaOptions, dummy_prefix: bool,
                  memory_limit_mb: int):
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "radixlm.constrained.worker"],
+            [sys.executable, "-m", "radixlm.constrained.worker", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=_child_env())
         try:
@@ -48,6 +55,11 @@ class WorkerProcess:
         except (EOFError, OSError, TimeoutError):
             self.kill()
             raise GrammarError("grammar worker failed to start", feature="crash") from None
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._process.pid
 
     def alive(self) -> bool:
         return self._process.poll() is None
@@ -178,8 +190,41 @@ def _limit_memory(megabytes: int) -> None:
         pass
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process exit when ``parent_pid`` (the process that started it) dies.
+
+    Args:
+        parent_pid: the parent's pid, as the parent saw it (checked after arming the signal,
+            so a parent that died before that is noticed too).
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def main() -> None:
-    """Entry point: keep stray prints off the protocol stream, then serve."""
+    """Entry point: die with the parent, keep stray prints off the protocol stream, serve."""
+    if len(sys.argv) > 1:
+        die_with_parent(int(sys.argv[1]))
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     serve(sys.stdin.buffer, protocol)
