@@ -23,6 +23,7 @@ engine reports the error instead of running on.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import itertools
@@ -645,6 +646,36 @@ def worker_specs(
 # ---- the core's side --------------------------------------------------------------------------
 
 
+def compact_batch(batch: ScheduledBatch) -> ScheduledBatch:
+    """The batch as it travels to the ranks: rows keep the prompt and output ids only where the
+    executor reads them (penalties; prompt logprobs), else a ``range`` of the same length (the
+    sampling step is ``len(output_ids)``), which pickles in a few bytes instead of one Python
+    int per token of every row at every step.
+
+    Args:
+        batch: the scheduled batch (not modified).
+
+    Returns:
+        A batch whose rows are shallow copies where anything was dropped.
+    """
+    seqs = []
+    for seq in batch.seqs:
+        penalised = seq.params.has_penalties
+        keep_prompt = penalised or seq.logits_from is not None
+        if penalised and keep_prompt:
+            seqs.append(seq)
+            continue
+        light = copy.copy(seq)
+        if not keep_prompt:
+            light.prompt_ids = range(len(seq.prompt_ids))
+        if not penalised:
+            light.output_ids = range(len(seq.output_ids))
+        seqs.append(light)
+    light_batch = copy.copy(batch)
+    light_batch.seqs = seqs
+    return light_batch
+
+
 @dataclass(frozen=True)
 class PoolShape:
     """What the scheduler reads of the KV pool (every rank's pool has these slots)."""
@@ -762,7 +793,9 @@ class TPRunner:
             The remote step (its bitmask, if any, to fill before ``commit_mask``).
         """
         step = next(self._steps)
-        self.send(_Launch(step, batch, futures.step if futures is not None else None))
+        self.send(
+            _Launch(step, compact_batch(batch), futures.step if futures is not None else None)
+        )
         rows = getattr(batch, "num_mask_rows", 0)
         bitmask = None
         if rows and any(s.sample for s in batch.seqs):

@@ -320,3 +320,34 @@ def test_constrained_rows_match(tmp_path_factory, llama2_tokenizer_dir):
     assert outs[0]["free"]["ids"] == outs[1]["free"]["ids"]
     text = load_tokenizer(str(path)).decode(outs[1]["re"]["ids"], skip_special_tokens=True)
     assert re.fullmatch(r"[0-9]{3}-[a-z]{4}", text), text
+
+
+def test_compact_batch_keeps_what_the_ranks_read():
+    """Rows travel with their token lists only where penalties or prompt logprobs read them;
+    elsewhere a range of the same length keeps the sampling step."""
+    import numpy as np
+
+    from radixlm.batch import ForwardMode, ScheduledBatch, ScheduledSeq
+    from radixlm.executor.tp_worker import compact_batch
+
+    def row(rid, **kw):
+        return ScheduledSeq(
+            rid=rid,
+            new_tokens=[7],
+            slots=np.arange(1, 9),
+            sample=True,
+            prompt_ids=[3, 4, 5, 6],
+            output_ids=[8, 9, 10],
+            **kw,
+        )
+
+    plain = row("plain", params=SamplingParams(temperature=0.0))
+    penalised = row("pen", params=SamplingParams(presence_penalty=0.5))
+    logprobs = row("lp", params=SamplingParams(), logits_from=0)
+    batch = ScheduledBatch(mode=ForwardMode.DECODE, seqs=[plain, penalised, logprobs])
+    light = compact_batch(batch)
+    a, b, c = light.seqs
+    assert a.prompt_ids == range(4) and a.output_ids == range(3) and a.sample_step == 3
+    assert b is penalised
+    assert c.prompt_ids == [3, 4, 5, 6] and c.output_ids == range(3)
+    assert batch.seqs[0].output_ids == [8, 9, 10]  # the scheduler's rows are untouched
