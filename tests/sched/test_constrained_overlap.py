@@ -74,10 +74,10 @@ class ModeLog(NullRunner):
 
 
 def run(compiler, tokenizer, overlap: bool, specs: list[dict], jump_forward: bool = True,
-        mask_threads: int = 1):
+        mask_threads: int = 1, capacity: int = 8192):
     grammar = GrammarState(compiler, tokenizer, enable_jump_forward=jump_forward,
                            mask_threads=mask_threads)
-    allocator = PageAllocator(8192, 1, first_slot=1)
+    allocator = PageAllocator(capacity, 1, first_slot=1)
     kv = KVManager(allocator, RadixCache(1, free_fn=allocator.free), True)
     limits = SchedulerLimits(64, context_length=100_000, eos_token_ids=frozenset(LLAMA3_EOS))
     sched = Scheduler(SchedulerConfig(), limits, kv, grammar)
@@ -95,12 +95,15 @@ def run(compiler, tokenizer, overlap: bool, specs: list[dict], jump_forward: boo
     for _ in range(5000):
         if not loop.has_work():
             break
-        for out in loop.step():
+        outputs = loop.step()
+        kv.tree.check_invariants(allocator, kv.live_slots(sched.all_requests()))
+        for out in outputs:
             ids[out.rid].extend(out.new_token_ids)
             jumped[out.rid] = out.jump_forward_tokens
             if out.finish is not None:
                 finish[out.rid] = out.finish
     assert not loop.has_work()
+    run.retractions = sched.stats["retractions"]
     kv.flush()
     assert allocator.free_tokens == allocator.capacity_tokens
     return ids, finish, jumped, runner
@@ -169,4 +172,15 @@ def test_masks_filled_in_parallel_match_one_thread(compiler, tokenizer):
         m.fill_bitmask(single, i)
     single[39] = -1
     assert torch.equal(parallel, single)
-    grammar.close()
+
+
+def test_retraction_under_pressure_keeps_outputs_and_frees_every_slot(compiler, tokenizer):
+    """A pool too small for every request at once: retracted requests (some with jump-forward
+    tokens not computed yet) re-prefill and still produce the same tokens, serial or overlapped.
+    """
+    specs = WORKLOAD[:12]
+    reference = run(compiler, tokenizer, False, specs)[0]
+    for overlap in (False, True):
+        ids = run(compiler, tokenizer, overlap, specs, capacity=90)[0]
+        assert run.retractions > 0
+        assert ids == reference, overlap
