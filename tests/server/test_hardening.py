@@ -561,7 +561,7 @@ async def _soak_one(client, i: int, statuses: list, hangs: list) -> None:
     try:
         if kind == "drop" and "timeout" not in options:
             async with client.stream("POST", route, content=content, headers=headers) as r:
-                statuses.append(r.status_code)
+                statuses.append((kind, r.status_code))
                 async for _ in r.aiter_lines():
                     break  # the client goes away mid-stream
             return
@@ -570,12 +570,12 @@ async def _soak_one(client, i: int, statuses: list, hangs: list) -> None:
             async with client.stream(
                 "POST", route, content=content, headers=headers, timeout=timeout
             ) as r:
-                statuses.append(r.status_code)
+                statuses.append((kind, r.status_code))
                 async for _ in r.aiter_lines():
                     pass
         else:
             r = await client.post(route, content=content, headers=headers, timeout=timeout)
-            statuses.append(r.status_code)
+            statuses.append((kind, r.status_code))
     except httpx.TimeoutException:
         if kind != "drop":  # a deliberate short timeout is a disconnect, anything else a hang
             hangs.append((i, route))
@@ -584,7 +584,7 @@ async def _soak_one(client, i: int, statuses: list, hangs: list) -> None:
 def test_soak_mixed_malformed_and_disconnecting_requests(server, http):
     import asyncio
 
-    statuses: list[int] = []
+    statuses: list[tuple[str, int]] = []
     hangs: list = []
 
     async def run() -> None:
@@ -606,7 +606,7 @@ def test_soak_mixed_malformed_and_disconnecting_requests(server, http):
     probe = HealthProbe(server.url)
     big = threading.Thread(
         target=lambda: statuses.append(
-            http.post("/generate", json={"text": "z" * (8 * MiB)}).status_code
+            ("big", http.post("/generate", json={"text": "z" * (8 * MiB)}).status_code)
         ),
         daemon=True,
     )
@@ -616,15 +616,20 @@ def test_soak_mixed_malformed_and_disconnecting_requests(server, http):
         big.join(SOAK_TIMEOUT_S)
     finally:
         p99 = probe.stop()
+    counts: dict = {}
+    for kind, status in statuses:
+        counts.setdefault(kind, {}).setdefault(status, 0)
+        counts[kind][status] += 1
+    print(f"soak: {counts}; /health {len(probe.latencies)} probes, p99 {p99 * 1000:.1f} ms")
     assert time.monotonic() - start < SOAK_TIMEOUT_S
     assert not hangs, hangs
     assert len(statuses) >= SOAK_REQUESTS - SOAK_REQUESTS // 14  # short-timeout drops aside
-    assert not [s for s in statuses if s >= 500], sorted(set(statuses))
-    assert statuses.count(200) > SOAK_REQUESTS // 3
-    print(
-        f"soak: {len(statuses)} answers, statuses {sorted(set(statuses))}, /health "
-        f"{len(probe.latencies)} probes, p99 {p99 * 1000:.1f} ms"
-    )
+    assert not [s for _, s in statuses if s >= 500], counts
+    # valid requests are served or, past the queue limit (8 engine requests here), told to
+    # come back: 429 with Retry-After; bad ones are refused before they queue
+    assert set(counts["ok"]) <= {200, 429} and counts["ok"].get(200, 0) >= SOAK_REQUESTS // 5
+    assert all(400 <= status < 500 and status != 429 for status in counts["bad"])
+    assert counts["big"] == {400: 1}
     assert not probe.failures and p99 < 0.2, f"/health p99 {p99 * 1000:.0f} ms"
 
 
