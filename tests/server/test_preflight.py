@@ -54,7 +54,7 @@ def test_bodies_within_the_bounds_pass():
             "n",
         ),
         ("TokenizeRequest", {"prompt": "t" * 1001}, 400, "prompt"),
-    ("DetokenizeRequest", {"tokens": [1] * 101}, 400, "tokens"),
+        ("DetokenizeRequest", {"tokens": [1] * 101}, 400, "tokens"),
         ("CompletionRequest", {"prompt": "x", "max_tokens": "4"}, 400, "max_tokens"),
     ],
 )
