@@ -213,7 +213,7 @@ def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -
     tokens = cached = peak = 0
     while core.has_work():
         outputs = core.step()
-        peak = max(peak, len(core.scheduler.running) + len(core.scheduler.prefilling))
+        peak = max(peak, _in_flight(core))
         now = time.perf_counter() - start
         for out in outputs:
             tokens += len(out.new_token_ids)
@@ -229,6 +229,12 @@ def _drive(core, requests: list[BenchRequest], tag: str, device: torch.device) -
     prompt = sum(len(r.input_ids) for r in requests)
     return RunResult(wall, list(first.values()), list(done.values()), tokens, cached, prompt, {},
                      aborted, peak)
+
+
+def _in_flight(core) -> int:
+    """Requests the core is prefilling or decoding (0 for a stand-in core without a scheduler)."""
+    scheduler = getattr(core, "scheduler", None)
+    return 0 if scheduler is None else len(scheduler.running) + len(scheduler.prefilling)
 
 
 def run_engine_process(opts: dict[str, Any], requests: list[BenchRequest],
