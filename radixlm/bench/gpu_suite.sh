@@ -53,6 +53,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   fi
 fi
 
+# The llama3 presets need the real Llama 3 tokenizer (constrained/detokenizing workloads, and
+# the default grammar backend cannot read the synthetic one): stop early when it is missing.
+if [[ "$PRESET" == llama3* ]] && ! "$PY" -c "
+from radixlm.model.random_model import llama3_tokenizer_dir
+raise SystemExit(llama3_tokenizer_dir() is None)"; then
+  echo "no Llama 3 tokenizer: put it at <repo>/shared/tokenizers/llama3 or <repo>/../shared/..."
+  echo "or set RADIXLM_LLAMA3_TOKENIZER=/path/to/llama3 (ALLOW_SYNTHETIC=1 runs without it)"
+  [ "${ALLOW_SYNTHETIC:-0}" = 1 ] || exit 1
+fi
+
 # Build the random model once (and find its directory for the server).
 MODEL_DIR=$("$PY" - "$PRESET" "$DTYPE" <<'EOF'
 import sys
