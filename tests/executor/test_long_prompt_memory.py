@@ -60,7 +60,7 @@ print(json.dumps({
 
 def run_prefill(model: Path, tokens: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(model), str(tokens)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
