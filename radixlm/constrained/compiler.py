@@ -99,9 +99,9 @@ class GrammarCompiler:
         self._max_lanes = max_workers + max_extra_lanes
         self._lanes_started = 0
         self._runners: list[_Runner] = []
+        self._wake = threading.Event()
         for _ in range(max_workers):
             self._add_lane(permanent=True)
-        self._wake = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="grammar-compile-watch",
                                          daemon=True)
         self._monitor.start()
@@ -267,6 +267,7 @@ class GrammarCompiler:
                 return None
             if job.future.set_running_or_notify_cancel():
                 job.started = time.monotonic()
+                self._wake.set()  # the watcher times running jobs
                 return job
         return None
 
@@ -292,21 +293,18 @@ class GrammarCompiler:
                 # (outlines with isolate=False, for tests, has no time limit)
                 for runner in busy if self.backend == "llguidance" else ():
                     job = runner.job
+                    if job is None or job.started is None:
+                        continue
                     if now - job.started > self.timeout_s and not job.future.done():
                         _set_exception(job.future, GrammarError(
                             f"grammar compilation timed out after {self.timeout_s:g} s",
                             feature="timeout"))
-                        self.forget_locked(job)
+                        self.forget(job)
                         runner.abandoned = True
-                held = all(r.abandoned or (r.job is not None and now - r.job.started > _SLOW_S)
-                           for r in self._runners)
+                held = all(r.abandoned or _busy_for(r) > _SLOW_S for r in self._runners)
                 if (held and not self._jobs.empty() and not self._closed
                         and sum(not r.abandoned for r in self._runners) < self._max_lanes):
                     self._add_lane(permanent=False)
-
-    def forget_locked(self, job: _Job) -> None:
-        if self._cache.get(job.key) is job:
-            del self._cache[job.key]
 
     def finish(self, payload_or_grammar: Any) -> Grammar:
         """Turn a worker payload into a ready grammar (first masks warmed)."""
@@ -398,6 +396,14 @@ class _Runner:
             return self.worker.run(kind, spec, owner.timeout_s)
         finally:
             log.debug("compiled %s in %.3fs", kind, time.monotonic() - started)
+
+
+def _busy_for(runner: _Runner) -> float:
+    """Seconds the lane has spent on its current job (0 when idle); reads ``job`` once, as
+    the lane clears it concurrently."""
+    job = runner.job
+    started = job.started if job is not None else None
+    return 0.0 if started is None else time.monotonic() - started
 
 
 def _set_result(future: Future, value: Any) -> None:
