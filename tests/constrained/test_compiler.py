@@ -183,6 +183,7 @@ _PARENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_compile_worker_dies_with_its_parent(llama2_tokenizer_dir):
     """Issue 14 item 3: kill -9 of the process owning the compiler, mid-build: the worker
     process exits too instead of being adopted by init."""

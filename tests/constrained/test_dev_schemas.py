@@ -34,6 +34,7 @@ def _accepts(grammar, tokenizer, text: str, eos: int) -> bool:
     return matcher.accept_tokens(ids) and matcher.accept_token(eos)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SAMPLE, reason=f"{DEV} not found")
 def test_default_backend_on_dev_schemas(llg3, llama3):
     eos = 128009
