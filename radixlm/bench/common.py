@@ -312,7 +312,7 @@ def random_model_dir(preset: str, cache_dir: Path | None = None, seed: int = 0,
 
     root = Path(cache_dir) if cache_dir is not None else default_model_cache()
     tokenizer_dir = preset_tokenizer_dir(preset)
-    suffix = f"-tok-{tokenizer_dir.name}" if tokenizer_dir is not None else ""
+    suffix = f"-tok-{tokenizer_dir.name if tokenizer_dir is not None else 'synthetic'}"
     target = root / f"{preset}-seed{seed}-{dtype}{suffix}{'' if weights else '-noweights'}"
     if (target / "done.json").is_file():
         return target
@@ -361,17 +361,24 @@ def _architecture(model_type: str) -> str:
 def write_synthetic_tokenizer(path: Path, vocab_size: int, bos_id: int | None,
                               eos_id: int | None) -> None:
     """A word-level tokenizer whose every id ``i`` is the word ``t{i}``: it decodes any id, so
-    the engine's detokenizer runs on random outputs, and it needs nothing from disk."""
+    the engine's detokenizer runs on random outputs, and it needs nothing from disk.
+
+    The words are stored byte-level (``Ġt{i}``, GPT-2's space marker) with a byte-level
+    decoder, so grammar backends that read a vocabulary as bytes (llguidance, the default) can
+    load it; decoding strips the first word's space, so ids 5 6 read ``t5 t6``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    special = {name: f"t{i}" for name, i in (("bos_token", bos_id), ("eos_token", eos_id))
+    vocab = {f"\u0120t{i}": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="\u0120t0"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False)])
+    core.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+    special = {name: f"\u0120t{i}" for name, i in (("bos_token", bos_id), ("eos_token", eos_id))
                if i is not None}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", **special)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="\u0120t0", **special)
     tokenizer.save_pretrained(path)
 
 

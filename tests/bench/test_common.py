@@ -158,3 +158,19 @@ def test_random_model_dir_loads_identically_in_radixlm_and_transformers(bench_mo
     assert eos_token_ids(tok, bench_model_dir) == {2}
     assert tok.decode([5, 6, 511]) == "t5 t6 t511"
     assert tok.encode("t5 t6 t511", add_special_tokens=False) == [5, 6, 511]
+
+
+def test_synthetic_tokenizer_loads_in_llguidance(tmp_path):
+    """The default grammar backend reads the synthetic vocabulary (it refused the WordPiece
+    decoder the synthetic tokenizer used to have, and every engine on it failed to start)."""
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    from radixlm.bench.common import write_synthetic_tokenizer
+
+    write_synthetic_tokenizer(tmp_path, 64, bos_id=1, eos_id=2)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    llguidance.hf.from_tokenizer(tok, n_vocab=64)
+    assert tok.decode([5, 6, 63]) == "t5 t6 t63"
+    assert tok.encode("t5 t6 t63", add_special_tokens=False) == [5, 6, 63]
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
