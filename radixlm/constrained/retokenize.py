@@ -34,6 +34,7 @@ class Retokenizer:
         self.tokenizer = tokenizer
         self.vocab = vocab
         self._sorted_spellings: list[bytes] | None = None
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
 
     def encode(self, text: str) -> list[int] | None:
         """Token ids spelling exactly ``text``, the way the tokenizer splits it where possible.
@@ -125,6 +126,8 @@ class Retokenizer:
 
     def _encode(self, text: str) -> list[int]:
         try:
+            if self._backend is not None:  # the Rust tokenizer itself: ~10x less overhead
+                return self._backend.encode(text, add_special_tokens=False).ids
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         except Exception:
             return []

@@ -36,7 +36,7 @@ class GrammarState:
         compiler: a ``radixlm.constrained.GrammarCompiler`` (compiles in its own workers).
         tokenizer: the model's tokenizer (jump-forward re-tokenizes forced text).
         enable_jump_forward: splice forced continuations without running the model.
-        mask_threads: threads filling a batch's masks (default: up to 8, one per core).
+        mask_threads: threads filling a batch's masks (default: one per core, up to 16).
     """
 
     def __init__(self, compiler, tokenizer, enable_jump_forward: bool = True,
@@ -44,7 +44,7 @@ class GrammarState:
         self.compiler = compiler
         self.tokenizer = tokenizer
         self.enable_jump_forward = enable_jump_forward
-        self.mask_threads = mask_threads or min(8, os.cpu_count() or 1)
+        self.mask_threads = mask_threads or min(16, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
 
     def submit(self, req: Request) -> None:

@@ -155,9 +155,12 @@ def test_apply_jump_forward_retokenizes_the_boundary(setup, feed):
     assert splice is not None and splice.text == '"name": "'
     kept = [first] if splice.rollback == 0 else []
     out = tok.decode(kept + list(splice.token_ids))
-    assert out.lstrip() == '{"name": "'
+    # the splice stops before ` "`, which the tokenizer merges with the value's first letters:
+    # the model writes it (token healing); the grammar still forces it
+    assert out.lstrip() == '{"name":'
+    assert not matcher.accept_token(tok.encode("x", add_special_tokens=False)[-1])
     # the matcher is past the splice: finishing the value works
-    assert feed(matcher, tok, 'Al", "age": 3}') and matcher.is_complete()
+    assert feed(matcher, tok, ' "Al", "age": 3}') and matcher.is_complete()
 
 
 def test_unbounded_and_long_bounded_strings(compiler3, llama3, feed):
