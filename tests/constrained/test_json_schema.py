@@ -184,6 +184,16 @@ CASES = {
 }
 
 
+def _formats_checkable(schema, instance) -> bool:
+    import jsonschema
+
+    known = jsonschema.FormatChecker().checkers
+    props = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    used = {props[k].get("format") for k in (instance if isinstance(instance, dict) else {})
+            if k in props and isinstance(props[k], dict)}
+    return all(f in known for f in used if f)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_schema_feature(name):
     schema, valid, invalid = CASES[name]
@@ -196,7 +206,10 @@ def test_schema_feature(name):
         text = canonical_json(instance, schema)
         assert pattern.fullmatch(text), (text, compiled.regex[:200])
     for instance in invalid:
-        assert not validator.is_valid(instance), instance
+        # jsonschema checks "date-time" only with rfc3339-validator installed; without it the
+        # reference cannot tell, and the grammar's own verdict below still must hold
+        if _formats_checkable(schema, instance):
+            assert not validator.is_valid(instance), instance
         text = canonical_json(instance, schema)
         assert not pattern.fullmatch(text), text
     assert not compiled.relaxed, compiled.relaxed
