@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    if args.reuse:
+        rows = reuse_cost(tokenizer, args.timeout)
+        _write(args.out, {"reuse": rows})
+        return 0
     schemas = load_schemas(Path(args.schemas), args.limit, args.match)
     report: dict[str, Any] = {"schemas": len(schemas), "tokenizer": str(args.tokenizer),
                               "timeout_s": args.timeout, "backends": {}}
@@ -92,6 +96,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--match", default="", help="only schemas whose file name contains this")
     parser.add_argument("--out", default="grammar_bench.json", help="JSON report path")
     parser.add_argument("--batch", default="1,32,256", help="batch sizes for the mask cost")
+    parser.add_argument("--reuse", action="store_true",
+                        help="only the reused-grammar mask cost: a 3-field schema and "
+                             "[0-9a-f]{128} on llguidance and outlines")
     parser.add_argument("--kernel", action="store_true",
                         help="only time apply_token_bitmask on CUDA (Triton vs the torch op)")
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
@@ -384,6 +391,60 @@ def summarize(records: list[dict], total: int) -> dict:
         "failures": dict(failures),
         "relaxed_keywords": dict(relaxed.most_common()),
     }
+
+
+REUSE_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 32}, "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+REUSE_CASES = (("json_schema", REUSE_SCHEMA,
+                '{"name": "Ada Lovelace", "age": 36, "tags": ["math", "poet", "engine"]}'),
+               ("regex", "[0-9a-f]{128}", "0123456789abcdef" * 8))
+
+
+def reuse_cost(tokenizer: Any, timeout_s: float, requests: int = 6) -> list[dict]:
+    """Mask CPU time per token of the first request on a new grammar and of later ones.
+
+    What a steady stream of requests on one constraint costs: outlines caches every state's
+    mask, llguidance recomputes each (caching only its lexer states).
+    """
+    import statistics
+
+    import torch
+
+    from radixlm.constrained import GrammarCompiler
+
+    rows = []
+    for backend in ("llguidance", "outlines"):
+        with GrammarCompiler(tokenizer, backend=backend, max_workers=1,
+                             timeout_s=max(timeout_s, 60)) as compiler:
+            for kind, spec, text in REUSE_CASES:
+                started = time.perf_counter()
+                grammar = compiler.submit(kind, spec).result()
+                compile_s = time.perf_counter() - started
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                bitmask = torch.zeros((1, compiler.words), dtype=torch.int32)
+                per_request = []
+                for _ in range(requests):
+                    matcher, cpu = grammar.matcher(), []
+                    for token in ids:
+                        begin = time.thread_time()
+                        matcher.fill_bitmask(bitmask, 0)
+                        cpu.append(time.thread_time() - begin)
+                        if not matcher.accept_token(token):
+                            raise RuntimeError(f"{backend} rejected its own test text")
+                    per_request.append(statistics.mean(cpu) * 1e6)
+                row = {"backend": backend, "kind": kind, "tokens": len(ids),
+                       "compile_wall_ms": compile_s * 1e3,
+                       "compile_cpu_ms": None if grammar.compile_cpu_s is None
+                       else grammar.compile_cpu_s * 1e3,
+                       "first_us": per_request[0],
+                       "reused_us": statistics.median(per_request[1:])}
+                rows.append(row)
+                print(f"| {kind} | {backend} | {row['compile_wall_ms']:.1f} ms wall"
+                      f" ({_fmt(row['compile_cpu_ms'])} ms CPU) | {row['first_us']:.1f} | "
+                      f"{row['reused_us']:.1f} |", flush=True)
+    return rows
 
 
 def batch_mask_cost(tokenizer: Any, schemas: list[dict], args) -> dict:
