@@ -6,9 +6,13 @@ core process, talking to the caller only through the messages in :mod:`radixlm.e
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import logging
+import os
+import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -273,6 +277,37 @@ def run_core_loop(config: EngineConfig, conn) -> None:
         # freed at exit, and Triton's nanobind bindings then report each one as a leak (a wall
         # of ~30 "nanobind: leaked ..." lines on every shutdown).
         gc.unfreeze()
+
+
+def run_core_process(config: EngineConfig, conn) -> None:
+    """The core process's entry point: ``run_core_loop``, then end the process at once.
+
+    A spawned child ends through ``sys.exit``, and CPython's finalization then runs full cyclic
+    collections over every object the process holds (torch, transformers, triton, the model:
+    some 300k objects), several times over while it tears modules down: 2-3 s of a loaded
+    2-core host, all spent while the caller's ``shutdown()`` waits in ``join``. Once the loop
+    has returned, its workers are stopped and nothing is left to free but memory the OS
+    reclaims anyway, so this does the part of an exit that has effects (non-daemon threads
+    joined, ``atexit`` hooks: multiprocessing reaps its children, logging flushes; the standard
+    streams flushed) and skips the heap teardown. An exception still takes the ordinary path.
+
+    Args:
+        config: the engine configuration.
+        conn: this process's end of the pipe to the caller.
+    """
+    run_core_loop(config, conn)
+    conn.close()
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon and thread.is_alive():
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _drain_messages(core: EngineCore, conn) -> bool:

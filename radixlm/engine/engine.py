@@ -16,7 +16,7 @@ from typing import Any
 
 from radixlm.config import EngineConfig
 from radixlm.engine import ipc
-from radixlm.engine.core import run_core_loop
+from radixlm.engine.core import run_core_process
 from radixlm.engine.errors import EngineDeadError, QueueFullError, RequestError
 from radixlm.engine.frontend import DeliveryBatch, RequestState, is_done, take_coalesced
 from radixlm.model.default_model import choose_model
@@ -69,7 +69,7 @@ class Engine:
         self._conn, child = ctx.Pipe()
         # Not a daemon: the core spawns grammar-compile workers of its own. It exits by itself
         # when this process goes away (its pipe closes), and atexit shuts it down cleanly.
-        self._proc = ctx.Process(target=run_core_loop, args=(self.config, child),
+        self._proc = ctx.Process(target=run_core_process, args=(self.config, child),
                                  name="radixlm-core")
         self._proc.start()
         atexit.register(self.shutdown)
