@@ -63,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, {"reuse": rows})
         return 0
     schemas = load_schemas(Path(args.schemas), args.limit, args.match)
-    report: dict[str, Any] = {"schemas": len(schemas), "tokenizer": str(args.tokenizer),
-                              "timeout_s": args.timeout, "backends": {}}
+    report: dict[str, Any] = {
+        "schemas": len(schemas),
+        "tokenizer": str(args.tokenizer),
+        "timeout_s": args.timeout,
+        "backends": {},
+    }
     for spec in filter(None, args.backends.split(",")):
         backend, _, every = spec.partition(":")
         if backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
@@ -73,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         sample = schemas[:: int(every)] if every else schemas
         started = time.time()
         records = run_backend(backend, sample, tokenizer, args)
-        report["backends"][spec] = {"summary": summarize(records, len(sample)),
-                                    "wall_s": time.time() - started, "records": records}
+        report["backends"][spec] = {
+            "summary": summarize(records, len(sample)),
+            "wall_s": time.time() - started,
+            "records": records,
+        }
         _print_summary(spec, report["backends"][spec]["summary"])
         _write(args.out, report)
     if args.batch:
@@ -89,18 +96,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schemas", default=str(DEFAULT_SCHEMAS), help="schema directory")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="HF tokenizer dir")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="comma-separated; NAME:K runs NAME on every K-th schema only")
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma-separated; NAME:K runs NAME on every K-th schema only",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="compile limit (s)")
     parser.add_argument("--limit", type=int, default=0, help="first N schemas only")
     parser.add_argument("--match", default="", help="only schemas whose file name contains this")
     parser.add_argument("--out", default="grammar_bench.json", help="JSON report path")
     parser.add_argument("--batch", default="1,32,256", help="batch sizes for the mask cost")
-    parser.add_argument("--reuse", action="store_true",
-                        help="only the reused-grammar mask cost: a 3-field schema and "
-                             "[0-9a-f]{128} on llguidance and outlines")
-    parser.add_argument("--kernel", action="store_true",
-                        help="only time apply_token_bitmask on CUDA (Triton vs the torch op)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="only the reused-grammar mask cost: a 3-field schema and "
+        "[0-9a-f]{128} on llguidance and outlines",
+    )
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="only time apply_token_bitmask on CUDA (Triton vs the torch op)",
+    )
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -132,10 +148,12 @@ def run_backend(backend: str, schemas: list[dict], tokenizer: Any, args) -> list
     from radixlm.constrained import GrammarCompiler
 
     native = "outlines" if backend == "outlines" else "llguidance"
-    compiler = GrammarCompiler(tokenizer, backend=native, timeout_s=args.timeout, max_workers=1,
-                               cache_size=4)
+    compiler = GrammarCompiler(
+        tokenizer, backend=native, timeout_s=args.timeout, max_workers=1, cache_size=4
+    )
     compiler.compile_json_schema({"type": "object"})  # start the worker, build the tables
     if backend in ("llguidance", "outlines"):
+
         def compile_fn(schema):
             return compiler.submit("json_schema", schema).result()
     elif backend == "llguidance-raw":
@@ -145,8 +163,10 @@ def run_backend(backend: str, schemas: list[dict], tokenizer: Any, args) -> list
     else:
         raise SystemExit(f"unknown backend {backend!r} (one of {BACKENDS})")
     try:
-        return [_one_schema(compile_fn, item, tokenizer, compiler.info.vocab.eos_token_ids)
-                for item in _progress(schemas, backend)]
+        return [
+            _one_schema(compile_fn, item, tokenizer, compiler.info.vocab.eos_token_ids)
+            for item in _progress(schemas, backend)
+        ]
     finally:
         compiler.close()
 
@@ -166,9 +186,12 @@ def _one_schema(compile_fn, item: dict, tokenizer: Any, eos_ids) -> dict:
     except Exception as exc:  # GrammarError, or whatever a baseline raises
         record.update(error=str(exc)[:300], feature=getattr(exc, "feature", None) or "error")
         return record
-    record.update(compiled=True, compile_s=time.perf_counter() - started,
-                  compile_cpu_s=getattr(grammar, "compile_cpu_s", None),
-                  relaxed=list(grammar.relaxed))
+    record.update(
+        compiled=True,
+        compile_s=time.perf_counter() - started,
+        compile_cpu_s=getattr(grammar, "compile_cpu_s", None),
+        relaxed=list(grammar.relaxed),
+    )
     record.update(check_instances(grammar, item, tokenizer, eos_ids))
     return record
 
@@ -209,13 +232,17 @@ def check_instances(grammar, item: dict, tokenizer: Any, eos_ids) -> dict:
             out["false_rejections"] += 1
         if not test["valid"] and accepted:
             out["accepted_invalid"] += 1
-    return {**out, "mask_us": [round(t * 1e6, 1) for t in times],
-            "mask_cpu_us": [round(t * 1e6, 1) for t in cpu],
-            "mask_warm_cpu_us": [round(t * 1e6, 1) for t in warm]}
+    return {
+        **out,
+        "mask_us": [round(t * 1e6, 1) for t in times],
+        "mask_cpu_us": [round(t * 1e6, 1) for t in cpu],
+        "mask_warm_cpu_us": [round(t * 1e6, 1) for t in warm],
+    }
 
 
-def _feed(matcher, ids: list[int], bitmask, times: list[float],
-          cpu: list[float]) -> tuple[bool, int]:
+def _feed(
+    matcher, ids: list[int], bitmask, times: list[float], cpu: list[float]
+) -> tuple[bool, int]:
     """(all accepted, number of steps where the mask disagreed with accept_token)."""
     mismatch = 0
     for token in ids:
@@ -260,7 +287,8 @@ class _XGrammar:
         import xgrammar
 
         info = xgrammar.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=compiler.vocab_size, stop_token_ids=sorted(compiler.info.eos_ids))
+            tokenizer, vocab_size=compiler.vocab_size, stop_token_ids=sorted(compiler.info.eos_ids)
+        )
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.info = compiler.info
         self.timeout_s = timeout_s
@@ -360,8 +388,9 @@ def summarize(records: list[dict], total: int) -> dict:
     warm = [t for r in compiled for t in r.get("mask_warm_cpu_us", [])]
     failures = Counter(r.get("feature") or "error" for r in records if not r["compiled"])
     relaxed = Counter(x.split(" ")[0] for r in compiled for x in r.get("relaxed", []))
-    passed = [r for r in compiled if not r.get("false_rejections")
-              and not r.get("accepted_invalid")]
+    passed = [
+        r for r in compiled if not r.get("false_rejections") and not r.get("accepted_invalid")
+    ]
     return {
         "passed": len(passed),
         "pass_rate": len(passed) / total if total else 0.0,
@@ -383,8 +412,7 @@ def summarize(records: list[dict], total: int) -> dict:
         "mask_samples": len(masks),
         "valid_checked": sum(r.get("valid", 0) for r in compiled),
         "false_rejections": sum(r.get("false_rejections", 0) for r in compiled),
-        "false_rejection_schemas": sorted(r["name"] for r in compiled
-                                          if r.get("false_rejections")),
+        "false_rejection_schemas": sorted(r["name"] for r in compiled if r.get("false_rejections")),
         "invalid_checked": sum(r.get("invalid", 0) for r in compiled),
         "accepted_invalid": sum(r.get("accepted_invalid", 0) for r in compiled),
         "mask_mismatches": sum(r.get("mask_mismatch", 0) for r in compiled),
@@ -393,13 +421,24 @@ def summarize(records: list[dict], total: int) -> dict:
     }
 
 
-REUSE_SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 32}, "age": {"type": "integer"},
-    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5}},
-    "required": ["name", "age", "tags"], "additionalProperties": False}
-REUSE_CASES = (("json_schema", REUSE_SCHEMA,
-                '{"name": "Ada Lovelace", "age": 36, "tags": ["math", "poet", "engine"]}'),
-               ("regex", "[0-9a-f]{128}", "0123456789abcdef" * 8))
+REUSE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 32},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+REUSE_CASES = (
+    (
+        "json_schema",
+        REUSE_SCHEMA,
+        '{"name": "Ada Lovelace", "age": 36, "tags": ["math", "poet", "engine"]}',
+    ),
+    ("regex", "[0-9a-f]{128}", "0123456789abcdef" * 8),
+)
 
 
 def reuse_cost(tokenizer: Any, timeout_s: float, requests: int = 6) -> list[dict]:
@@ -416,8 +455,9 @@ def reuse_cost(tokenizer: Any, timeout_s: float, requests: int = 6) -> list[dict
 
     rows = []
     for backend in ("llguidance", "outlines"):
-        with GrammarCompiler(tokenizer, backend=backend, max_workers=1,
-                             timeout_s=max(timeout_s, 60)) as compiler:
+        with GrammarCompiler(
+            tokenizer, backend=backend, max_workers=1, timeout_s=max(timeout_s, 60)
+        ) as compiler:
             for kind, spec, text in REUSE_CASES:
                 started = time.perf_counter()
                 grammar = compiler.submit(kind, spec).result()
@@ -434,16 +474,24 @@ def reuse_cost(tokenizer: Any, timeout_s: float, requests: int = 6) -> list[dict
                         if not matcher.accept_token(token):
                             raise RuntimeError(f"{backend} rejected its own test text")
                     per_request.append(statistics.mean(cpu) * 1e6)
-                row = {"backend": backend, "kind": kind, "tokens": len(ids),
-                       "compile_wall_ms": compile_s * 1e3,
-                       "compile_cpu_ms": None if grammar.compile_cpu_s is None
-                       else grammar.compile_cpu_s * 1e3,
-                       "first_us": per_request[0],
-                       "reused_us": statistics.median(per_request[1:])}
+                row = {
+                    "backend": backend,
+                    "kind": kind,
+                    "tokens": len(ids),
+                    "compile_wall_ms": compile_s * 1e3,
+                    "compile_cpu_ms": None
+                    if grammar.compile_cpu_s is None
+                    else grammar.compile_cpu_s * 1e3,
+                    "first_us": per_request[0],
+                    "reused_us": statistics.median(per_request[1:]),
+                }
                 rows.append(row)
-                print(f"| {kind} | {backend} | {row['compile_wall_ms']:.1f} ms wall"
-                      f" ({_fmt(row['compile_cpu_ms'])} ms CPU) | {row['first_us']:.1f} | "
-                      f"{row['reused_us']:.1f} |", flush=True)
+                print(
+                    f"| {kind} | {backend} | {row['compile_wall_ms']:.1f} ms wall"
+                    f" ({_fmt(row['compile_cpu_ms'])} ms CPU) | {row['first_us']:.1f} | "
+                    f"{row['reused_us']:.1f} |",
+                    flush=True,
+                )
     return rows
 
 
@@ -461,12 +509,18 @@ def batch_mask_cost(tokenizer: Any, schemas: list[dict], args) -> dict:
         with GrammarCompiler(tokenizer, backend=backend, timeout_s=60) as compiler:
             grammar = compiler.compile_json_schema(item["schema"])
             for batch in (int(b) for b in args.batch.split(",")):
-                out["rows"].append({"backend": backend, "batch": batch,
-                                    **_time_batch(grammar, ids, batch, compiler.words)})
+                out["rows"].append(
+                    {
+                        "backend": backend,
+                        "batch": batch,
+                        **_time_batch(grammar, ids, batch, compiler.words),
+                    }
+                )
     for batch in (int(b) for b in args.batch.split(",")):
         logits = torch.randn(batch, len(tokenizer))
-        mask = torch.randint(-2**31, 2**31 - 1, (batch, -(-len(tokenizer) // 32)),
-                             dtype=torch.int32)
+        mask = torch.randint(
+            -(2**31), 2**31 - 1, (batch, -(-len(tokenizer) // 32)), dtype=torch.int32
+        )
         apply_token_bitmask(logits, mask)
         started = time.perf_counter()
         for _ in range(5):
@@ -506,9 +560,15 @@ def run_baseline(schemas: list[dict], tokenizer: Any, args) -> list[dict]:
     records = []
     try:
         for item in _progress(schemas, "outlines-core"):
-            tests = [(t["valid"], tokenizer.encode(serialize(t["data"], item["schema"]),
-                                                   add_special_tokens=False))
-                     for t in item["tests"]]
+            tests = [
+                (
+                    t["valid"],
+                    tokenizer.encode(
+                        serialize(t["data"], item["schema"]), add_special_tokens=False
+                    ),
+                )
+                for t in item["tests"]
+            ]
             records.append(child.evaluate(item, tests, eos, args.timeout))
     finally:
         child.close()
@@ -528,9 +588,19 @@ class _BaselineChild:
         from radixlm.constrained.worker import _child_env
 
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "radixlm.bench.grammar", "--baseline-child", "--tokenizer",
-             self.tokenizer_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=_child_env())
+            [
+                sys.executable,
+                "-m",
+                "radixlm.bench.grammar",
+                "--baseline-child",
+                "--tokenizer",
+                self.tokenizer_dir,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=_child_env(),
+        )
         if self._receive(300) != "ready":
             raise RuntimeError("baseline child failed to start")
 
@@ -559,8 +629,9 @@ class _BaselineChild:
             status, value = self._receive(600)
             record.update(value)
         except TimeoutError:
-            record.update(error=f"timed out after {timeout_s:g} s", feature="timeout",
-                          compiled=False)
+            record.update(
+                error=f"timed out after {timeout_s:g} s", feature="timeout", compiled=False
+            )
             self.close()
         except (EOFError, OSError):
             record.update(error="crashed", feature="crash", compiled=False)
@@ -650,29 +721,45 @@ def kernel_timing(vocab: int = 128256, batches=(1, 32, 256), reps: int = 200) ->
     for dtype in (torch.bfloat16, torch.float32):
         for batch in batches:
             logits = torch.randn(batch, vocab, device=device).to(dtype)
-            mask = torch.randint(-2**31, 2**31 - 1, (batch, -(-vocab // 32)), device=device,
-                                 dtype=torch.int32)
+            mask = torch.randint(
+                -(2**31), 2**31 - 1, (batch, -(-vocab // 32)), device=device, dtype=torch.int32
+            )
             for backend in ("triton", "torch"):
-                ms = 1e3 * time_median(lambda b=backend, x=logits, m=mask: apply_token_bitmask(
-                    x, m, backend=b), device, reps, warmup=10)
+                ms = 1e3 * time_median(
+                    lambda b=backend, x=logits, m=mask: apply_token_bitmask(x, m, backend=b),
+                    device,
+                    reps,
+                    warmup=10,
+                )
                 read = batch * vocab * logits.element_size() + mask.numel() * 4
-                out["rows"].append({"dtype": str(dtype).split(".")[-1], "batch": batch,
-                                    "backend": backend, "us": ms * 1e3,
-                                    "GBps_read": read / (ms * 1e-3) / 1e9})
+                out["rows"].append(
+                    {
+                        "dtype": str(dtype).split(".")[-1],
+                        "batch": batch,
+                        "backend": backend,
+                        "us": ms * 1e3,
+                        "GBps_read": read / (ms * 1e-3) / 1e9,
+                    }
+                )
     return out
 
 
 def _print_summary(backend: str, s: dict) -> None:
-    print(f"{backend}: pass {s['passed']}/{s['total']} ({s['pass_rate']:.1%}), "
-          f"compiled {s['compiled']}, false rejections {s['false_rejections']}/"
-          f"{s['valid_checked']} {s['false_rejection_schemas'][:5]}, accepted invalid "
-          f"{s['accepted_invalid']}/{s['invalid_checked']}, failures {s['failures']}", flush=True)
+    print(
+        f"{backend}: pass {s['passed']}/{s['total']} ({s['pass_rate']:.1%}), "
+        f"compiled {s['compiled']}, false rejections {s['false_rejections']}/"
+        f"{s['valid_checked']} {s['false_rejection_schemas'][:5]}, accepted invalid "
+        f"{s['accepted_invalid']}/{s['invalid_checked']}, failures {s['failures']}",
+        flush=True,
+    )
 
 
 def _print_batch(batch: dict) -> None:
     for row in batch["rows"]:
-        print(f"mask fill {row['backend']:>10} batch {row['batch']:>4}: "
-              f"{row['per_request_us']:.2f} us/request ({row['step_us'] / 1e3:.3f} ms/step)")
+        print(
+            f"mask fill {row['backend']:>10} batch {row['batch']:>4}: "
+            f"{row['per_request_us']:.2f} us/request ({row['step_us'] / 1e3:.3f} ms/step)"
+        )
     for size, ms in batch.get("apply_torch_cpu_ms", {}).items():
         print(f"apply_token_bitmask torch CPU batch {size}: {ms:.2f} ms")
 
@@ -683,21 +770,25 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 def print_table(report: dict) -> None:
     """The markdown table recorded in docs/benchmarks.md and docs/constrained.md."""
-    print("\n| backend | schemas | pass | false rejections | accepted invalid | compile p50 / p90 "
-          "(ms), wall | compile p50 / p90 (ms), CPU | mask avg / p99 (us), wall | "
-          "mask avg / p99 (us), CPU | same, grammar reused |")
+    print(
+        "\n| backend | schemas | pass | false rejections | accepted invalid | compile p50 / p90 "
+        "(ms), wall | compile p50 / p90 (ms), CPU | mask avg / p99 (us), wall | "
+        "mask avg / p99 (us), CPU | same, grammar reused |"
+    )
     print("|---|---:|---:|---:|---:|---|---|---|---|---|")
     for name, data in report["backends"].items():
         s = data["summary"]
-        print(f"| {name} | {s['total']} | {s['passed']} ({s['pass_rate']:.1%}) | "
-              f"{s['false_rejections']}/{s['valid_checked']} | "
-              f"{s['accepted_invalid']}/{s['invalid_checked']} | "
-              f"{_fmt(s['compile_p50_s'], 1e3)} / {_fmt(s['compile_p90_s'], 1e3)} | "
-              f"{_fmt(s.get('compile_cpu_p50_s'), 1e3)} / "
-              f"{_fmt(s.get('compile_cpu_p90_s'), 1e3)} | "
-              f"{_fmt(s['mask_avg_us'])} / {_fmt(s['mask_p99_us'])} | "
-              f"{_fmt(s['mask_cpu_avg_us'])} / {_fmt(s['mask_cpu_p99_us'])} | "
-              f"{_fmt(s.get('mask_warm_cpu_avg_us'))} / {_fmt(s.get('mask_warm_cpu_p99_us'))} |")
+        print(
+            f"| {name} | {s['total']} | {s['passed']} ({s['pass_rate']:.1%}) | "
+            f"{s['false_rejections']}/{s['valid_checked']} | "
+            f"{s['accepted_invalid']}/{s['invalid_checked']} | "
+            f"{_fmt(s['compile_p50_s'], 1e3)} / {_fmt(s['compile_p90_s'], 1e3)} | "
+            f"{_fmt(s.get('compile_cpu_p50_s'), 1e3)} / "
+            f"{_fmt(s.get('compile_cpu_p90_s'), 1e3)} | "
+            f"{_fmt(s['mask_avg_us'])} / {_fmt(s['mask_p99_us'])} | "
+            f"{_fmt(s['mask_cpu_avg_us'])} / {_fmt(s['mask_cpu_p99_us'])} | "
+            f"{_fmt(s.get('mask_warm_cpu_avg_us'))} / {_fmt(s.get('mask_warm_cpu_p99_us'))} |"
+        )
 
 
 def _write(path: str, report: dict) -> None:

@@ -72,14 +72,25 @@ class GrammarCompiler:
             hard time limit; for tests that measure the compiler itself).
     """
 
-    def __init__(self, tokenizer: Any, backend: str = "llguidance", vocab_size: int | None = None,
-                 *, eos_token_ids: list[int] | None = None, timeout_s: float = 10.0,
-                 max_workers: int = 2, memory_limit_mb: int = 4096, cache_size: int = 256,
-                 json_options: JsonSchemaOptions | None = None, isolate: bool = True,
-                 max_extra_lanes: int = 4):
+    def __init__(
+        self,
+        tokenizer: Any,
+        backend: str = "llguidance",
+        vocab_size: int | None = None,
+        *,
+        eos_token_ids: list[int] | None = None,
+        timeout_s: float = 10.0,
+        max_workers: int = 2,
+        memory_limit_mb: int = 4096,
+        cache_size: int = 256,
+        json_options: JsonSchemaOptions | None = None,
+        isolate: bool = True,
+        max_extra_lanes: int = 4,
+    ):
         if backend not in BACKENDS:
-            raise GrammarError(f"unknown grammar backend {backend!r} (one of {BACKENDS})",
-                               feature="backend")
+            raise GrammarError(
+                f"unknown grammar backend {backend!r} (one of {BACKENDS})", feature="backend"
+            )
         self.backend = backend
         self.timeout_s = timeout_s
         self.json_options = json_options or JsonSchemaOptions()
@@ -102,8 +113,9 @@ class GrammarCompiler:
         self._wake = threading.Event()
         for _ in range(max_workers):
             self._add_lane(permanent=True)
-        self._monitor = threading.Thread(target=self._watch, name="grammar-compile-watch",
-                                         daemon=True)
+        self._monitor = threading.Thread(
+            target=self._watch, name="grammar-compile-watch", daemon=True
+        )
         self._monitor.start()
 
     # ---- public API ----
@@ -211,8 +223,10 @@ class GrammarCompiler:
     def _cache_key(self, kind: str, spec: Any) -> tuple:
         kinds = KINDS + ("lark",) if self.backend == "llguidance" else KINDS
         if kind not in kinds:
-            raise GrammarError(f"unknown constraint kind {kind!r} for the {self.backend} backend "
-                               f"(one of {kinds})", feature="kind")
+            raise GrammarError(
+                f"unknown constraint kind {kind!r} for the {self.backend} backend (one of {kinds})",
+                feature="kind",
+            )
         if kind == "lark" and not isinstance(spec, str):
             raise GrammarError("a Lark grammar must be a string", feature="lark")
         if kind == "json_schema":
@@ -227,8 +241,7 @@ class GrammarCompiler:
         """What a worker process needs to build its :class:`TokenTables` (pickled once)."""
         with self._lock:
             if self._vocab_blob is None:
-                self._vocab_blob = pickle.dumps((self.info.vocab.token_bytes,
-                                                 self.info.fake.base))
+                self._vocab_blob = pickle.dumps((self.info.vocab.token_bytes, self.info.fake.base))
             return self._vocab_blob
 
     def token_tables(self) -> TokenTables:
@@ -272,8 +285,7 @@ class GrammarCompiler:
         return None
 
     def _add_lane(self, permanent: bool) -> None:
-        runner = _Runner(self, self._lanes_started, self._isolate, self._memory_limit_mb,
-                         permanent)
+        runner = _Runner(self, self._lanes_started, self._isolate, self._memory_limit_mb, permanent)
         self._lanes_started += 1
         self._runners.append(runner)
         runner.start()
@@ -296,14 +308,22 @@ class GrammarCompiler:
                     if job is None or job.started is None:
                         continue
                     if now - job.started > self.timeout_s and not job.future.done():
-                        _set_exception(job.future, GrammarError(
-                            f"grammar compilation timed out after {self.timeout_s:g} s",
-                            feature="timeout"))
+                        _set_exception(
+                            job.future,
+                            GrammarError(
+                                f"grammar compilation timed out after {self.timeout_s:g} s",
+                                feature="timeout",
+                            ),
+                        )
                         self.forget(job)
                         runner.abandoned = True
                 held = all(r.abandoned or _busy_for(r) > _SLOW_S for r in self._runners)
-                if (held and not self._jobs.empty() and not self._closed
-                        and sum(not r.abandoned for r in self._runners) < self._max_lanes):
+                if (
+                    held
+                    and not self._jobs.empty()
+                    and not self._closed
+                    and sum(not r.abandoned for r in self._runners) < self._max_lanes
+                ):
                     self._add_lane(permanent=False)
 
     def finish(self, payload_or_grammar: Any) -> Grammar:
@@ -319,8 +339,14 @@ class GrammarCompiler:
 class _Runner:
     """One compile lane: a thread feeding jobs to its own worker process (or running them)."""
 
-    def __init__(self, owner: GrammarCompiler, number: int, isolate: bool, memory_limit_mb: int,
-                 permanent: bool = True):
+    def __init__(
+        self,
+        owner: GrammarCompiler,
+        number: int,
+        isolate: bool,
+        memory_limit_mb: int,
+        permanent: bool = True,
+    ):
         self.owner = owner
         self.isolate = isolate
         self.memory_limit_mb = memory_limit_mb
@@ -329,8 +355,9 @@ class _Runner:
         self.job: _Job | None = None
         self.stopped = False
         self.abandoned = False  # its job overran the time limit and was failed without it
-        self.thread = threading.Thread(target=self._loop, name=f"grammar-compile-{number}",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._loop, name=f"grammar-compile-{number}", daemon=True
+        )
 
     def start(self) -> None:
         self.thread.start()
@@ -376,8 +403,9 @@ class _Runner:
         except Exception as exc:  # a bug must fail one request, not the lane
             log.exception("grammar compilation failed")
             self.owner.forget(job)
-            _set_exception(future, GrammarError(f"grammar compilation failed: {exc!r}",
-                                                feature="crash"))
+            _set_exception(
+                future, GrammarError(f"grammar compilation failed: {exc!r}", feature="crash")
+            )
 
     def _compile(self, kind: str, spec: Any) -> Any:
         owner = self.owner
@@ -386,11 +414,16 @@ class _Runner:
         if not self.isolate:
             from radixlm.constrained.index_build import build_index
 
-            return build_index(kind, spec, owner.json_options, owner.info.vocab.dummy_prefix,
-                               owner.token_tables())
+            return build_index(
+                kind, spec, owner.json_options, owner.info.vocab.dummy_prefix, owner.token_tables()
+            )
         if self.worker is None or not self.worker.alive():
-            self.worker = WorkerProcess(owner.vocab_blob(), owner.json_options,
-                                        owner.info.vocab.dummy_prefix, self.memory_limit_mb)
+            self.worker = WorkerProcess(
+                owner.vocab_blob(),
+                owner.json_options,
+                owner.info.vocab.dummy_prefix,
+                self.memory_limit_mb,
+            )
         started = time.monotonic()
         try:
             return self.worker.run(kind, spec, owner.timeout_s)

@@ -70,22 +70,26 @@ class _Serializer:
         members = []
         for key in order:
             sub = property_schema(node, key, self.options) if node else True
-            members.append(json.dumps(key, ensure_ascii=False) + key_sep
-                           + self.dump(value[key], sub, stack))
+            members.append(
+                json.dumps(key, ensure_ascii=False) + key_sep + self.dump(value[key], sub, stack)
+            )
         return "{" + sep.join(members) + "}"
 
     def _array(self, value: list, node: dict, stack: tuple) -> str:
         prefix = node.get("prefixItems", [])
         rest = node.get("items", True)
-        items = [self.dump(v, prefix[i] if i < len(prefix) else rest, stack)
-                 for i, v in enumerate(value)]
+        items = [
+            self.dump(v, prefix[i] if i < len(prefix) else rest, stack) for i, v in enumerate(value)
+        ]
         return "[" + self.options.item_separator.join(items) + "]"
 
     def _choose(self, value: Any, node: dict, stack: tuple) -> Any:
         """Merge in, from each anyOf/oneOf list, the first alternative ``value`` satisfies."""
         base = {k: v for k, v in node.items() if k != "_alts"}
-        chosen = [next((alt for alt in alts if self._valid(value, alt)), alts[0])
-                  for alts in node["_alts"]]
+        chosen = [
+            next((alt for alt in alts if self._valid(value, alt)), alts[0])
+            for alts in node["_alts"]
+        ]
         merged: Any = base
         for alt in chosen:
             resolved, _ = self.compiler.resolve(alt, stack)
@@ -110,8 +114,13 @@ class _Serializer:
         return self._validator
 
 
-def grammar_json(instance: Any, grammar: Any, item_separator: str = ", ",
-                 key_separator: str = ": ", budget: int = 20_000) -> str | None:
+def grammar_json(
+    instance: Any,
+    grammar: Any,
+    item_separator: str = ", ",
+    key_separator: str = ": ",
+    budget: int = 20_000,
+) -> str | None:
     """``instance`` spelled the way a compiled grammar accepts it, found by asking the grammar.
 
     A grammar fixes key order and may fix how a number is spelled (an ``enum`` of ``0.0`` is

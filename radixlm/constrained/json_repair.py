@@ -116,8 +116,9 @@ def _map_nodes(root: Any, fix: Callable[..., bool], change: bool = True) -> bool
                     return True
             else:
                 changed |= fix(node)
-            stack.extend(v for k, v in node.items() if k not in ("enum", "const", "examples",
-                                                                 "default"))
+            stack.extend(
+                v for k, v in node.items() if k not in ("enum", "const", "examples", "default")
+            )
         elif isinstance(node, list):
             stack.extend(node)
     return changed
@@ -176,8 +177,9 @@ def _drop_bad_patterns(node: dict, pattern_ok: Callable[[str], bool]) -> bool:
             value = patterns.pop(key)
             extra = node.get("additionalProperties", True)
             if extra is not True and extra != {}:
-                node["additionalProperties"] = value if extra is False else {
-                    "anyOf": [extra, value]}
+                node["additionalProperties"] = (
+                    value if extra is False else {"anyOf": [extra, value]}
+                )
             changed = True
     return changed
 
@@ -187,8 +189,11 @@ def _processing_pointer(error: str, schema: dict) -> str | None:
     match = re.search(r"while processing (\S*?)#(/\S*)", error)
     if not match:
         return None
-    root_ids = {"json-schema:///", str(schema.get("$id", "")).rstrip("#"),
-                str(schema.get("id", "")).rstrip("#")} - {""}
+    root_ids = {
+        "json-schema:///",
+        str(schema.get("$id", "")).rstrip("#"),
+        str(schema.get("id", "")).rstrip("#"),
+    } - {""}
     return match.group(2) if match.group(1) in root_ids else None
 
 

@@ -41,8 +41,9 @@ def _ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> Any:
             by_shape = {}
         key = (vocab_size, tuple(eos_ids))
         if key not in by_shape:
-            by_shape[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                         eos_token=eos_ids or None)
+            by_shape[key] = llguidance.hf.from_tokenizer(
+                tokenizer, n_vocab=vocab_size, eos_token=eos_ids or None
+            )
         return by_shape[key]
 
 
@@ -137,9 +138,13 @@ class LLGuidanceCompiler:
         # the same policy as the default backend: non-strict relaxes what it cannot enforce
         # (llguidance: ignore unimplemented keywords, compile oneOf as anyOf)
         lenient = not self.options.strict
-        return {"item_separator": self.options.item_separator,
-                "key_separator": self.options.key_separator,
-                "whitespace_flexible": False, "lenient": lenient, "coerce_one_of": lenient}
+        return {
+            "item_separator": self.options.item_separator,
+            "key_separator": self.options.key_separator,
+            "whitespace_flexible": False,
+            "lenient": lenient,
+            "coerce_one_of": lenient,
+        }
 
 
 def _feature(error: str) -> str:
@@ -170,8 +175,9 @@ def _schema_object(kind: str, spec: Any) -> Any:
 class LLGuidanceGrammar(Grammar):
     """A compiled llguidance grammar; matchers are copies of a validated template."""
 
-    def __init__(self, owner: LLGuidanceCompiler, text: str, template: Any,
-                 repairs: tuple[str, ...] = ()):
+    def __init__(
+        self, owner: LLGuidanceCompiler, text: str, template: Any, repairs: tuple[str, ...] = ()
+    ):
         self.owner = owner
         self.text = text
         self.vocab_size = owner.info.vocab_size

@@ -42,12 +42,20 @@ class WorkerProcess:
         memory_limit_mb: the child's address-space limit (0 = none).
     """
 
-    def __init__(self, vocab_blob: bytes, options: JsonSchemaOptions, dummy_prefix: bool,
-                 memory_limit_mb: int):
+    def __init__(
+        self,
+        vocab_blob: bytes,
+        options: JsonSchemaOptions,
+        dummy_prefix: bool,
+        memory_limit_mb: int,
+    ):
         self._process = subprocess.Popen(
             [sys.executable, "-m", "radixlm.constrained.worker", str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=_child_env())
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=_child_env(),
+        )
         try:
             _send(self._process.stdin, (vocab_blob, options, dummy_prefix, memory_limit_mb))
             if self._receive(_START_TIMEOUT_S) != "ready":
@@ -71,12 +79,14 @@ class WorkerProcess:
             status, value = self._receive(timeout_s)
         except TimeoutError:
             self.kill()
-            raise GrammarError(f"grammar compilation timed out after {timeout_s:g} s",
-                               feature="timeout") from None
+            raise GrammarError(
+                f"grammar compilation timed out after {timeout_s:g} s", feature="timeout"
+            ) from None
         except (EOFError, OSError):
             self.kill()
-            raise GrammarError("grammar compilation crashed (out of memory?)",
-                               feature="memory") from None
+            raise GrammarError(
+                "grammar compilation crashed (out of memory?)", feature="memory"
+            ) from None
         if status == "ok":
             return value
         message, feature = value

@@ -15,10 +15,27 @@ DEV = Path(__file__).resolve().parents[2].parent / "shared" / "schemas" / "dev"
 @pytest.mark.skipif(not DEV.is_dir(), reason=f"{DEV} not found")
 def test_grammar_bench_reports_pass_rate_and_timings(tmp_path, llama3_tokenizer_dir, capsys):
     out = tmp_path / "grammar.json"
-    assert grammar.main(["--schemas", str(DEV), "--tokenizer", str(llama3_tokenizer_dir),
-                         "--match", "Glaiveai2K---calculate_area", "--limit", "2",
-                         "--backends", "llguidance,llguidance-raw:2", "--batch", "",
-                         "--out", str(out)]) == 0
+    assert (
+        grammar.main(
+            [
+                "--schemas",
+                str(DEV),
+                "--tokenizer",
+                str(llama3_tokenizer_dir),
+                "--match",
+                "Glaiveai2K---calculate_area",
+                "--limit",
+                "2",
+                "--backends",
+                "llguidance,llguidance-raw:2",
+                "--batch",
+                "",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     default = report["backends"]["llguidance"]["summary"]
     assert default["total"] == 2 and report["backends"]["llguidance-raw:2"]["summary"]["total"] == 1

@@ -28,8 +28,13 @@ def llama2(llama2_tokenizer_dir):
 @pytest.fixture(scope="session")
 def compiler3(llama3):
     """llama3, outlines backend, builds in threads (no worker processes: faster tests)."""
-    with _compiler(llama3, backend="outlines", vocab_size=128256 + 64,
-                   eos_token_ids=[128001, 128009], isolate=False) as compiler:
+    with _compiler(
+        llama3,
+        backend="outlines",
+        vocab_size=128256 + 64,
+        eos_token_ids=[128001, 128009],
+        isolate=False,
+    ) as compiler:
         yield compiler
 
 
@@ -42,8 +47,9 @@ def compiler2(llama2):
 @pytest.fixture(scope="session")
 def llg3(llama3):
     """llama3, the default backend (llguidance)."""
-    with _compiler(llama3, backend="llguidance", vocab_size=128256 + 64,
-                         eos_token_ids=[128001, 128009]) as compiler:
+    with _compiler(
+        llama3, backend="llguidance", vocab_size=128256 + 64, eos_token_ids=[128001, 128009]
+    ) as compiler:
         yield compiler
 
 

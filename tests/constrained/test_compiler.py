@@ -28,9 +28,15 @@ def test_cache_shares_grammars_across_spellings(compiler3):
 
 
 def test_submit_kinds_and_bad_kind(compiler3):
-    futures = {kind: compiler3.submit(kind, spec) for kind, spec in [
-        ("json_schema", {"type": "integer"}), ("regex", "[0-9]+"),
-        ("choices", ["a", "b"]), ("json_object", None)]}
+    futures = {
+        kind: compiler3.submit(kind, spec)
+        for kind, spec in [
+            ("json_schema", {"type": "integer"}),
+            ("regex", "[0-9]+"),
+            ("choices", ["a", "b"]),
+            ("json_object", None),
+        ]
+    }
     for future in futures.values():
         assert future.result(timeout=60).matcher() is not None
     with pytest.raises(GrammarError) as info:
@@ -149,8 +155,14 @@ def test_slow_constraints_do_not_delay_a_normal_schema(llama3):
         slow.append(compiler.submit("regex", "|".join(_slow_choices(20, 8000))))
         time.sleep(0.1)
         started = time.monotonic()
-        normal = compiler.submit("json_schema", {"type": "object", "properties": {
-            "name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name"]})
+        normal = compiler.submit(
+            "json_schema",
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                "required": ["name"],
+            },
+        )
         normal.result(timeout=60)
         waited = time.monotonic() - started
         assert not all(f.done() for f in slow), "the slow constraints were not slow"
@@ -187,8 +199,11 @@ _PARENT = textwrap.dedent("""
 def test_compile_worker_dies_with_its_parent(llama2_tokenizer_dir):
     """Issue 14 item 3: kill -9 of the process owning the compiler, mid-build: the worker
     process exits too instead of being adopted by init."""
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(llama2_tokenizer_dir)],
-                              stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(llama2_tokenizer_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         worker = int(parent.stdout.readline())
         time.sleep(1.0)  # the slow build is running in the worker

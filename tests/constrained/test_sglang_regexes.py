@@ -36,12 +36,23 @@ HERMIONE = (
     '        "wood": "Vine",\n        "core": "Dragon string",\n        "length": 10.75\n'
     '    },\n    "alive": "Alive",\n    "patronus": "Otter",\n    "bogart": "Failure"\n}'
 )
-WIZARD = {"properties": {"name": {"title": "Name", "type": "string"},
-                         "age": {"title": "Age", "type": "integer"},
-                         "weapon": {"$ref": "#/$defs/Weapon"}},
-          "required": ["name", "age", "weapon"], "title": "Wizard", "type": "object",
-          "$defs": {"Weapon": {"enum": ["sword", "axe", "mace", "spear", "bow", "crossbow"],
-                               "title": "Weapon", "type": "string"}}}
+WIZARD = {
+    "properties": {
+        "name": {"title": "Name", "type": "string"},
+        "age": {"title": "Age", "type": "integer"},
+        "weapon": {"$ref": "#/$defs/Weapon"},
+    },
+    "required": ["name", "age", "weapon"],
+    "title": "Wizard",
+    "type": "object",
+    "$defs": {
+        "Weapon": {
+            "enum": ["sword", "axe", "mace", "spear", "bow", "crossbow"],
+            "title": "Weapon",
+            "type": "string",
+        }
+    },
+}
 
 
 def _accepts(compiler, grammar, tokenizer, text: str) -> bool:
