@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurement suite of issue 13, in one run (about 8 minutes on one H200).
+# The GPU measurement suite of issue 13, in one run (8-12 minutes on one H200: nine engine
+# starts load the 16 GB model and capture CUDA graphs; SKIP_HF=1 saves the compile minutes).
 #
 #   bash radixlm/bench/gpu_suite.sh [OUT_DIR]
 #
