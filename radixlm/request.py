@@ -21,11 +21,14 @@ class LogprobOptions:
         return_logprob: return the sampled tokens' logprobs.
         top_logprobs_num: also the top-k alternatives at each position.
         logprob_start_len: first prompt position whose token logprob is returned; -1 for none.
+        return_text: each ``(logprob, token_id, text)`` entry carries the token's text;
+            False leaves None there (SGLang's ``return_text_in_logprobs``).
     """
 
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    return_text: bool = True
 
     @property
     def wants_input_logprobs(self) -> bool:

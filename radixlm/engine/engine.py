@@ -307,7 +307,7 @@ class Engine:
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
                  return_logprob: bool = False, logprob_start_len: int = -1,
-                 top_logprobs_num: int = 0, rid=None):
+                 top_logprobs_num: int = 0, rid=None, return_text_in_logprobs: bool = True):
         """Generate for one prompt (a result dict) or a batch (a list of result dicts).
 
         Args:
@@ -317,6 +317,8 @@ class Engine:
             stream: return an iterator of chunk dicts (single prompt, n == 1 only).
             return_logprob / logprob_start_len / top_logprobs_num: logprobs to return.
             rid: request id(s); generated when omitted.
+            return_text_in_logprobs: each logprob entry ``(logprob, token_id, text)`` carries
+                the token's text; False puts None there.
 
         Returns:
             A result dict, a list of them (batch or n > 1), or an iterator of chunks.
@@ -324,7 +326,8 @@ class Engine:
         Raises:
             RequestError: invalid input (nothing is queued then).
         """
-        logprob = LogprobOptions(return_logprob, top_logprobs_num, logprob_start_len)
+        logprob = LogprobOptions(return_logprob, top_logprobs_num, logprob_start_len,
+                                 return_text_in_logprobs)
         single = _is_single(prompt, input_ids)
         states = self._submit(prompt, sampling_params, input_ids, stream, logprob, rid, None)
         if stream:
@@ -353,9 +356,11 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
                              stream: bool = False, return_logprob: bool = False,
-                             logprob_start_len: int = -1, top_logprobs_num: int = 0, rid=None):
+                             logprob_start_len: int = -1, top_logprobs_num: int = 0, rid=None,
+                             return_text_in_logprobs: bool = True):
         """Async :meth:`generate`; with ``stream=True`` returns an async iterator of chunks."""
-        logprob = LogprobOptions(return_logprob, top_logprobs_num, logprob_start_len)
+        logprob = LogprobOptions(return_logprob, top_logprobs_num, logprob_start_len,
+                                 return_text_in_logprobs)
         single = _is_single(prompt, input_ids)
         loop = asyncio.get_running_loop()
         states = self._submit(prompt, sampling_params, input_ids, stream, logprob, rid, loop)

@@ -122,7 +122,9 @@ class RequestState:
                 lp["input_top_logprobs"] = [
                     self._with_text(t) if t else None for t in out.input_top_logprobs]
 
-    def _with_text(self, pairs: list[TokenLogprob]) -> list[tuple[float | None, int, str]]:
+    def _with_text(self, pairs: list[TokenLogprob]) -> list[tuple[float | None, int, str | None]]:
+        if not self.logprob.return_text:
+            return [(lp, tid, None) for lp, tid in pairs]
         return [(lp, tid, self.tokenizer.decode([tid])) for lp, tid in pairs]
 
     # ---- read by the caller ---------------------------------------------------------------

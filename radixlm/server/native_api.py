@@ -83,7 +83,8 @@ def native_jobs(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Job], b
     if all(isinstance(n, int) and not isinstance(n, bool) for n in ns):
         check_sequences(ctx.bounds, len(prompts), max(ns), "sampling_params.n")
     common = {"return_logprob": body.return_logprob, "top_logprobs_num": body.top_logprobs_num,
-              "logprob_start_len": body.logprob_start_len}
+              "logprob_start_len": body.logprob_start_len,
+              "return_text_in_logprobs": body.return_text_in_logprobs}
     jobs: list[Job] = []
     for prompt, params, group in zip(prompts, params_list, groups):
         group = group or new_rid()

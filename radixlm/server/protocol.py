@@ -158,6 +158,9 @@ class GenerateRequest(BaseModel):
     return_logprob: bool = False
     logprob_start_len: int = Field(default=-1, ge=-1)
     top_logprobs_num: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    # SGLang's default is False (entries carry None for the text); ours keeps the texts unless
+    # the client turns them off, as this API always returned them.
+    return_text_in_logprobs: bool = True
     rid: str | list[str] | None = None
 
 

@@ -292,6 +292,40 @@ def test_native_batch_stream_and_input_logprobs(http, tokenizer):
     assert "".join(c["delta"] for c in chunks) == chunks[-1]["text"]
 
 
+def test_native_return_text_in_logprobs(http, tokenizer):
+    """SGLang's top-level flag: True gives (logprob, id, text) entries, False (logprob, id,
+    None)."""
+    ids = tokenizer.encode("one two three")
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0,
+                                                  "ignore_eos": True},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2}
+    keys = ("input_token_logprobs", "output_token_logprobs")
+    with_text = http.post("/generate", json={**body, "return_text_in_logprobs": True})
+    without = http.post("/generate", json={**body, "return_text_in_logprobs": False})
+    assert with_text.status_code == 200 and without.status_code == 200, without.text
+    meta_t, meta_n = with_text.json()["meta_info"], without.json()["meta_info"]
+    assert [e[1] for e in meta_t["input_token_logprobs"]] == ids
+    for key in keys:
+        assert [e[:2] for e in meta_n[key]] == [e[:2] for e in meta_t[key]]
+        assert all(e[2] is None for e in meta_n[key])
+        assert [e[2] for e in meta_t[key]] == [tokenizer.decode([e[1]]) for e in meta_t[key]]
+    tops_t, tops_n = meta_t["output_top_logprobs"], meta_n["output_top_logprobs"]
+    assert len(tops_n) == 4 and all(len(top) == 2 for top in tops_n)
+    assert [[e[:2] for e in top] for top in tops_n] == [[e[:2] for e in top] for top in tops_t]
+    assert all(e[2] is None for top in tops_n for e in top)
+    assert all(e[2] == tokenizer.decode([e[1]]) for top in tops_t for e in top)
+    # streamed chunks follow the flag too
+    with http.stream("POST", "/generate", json={**body, "stream": True,
+                                                 "return_text_in_logprobs": False}) as r:
+        events = [line for line in r.iter_lines() if line]
+    last = json.loads(events[-2][len("data: "):])
+    assert [e[:2] for e in last["meta_info"]["output_token_logprobs"]] == [
+        e[:2] for e in meta_t["output_token_logprobs"]]
+    assert all(e[2] is None for e in last["meta_info"]["output_token_logprobs"])
+    bad = http.post("/generate", json={**body, "return_text_in_logprobs": "yes"})
+    assert bad.status_code == 400 and _error(bad)["param"] == "return_text_in_logprobs"
+
+
 def test_tokenize_detokenize_round_trip(http, tokenizer):
     text = "Hello, radix tree!"
     out = http.post("/tokenize", json={"prompt": text}).json()
