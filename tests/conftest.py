@@ -95,3 +95,34 @@ def smollm2_engine(smollm2_gguf):
 
     with Engine(model=str(smollm2_gguf), **SMOLLM2_ENGINE_OPTIONS) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer rebuilt from the SmolLM2 GGUF by transformers itself (not
+    radixlm's cached copy): the reference for chat-template tests."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf, smollm2_hf_tokenizer):
+    """transformers' own float32 SmolLM2 and tokenizer, loaded from the same GGUF file by
+    transformers' GGUF support (the independent reference for parity tests)."""
+    import functools
+
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    # transformers rebuilds gguf's (pure) tensor-name table once per submodule, ~400 times for
+    # this model: minutes on a busy 2-core box. Memoising it changes nothing but the time.
+    table = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.cache(table)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+        )
+    finally:
+        gguf.get_tensor_name_map = table
+    return model.eval(), smollm2_hf_tokenizer
