@@ -1,6 +1,6 @@
 """Quickstart: one chat turn, then the same program streamed.
 
-Start a server first (no --model serves the demo model, whose text is gibberish by design):
+Start a server first (no --model serves the default model, SmolLM2-135M-Instruct):
 
     radixlm serve --port 30000
     python examples/quickstart.py --url http://127.0.0.1:30000

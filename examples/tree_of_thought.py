@@ -21,10 +21,14 @@ def tree_of_thought(s, problem):
     s += f"Problem: {problem}\nLet us think about it in several ways.\n"
     thoughts = s.fork(WIDTH)
     for i, thought in enumerate(thoughts):
-        thought += f"Approach {i + 1}:" + rl.gen("plan", max_tokens=16, stop="\n") + "\n"
+        # Sampled, with a seed of its own per branch: one shared seed would make every branch
+        # draw the same tokens from the same prefix (three identical approaches).
+        thought += f"Approach {i + 1}:" + rl.gen("plan", max_tokens=24, stop="\n", seed=11 + i)
+        thought += "\n"
         steps = thought.fork(DEPTH_WIDTH)  # a nested fork per approach
         for j, step in enumerate(steps):
-            step += f"Step {j + 1}:" + rl.gen("step", max_tokens=12, stop="\n") + "\n"
+            seed = 101 + 10 * i + j
+            step += f"Step {j + 1}:" + rl.gen("step", max_tokens=16, stop="\n", seed=seed) + "\n"
             step += "Is this step sound? " + rl.select("sound", ["yes", "no"])
         steps.join("gather")
     thoughts.join("gather")
@@ -35,7 +39,7 @@ def main(url: str) -> dict:
     """Run the tree; return the gathered structure."""
     backend = rl.RuntimeEndpoint(url)
     state = tree_of_thought.run(problem="Plan a picnic for 20 people on a budget.",
-                                backend=backend, temperature=0.7, seed=1)
+                                backend=backend, temperature=0.8)
     if state.error() is not None:
         raise SystemExit(f"failed: {state.error()}")
     for i, (plan, steps, sound) in enumerate(zip(state["plan"], state["step"], state["sound"])):
