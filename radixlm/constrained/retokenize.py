@@ -51,8 +51,9 @@ class Retokenizer:
             return shifted
         return self._bytewise(target)
 
-    def splice_candidates(self, forced: str, last_token_id: int | None, accepted: int
-                          ) -> list[tuple[int, list[int]]]:
+    def splice_candidates(
+        self, forced: str, last_token_id: int | None, accepted: int
+    ) -> list[tuple[int, list[int]]]:
         """Ways to append ``forced``: (tokens to drop from the output end, ids to append).
 
         The first candidate re-tokenizes the last token together with the forced text; the

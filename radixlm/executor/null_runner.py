@@ -43,8 +43,15 @@ class NullStep:
         forward_done: when the emulated forward pass ends.
     """
 
-    def __init__(self, runner: NullRunner, index: int, tails: list, bitmask: torch.Tensor | None,
-                 mask_rows: list[int | None], forward_done: float):
+    def __init__(
+        self,
+        runner: NullRunner,
+        index: int,
+        tails: list,
+        bitmask: torch.Tensor | None,
+        mask_rows: list[int | None],
+        forward_done: float,
+    ):
         self.runner = runner
         self.index = index
         self.bitmask = bitmask
@@ -106,7 +113,7 @@ def _first_allowed(words: np.ndarray, token: int, vocab: int) -> int:
     here = int(words[w]) >> bit << bit
     if here:
         return _lowest_id(w, here, token, vocab)
-    later = np.flatnonzero(words[w + 1:])
+    later = np.flatnonzero(words[w + 1 :])
     if len(later):
         w = w + 1 + int(later[0])
         return _lowest_id(w, int(words[w]), token, vocab)
@@ -132,8 +139,9 @@ class NullRunner:
         device_ms: emulated device time per step (0: results are ready at launch).
     """
 
-    def __init__(self, vocab_size: int = 1000, eos_token_id: int | None = None,
-                 device_ms: float = 0.0):
+    def __init__(
+        self, vocab_size: int = 1000, eos_token_id: int | None = None, device_ms: float = 0.0
+    ):
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self.device_seconds = device_ms / 1000.0
@@ -181,8 +189,14 @@ class NullRunner:
         bitmask = None
         if batch.num_mask_rows and any(t is not None for t in tails):
             bitmask = self._mask_buffers.take(batch.num_mask_rows, -(-self.vocab_size // 32))
-        step = NullStep(self, self.launched, tails, bitmask,
-                        [seq.bitmask_row for seq in batch.seqs], self._occupy_device())
+        step = NullStep(
+            self,
+            self.launched,
+            tails,
+            bitmask,
+            [seq.bitmask_row for seq in batch.seqs],
+            self._occupy_device(),
+        )
         self.launched += 1
         return step
 

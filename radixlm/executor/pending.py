@@ -129,9 +129,13 @@ class LaunchedStep:
         bitmask: the host buffer to fill before :meth:`commit_mask`, or None.
     """
 
-    def __init__(self, sample: Callable[[torch.Tensor | None], tuple[torch.Tensor, HostTransfer]],
-                 build: Callable[[list[list | None]], StepResult], started: float,
-                 bitmask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        sample: Callable[[torch.Tensor | None], tuple[torch.Tensor, HostTransfer]],
+        build: Callable[[list[list | None]], StepResult],
+        started: float,
+        bitmask: torch.Tensor | None = None,
+    ):
         self.bitmask = bitmask
         self._sample = sample
         self._build = build

@@ -39,8 +39,9 @@ class GrammarState:
         mask_threads: threads filling a batch's masks (default: one per core, up to 16).
     """
 
-    def __init__(self, compiler, tokenizer, enable_jump_forward: bool = True,
-                 mask_threads: int | None = None):
+    def __init__(
+        self, compiler, tokenizer, enable_jump_forward: bool = True, mask_threads: int | None = None
+    ):
         self.compiler = compiler
         self.tokenizer = tokenizer
         self.enable_jump_forward = enable_jump_forward
@@ -160,7 +161,7 @@ class GrammarState:
             req.matcher.rollback(len(forced) - room)
             forced = forced[:room]
         if splice.rollback:
-            del req.output_ids[-splice.rollback:]
+            del req.output_ids[-splice.rollback :]
         req.output_ids.extend(forced)
         req.jump_forward_tokens += len(forced)
         return forced if splice.rollback else [token_id, *forced]

@@ -12,29 +12,55 @@ import json
 
 import pytest
 
-SCHEMA = {"type": "object", "properties": {
-    "home": {"type": "object", "properties": {
-        "city": {"type": "string"},
-        "colours": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
-        "required": ["city", "colours"], "additionalProperties": False},
-    "people": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "properties": {
-            "tags": {"type": "array", "items": {"enum": ["a", "b"]}},
-            "age": {"type": "integer"}, "name": {"type": "string"}},
-        "required": ["tags", "age", "name"], "additionalProperties": False}},
-    "last": {"type": "string"}},
-    "required": ["home", "people", "last"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "home": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "colours": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            },
+            "required": ["city", "colours"],
+            "additionalProperties": False,
+        },
+        "people": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "tags": {"type": "array", "items": {"enum": ["a", "b"]}},
+                    "age": {"type": "integer"},
+                    "name": {"type": "string"},
+                },
+                "required": ["tags", "age", "name"],
+                "additionalProperties": False,
+            },
+        },
+        "last": {"type": "string"},
+    },
+    "required": ["home", "people", "last"],
+    "additionalProperties": False,
+}
 DOCS = [
-    {"home": {"city": "Oslo", "colours": ["red", "blue"]},
-     "people": [{"tags": ["a", "b"], "age": 3, "name": "Ann"},
-                {"tags": [], "age": 41, "name": "Bo"}],
-     "last": "x"},
-    {"home": {"city": "é", "colours": ["x"]}, "people": [{"tags": ["b"], "age": -7, "name": ""}],
-     "last": ""},
+    {
+        "home": {"city": "Oslo", "colours": ["red", "blue"]},
+        "people": [
+            {"tags": ["a", "b"], "age": 3, "name": "Ann"},
+            {"tags": [], "age": 41, "name": "Bo"},
+        ],
+        "last": "x",
+    },
+    {
+        "home": {"city": "é", "colours": ["x"]},
+        "people": [{"tags": ["b"], "age": -7, "name": ""}],
+        "last": "",
+    },
 ]
 # Boundaries the documents cross (inside one token or between two), each checked at least once
 # in or right around a splice.
-BOUNDARIES = ['{"', '":', ': "', ', "', '["', '[{', '},', '"]', '}]', '"}', ': [', ': {', ']}']
+BOUNDARIES = ['{"', '":', ': "', ', "', '["', "[{", "},", '"]', "}]", '"}', ": [", ": {", "]}"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +98,9 @@ def walk(compiler, doc: str) -> tuple[list[tuple[int, int]], list[int], tuple]:
         start = i - splice.rollback
         end = start + len(splice.token_ids)
         assert list(splice.token_ids) == natural[start:end], (
-            _spell(matcher, natural[start:end]), _spell(matcher, splice.token_ids))
+            _spell(matcher, natural[start:end]),
+            _spell(matcher, splice.token_ids),
+        )
         splices.append((start, end))
         i = end
     assert matcher.is_complete()
@@ -96,7 +124,7 @@ def test_splices_are_the_tokenizers_own_tokens(which, request):
         for start, end in splices:
             lo = len(b"".join(spell[t] for t in natural[:start]))
             hi = len(b"".join(spell[t] for t in natural[:end]))
-            crossed.update(b for b in BOUNDARIES if b.encode() in text[max(lo - 3, 0):hi + 3])
+            crossed.update(b for b in BOUNDARIES if b.encode() in text[max(lo - 3, 0) : hi + 3])
     assert spliced >= 10, "jump-forward spliced almost nothing"
     assert crossed == set(BOUNDARIES), set(BOUNDARIES) - crossed
 

@@ -26,11 +26,16 @@ from radixlm.sched.kv_manager import KVManager
 from radixlm.sched.scheduler import Scheduler, SchedulerLimits
 
 LLAMA3_EOS = (128001, 128009)
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 12},
-    "age": {"type": "integer"},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 5}},
-    "required": ["name", "age", "tags"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 5},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 HEX = "[0-9a-f]{24}"
 
 
@@ -45,8 +50,9 @@ def tokenizer(llama3_tokenizer_dir):
 def compiler(tokenizer):
     from radixlm.constrained import GrammarCompiler
 
-    with GrammarCompiler(tokenizer, backend="llguidance", eos_token_ids=list(LLAMA3_EOS),
-                         isolate=False) as compiler:
+    with GrammarCompiler(
+        tokenizer, backend="llguidance", eos_token_ids=list(LLAMA3_EOS), isolate=False
+    ) as compiler:
         yield compiler
 
 
@@ -73,10 +79,18 @@ class ModeLog(NullRunner):
         return step
 
 
-def run(compiler, tokenizer, overlap: bool, specs: list[dict], jump_forward: bool = True,
-        mask_threads: int = 1, capacity: int = 8192):
-    grammar = GrammarState(compiler, tokenizer, enable_jump_forward=jump_forward,
-                           mask_threads=mask_threads)
+def run(
+    compiler,
+    tokenizer,
+    overlap: bool,
+    specs: list[dict],
+    jump_forward: bool = True,
+    mask_threads: int = 1,
+    capacity: int = 8192,
+):
+    grammar = GrammarState(
+        compiler, tokenizer, enable_jump_forward=jump_forward, mask_threads=mask_threads
+    )
     allocator = PageAllocator(capacity, 1, first_slot=1)
     kv = KVManager(allocator, RadixCache(1, free_fn=allocator.free), True)
     limits = SchedulerLimits(64, context_length=100_000, eos_token_ids=frozenset(LLAMA3_EOS))
@@ -87,8 +101,11 @@ def run(compiler, tokenizer, overlap: bool, specs: list[dict], jump_forward: boo
     finish: dict[str, object] = {}
     jumped: dict[str, int] = {}
     for i, spec in enumerate(specs):
-        req = Request(rid=f"r{i}", input_ids=[1000 + i, 2000 + 7 * i, 300],
-                      params=SamplingParams(temperature=0.0, **spec))
+        req = Request(
+            rid=f"r{i}",
+            input_ids=[1000 + i, 2000 + 7 * i, 300],
+            params=SamplingParams(temperature=0.0, **spec),
+        )
         grammar.submit(req)
         sched.add(req)
         ids[req.rid] = []
@@ -113,10 +130,12 @@ def text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode([t for t in ids if t not in LLAMA3_EOS])
 
 
-WORKLOAD = ([{"max_new_tokens": 60, "json_schema": json.dumps(PERSON)}] * 6
-            + [{"max_new_tokens": 40, "regex": HEX}] * 6
-            + [{"max_new_tokens": 12, "ignore_eos": True}] * 4
-            + [{"max_new_tokens": 8, "choices": ["red", "green", "blue"]}] * 2)
+WORKLOAD = (
+    [{"max_new_tokens": 60, "json_schema": json.dumps(PERSON)}] * 6
+    + [{"max_new_tokens": 40, "regex": HEX}] * 6
+    + [{"max_new_tokens": 12, "ignore_eos": True}] * 4
+    + [{"max_new_tokens": 8, "choices": ["red", "green", "blue"]}] * 2
+)
 
 
 def test_overlap_and_serial_give_the_same_valid_outputs(compiler, tokenizer):
@@ -138,8 +157,9 @@ def test_overlap_and_serial_give_the_same_valid_outputs(compiler, tokenizer):
 
 
 def test_constrained_decode_steps_never_wait_on_an_empty_queue(compiler, tokenizer):
-    specs = ([{"max_new_tokens": 40, "regex": HEX}] * 8
-             + [{"max_new_tokens": 60, "json_schema": json.dumps(PERSON)}] * 8)
+    specs = [{"max_new_tokens": 40, "regex": HEX}] * 8 + [
+        {"max_new_tokens": 60, "json_schema": json.dumps(PERSON)}
+    ] * 8
     *_, serial_runner = run(compiler, tokenizer, False, specs)
     *_, runner = run(compiler, tokenizer, True, specs)
     assert len(runner.modes) >= 20
@@ -160,8 +180,11 @@ def test_masks_filled_in_parallel_match_one_thread(compiler, tokenizer):
     matchers = [(schema if i % 2 else regex).matcher() for i in range(40)]
     prefix = tokenizer.encode('{"name": "Al', add_special_tokens=False)
     for i, m in enumerate(matchers):
-        feed = prefix[: i % len(prefix)] if i % 2 else tokenizer.encode(
-            "0123abcd"[: i % 8], add_special_tokens=False)
+        feed = (
+            prefix[: i % len(prefix)]
+            if i % 2
+            else tokenizer.encode("0123abcd"[: i % 8], add_special_tokens=False)
+        )
         assert m.accept_tokens(feed)
     words = -(-compiler.vocab_size // 32)
     parallel = torch.zeros((40, words), dtype=torch.int32)
