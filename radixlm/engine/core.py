@@ -6,13 +6,9 @@ core process, talking to the caller only through the messages in :mod:`radixlm.e
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import gc
 import logging
-import os
-import sys
-import threading
 import time
 import traceback
 from typing import Any
@@ -30,6 +26,7 @@ from radixlm.kvcache.radix_tree import RadixCache
 from radixlm.kvcache.tree_summary import summarize_tree
 from radixlm.model.loader import model_metadata_dir
 from radixlm.outputs import TokenOutput
+from radixlm.process_exit import exit_now
 from radixlm.request import FinishKind, FinishReason, Request
 from radixlm.sched.grammar_state import GrammarState
 from radixlm.sched.kv_manager import KVManager
@@ -282,14 +279,11 @@ def run_core_loop(config: EngineConfig, conn) -> None:
 def run_core_process(config: EngineConfig, conn) -> None:
     """The core process's entry point: ``run_core_loop``, then end the process at once.
 
-    A spawned child ends through ``sys.exit``, and CPython's finalization then runs full cyclic
-    collections over every object the process holds (torch, transformers, triton, the model:
-    some 300k objects), several times over while it tears modules down: 2-3 s of a loaded
-    2-core host, all spent while the caller's ``shutdown()`` waits in ``join``. Once the loop
-    has returned, its workers are stopped and nothing is left to free but memory the OS
-    reclaims anyway, so this does the part of an exit that has effects (non-daemon threads
-    joined, ``atexit`` hooks: multiprocessing reaps its children, logging flushes; the standard
-    streams flushed) and skips the heap teardown. An exception still takes the ordinary path.
+    A spawned child ends through ``sys.exit``, and CPython's finalization would then collect
+    over every object the process holds (torch, transformers, triton, the model) while the
+    caller's ``shutdown()`` waits in ``join``: 2.4 s of a loaded 2-core host. Once the loop has
+    returned its workers are stopped, so :func:`radixlm.process_exit.exit_now` ends the process
+    after its exit hooks. An exception still takes the ordinary path.
 
     Args:
         config: the engine configuration.
@@ -297,17 +291,7 @@ def run_core_process(config: EngineConfig, conn) -> None:
     """
     run_core_loop(config, conn)
     conn.close()
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon and thread.is_alive():
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
-    os._exit(0)
+    exit_now(0)
 
 
 def _drain_messages(core: EngineCore, conn) -> bool:
