@@ -97,6 +97,8 @@ def time_graph(fn, calls: int, repeats: int) -> float:
 def measure(
     name: str, k: int, n: int, m: int, args: argparse.Namespace, hbm_gbps: float
 ) -> dict[str, Any]:
+    from triton.runtime.errors import OutOfResources
+
     from radixlm.model.layers.fp8 import _scaled_mm_linear, quantize_rows
     from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
 
@@ -117,14 +119,18 @@ def measure(
         tried = {}
         for bn in args.block_n:
             for bk in args.block_k:
-                tried[f"{bn}x{bk}"] = time_graph(
-                    lambda bn=bn, bk=bk: fp8_small_m_gemm(x, w_fp8, w_scale, block_n=bn,
-                                                          block_k=bk),
-                    args.calls, args.repeats)  # fmt: skip
-        cfg = min(tried, key=tried.get)
-        row["triton_us"], row["triton_cfg"] = tried[cfg], cfg
-        if tried[cfg] < best[1]:
-            best = ("triton", tried[cfg])
+                try:
+                    tried[f"{bn}x{bk}"] = time_graph(
+                        lambda bn=bn, bk=bk: fp8_small_m_gemm(x, w_fp8, w_scale, block_n=bn,
+                                                              block_k=bk),
+                        args.calls, args.repeats)  # fmt: skip
+                except OutOfResources:  # a tile that needs more shared memory than the GPU has
+                    continue
+        if tried:
+            cfg = min(tried, key=tried.get)
+            row["triton_us"], row["triton_cfg"] = tried[cfg], cfg
+            if tried[cfg] < best[1]:
+                best = ("triton", tried[cfg])
     row["best"] = best[0]
     row["fp8_roof_pct"] = 100 * floor_fp8 / best[1]
     row["speedup"] = row["bf16_us"] / best[1]
