@@ -11,17 +11,16 @@ and decodes token ids into text in a worker thread, so the event loop only copie
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
 from collections import deque
 from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
+from radixlm.server.common import SafeJSONResponse, dumps
 from radixlm.server.errors import APIError
 
 logger = logging.getLogger("radixlm.server.dashboard")
@@ -68,7 +67,7 @@ class DashboardFeed:
             self._viewed()
             if self.version != seen and self.latest is not None:
                 seen = self.version
-                yield f"data: {_dumps(self.latest)}\n\n".encode()
+                yield f"data: {dumps(self.latest)}\n\n".encode()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=2 * self.period_s)
             except asyncio.TimeoutError:
@@ -195,20 +194,6 @@ def _text(tokenizer: Any, ids: list[int]) -> str:
         return " ".join(str(i) for i in ids)
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def feed_of(request: Request) -> DashboardFeed:
     """The app's DashboardFeed, made on first use (it needs a running event loop)."""
     state = request.app.state
@@ -226,12 +211,11 @@ async def dashboard_page() -> HTMLResponse:
 
 
 @router.get("/dashboard/state")
-async def dashboard_state(request: Request) -> JSONResponse:
+async def dashboard_state(request: Request) -> SafeJSONResponse:
     """The dashboard's data: engine figures, the radix tree's largest nodes, recent batches,
     admissions (prompt split into cached and computed tokens) and compilations, and the time
     series (KV pool, hit rate, tokens/s, queue)."""
-    state = await feed_of(request).state()
-    return JSONResponse(_finite(state))
+    return SafeJSONResponse(await feed_of(request).state())
 
 
 @router.get("/dashboard/events")
