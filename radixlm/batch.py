@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from radixlm.prefix_groups import PrefixGroups, find_prefix_groups_flat
 from radixlm.slots import as_slot_array, concat_slots
 from radixlm.transfer import to_device
 
@@ -44,8 +43,6 @@ class ForwardBatch:
         kv_indices: [sum(seq_lens)] int64 pool slots of every token of every sequence.
         logits_indices: [L] int64 rows of T whose logits the model returns.
         seq_lens_cpu / extend_lens_cpu: host copies, so no backend needs a device sync.
-        prefix_groups: DECODE only, when asked for: sequences sharing a long leading run of
-            slots, for cascade attention (None: no groups looked for, or none found).
     """
 
     mode: ForwardMode
@@ -60,7 +57,6 @@ class ForwardBatch:
     logits_indices: torch.Tensor
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
-    prefix_groups: PrefixGroups | None = None
 
     @property
     def batch_size(self) -> int:
@@ -86,7 +82,6 @@ class ForwardBatch:
         logits_rows: list[list[int]] | None = None,
         mode: ForwardMode | None = None,
         device: torch.device | str = "cpu",
-        prefix_min_shared: int | None = None,
     ) -> ForwardBatch:
         """Build from per-sequence token lists and slot arrays.
 
@@ -103,8 +98,6 @@ class ForwardBatch:
                 new tokens) need logits; default: the last one.
             mode: forced mode; default DECODE when every sequence brings exactly one token.
             device: where the tensors live.
-            prefix_min_shared: if set and the batch is DECODE, group the sequences that share
-                at least this many leading slots (``prefix_groups``, for cascade attention).
 
         Returns:
             The batch, tensors on ``device``.
@@ -122,9 +115,6 @@ class ForwardBatch:
         positions = _new_token_positions(ext, lens, qo_indptr)
         # A new token's slot sits at its position within its sequence's run of slots.
         out_loc = all_slots[kv_indptr[:-1].repeat(ext) + positions]
-        groups = None
-        if prefix_min_shared is not None and mode is ForwardMode.DECODE:
-            groups = find_prefix_groups_flat(all_slots, seq_lens, prefix_min_shared, device)
         input_ids = np.fromiter(itertools.chain.from_iterable(new_tokens), np.int64, len(positions))
         return cls(
             mode=mode,
@@ -139,7 +129,6 @@ class ForwardBatch:
             logits_indices=_to_device(_logits_indices(logits_rows, qo_indptr), device),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
-            prefix_groups=groups,
         )
 
 

@@ -46,15 +46,6 @@ class ModelConfig:
         "Replay decode steps from CUDA graphs up to this batch size (0 disables; GPU only). "
         "The default covers the default cap of 512 running requests.",
     )
-    cascade_attention: bool = _opt(
-        False,
-        "Cascade decode attention (triton backend): sequences sharing a cached prefix read its "
-        "KV once per group, not once each; such steps run without CUDA graphs. Off by default: "
-        "checked on CPU under the Triton interpreter only, not yet timed on a GPU.",
-    )
-    cascade_min_shared: int = _opt(
-        256, "Fewest shared prefix tokens for sequences to form a cascade-attention group."
-    )
     load_format: str = _opt(
         "auto",
         "auto reads the weights; dummy fills them with random values (only config.json and the "

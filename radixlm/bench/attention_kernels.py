@@ -11,25 +11,14 @@ Bytes are the fewest a kernel must move: K and V of every context token read onc
 the slot indices, the queries and the outputs (the split-K scratch is not counted). Extend also
 reports its matmul FLOPs; its roofline is the larger of bytes / bandwidth and FLOPs / matmul rate.
 
-Cascade (shared-prefix) decode, ``--cascade-groups G``: G groups of ``--group-size`` sequences,
-each group sharing ``--shared-len`` tokens (the radix cache's shared pages), each sequence owning
-``--suffix-len`` more (its query token's included). Checks cascade and plain decode against the
-torch reference on that batch, then times both on it; bytes are the distinct K/V each must read
-(plain: the shared prefix once per sequence; cascade: once per group). With ``--cascade-groups``
-only the cascade case runs.
-
 Usage: python -m radixlm.bench.attention_kernels [--out results.json] [--sweep]
-       python -m radixlm.bench.attention_kernels --cascade-groups 32 --group-size 16 \
-           --shared-len 2048 --suffix-len 384
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -47,7 +36,6 @@ from radixlm.model.attention.triton_kernels import (
     DecodeConfig,
     ExtendConfig,
 )
-from radixlm.prefix_groups import find_prefix_groups
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -317,100 +305,6 @@ def format_table(cases: list[Case], roof: Roofline) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ cascade
-
-
-@dataclass
-class CascadeSetup:
-    """A decode batch of prefix groups: the grouped batch, its plain twin, and the slot lists."""
-
-    setup: Setup
-    plain: ForwardBatch
-    slots: list[torch.Tensor]
-
-
-def build_cascade_setup(args, gen: torch.Generator) -> CascadeSetup:
-    """Groups sharing a prefix on shared pages; every sequence's own part on fresh pages."""
-    groups, size, page = args.cascade_groups, args.group_size, args.page_size
-    batch = groups * size
-    shared_pages, own_pages = -(-args.shared_len // page), -(-args.suffix_len // page)
-    num_pages = groups * shared_pages + batch * own_pages
-    kv_per_layer = num_pages * page * KV_HEADS * HEAD_DIM * 2 * 2
-    pool = make_pool(num_pages * page, layers_for(kv_per_layer), page, gen)
-    order = torch.randperm(pool.num_pages, generator=gen, device=gen.device)[:num_pages] + 1
-    pages = order.split([shared_pages] * groups + [own_pages] * batch)
-    in_page = torch.arange(page, device=gen.device)
-    as_slots = lambda p, n: (p[:, None] * page + in_page).flatten()[:n]  # noqa: E731
-    slots = [
-        torch.cat([as_slots(pages[g], args.shared_len),
-                   as_slots(pages[groups + g * size + m], args.suffix_len)])
-        for g in range(groups) for m in range(size)
-    ]  # fmt: skip
-    fb = ForwardBatch.build([[1]] * batch, slots, device=gen.device,
-                            prefix_min_shared=args.min_shared)  # fmt: skip
-    if fb.prefix_groups is None or fb.prefix_groups.num_groups != groups:
-        raise SystemExit(f"expected {groups} prefix groups, found {fb.prefix_groups}")
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM, device=gen.device, generator=gen).to(DTYPE)
-    plain = dataclasses.replace(fb, prefix_groups=None)
-    return CascadeSetup(Setup(pool, fb, q), plain, slots)
-
-
-def cascade_bytes(groups: int, size: int, shared: int, suffix: int) -> int:
-    """Distinct K/V read once (shared prefix once per group), their slot indices, q and out."""
-    item = torch.empty((), dtype=DTYPE).element_size()
-    tokens = groups * shared + groups * size * suffix
-    q_and_out = 2 * groups * size * Q_HEADS * HEAD_DIM * item
-    return tokens * (2 * KV_HEADS * HEAD_DIM * item + 8) + q_and_out
-
-
-def check_cascade(cs: CascadeSetup) -> list[dict]:
-    """Cascade and plain decode against the torch reference, layer 0 of the bench batch."""
-    setup, results = cs.setup, []
-    ref_backend = TorchAttentionBackend()
-    ref_backend.prepare(cs.plain)
-    ref = ref_backend.decode(setup.q, 0, cs.plain, setup.pool, SCALE).float()
-    backend = TritonAttentionBackend(setup.q.device)
-    for name, batch in (("decode cascade", setup.batch), ("decode plain", cs.plain)):
-        out = backend.decode(setup.q, 0, batch, setup.pool, SCALE).float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        results.append({"kernel": name, "rel_err": err, "ok": err < 2e-2})
-    return results
-
-
-def time_group_finder(slots: list[torch.Tensor], min_shared: int, repeats: int = 50) -> float:
-    """Median host µs of finding the groups, from host slot tensors (as the runner has them)."""
-    host = [s.cpu() for s in slots]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        find_prefix_groups(host, min_shared)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
-
-
-def run_cascade(args, roof: Roofline, gen: torch.Generator) -> tuple[list[dict], list[Case]]:
-    """Check, then time plain vs cascade decode on one grouped batch."""
-    cs = build_cascade_setup(args, gen)
-    checks = check_cascade(cs)
-    print(f"checks vs torch reference: {checks}", flush=True)
-    groups, size = args.cascade_groups, args.group_size
-    batch, context = groups * size, args.shared_len + args.suffix_len
-    finder_us = time_group_finder(cs.slots, args.min_shared)
-    extra = {"groups": groups, "group_size": size, "shared_len": args.shared_len,
-             "suffix_len": args.suffix_len, "group_finder_host_us": finder_us}  # fmt: skip
-    backend = TritonAttentionBackend(args.device)
-    plain_setup = Setup(cs.setup.pool, cs.plain, cs.setup.q)
-    plain = Case("decode plain", batch, context, 1, attention_bytes(batch, context, 1),
-                 us=time_decode(backend, plain_setup), extra=extra)  # fmt: skip
-    cascade = Case("decode cascade", batch, context, 1,
-                   cascade_bytes(groups, size, args.shared_len, args.suffix_len),
-                   us=time_decode(backend, cs.setup), extra=extra)  # fmt: skip
-    print(f"group finder (host, {batch} sequences): {finder_us:.0f} us; "
-          f"cascade speed-up {plain.us / cascade.us:.2f}x; "
-          f"bytes plain / cascade {plain.bytes / cascade.bytes:.2f}x")
-    return checks, [plain, cascade]
-
-
 # ------------------------------------------------------------------------------ tuning sweep
 
 DECODE_SWEEP_SHAPES = [(1, 512), (1, 8192), (8, 2048), (64, 2048)]
@@ -526,14 +420,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-extend", action="store_true", help="also time extend with each fixed config"
     )
-    parser.add_argument("--cascade-groups", type=int, default=0,
-                        help="run only the cascade case, with this many prefix groups")
-    parser.add_argument("--group-size", type=int, default=16, help="sequences per group")
-    parser.add_argument("--shared-len", type=int, default=2048, help="shared prefix tokens")
-    parser.add_argument("--suffix-len", type=int, default=384,
-                        help="tokens each sequence owns after the prefix (query included)")
-    parser.add_argument("--min-shared", type=int, default=256,
-                        help="the prefix-group threshold (ModelConfig.cascade_min_shared)")
     parser.add_argument("--out", help="write results as JSON here")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     return parser.parse_args(argv)  # fmt: skip
@@ -554,8 +440,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     gen = torch.Generator(args.device).manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    if args.cascade_groups:
-        return main_cascade(args, name, gen)
     checks = check_against_torch(gen)
     print(f"device: {name}\nchecks vs torch reference: {checks}", flush=True)
     roof = measure_roofline() if args.device == "cuda" else Roofline(1.0, 1.0)
@@ -572,22 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         report = {"device": name, "roofline": asdict(roof), "checks": checks, "sweep": tuned,
                   "extend_config": str(extend_config),
                   "decode_config": asdict(backend.decode_config),
-                  "cases": [{**asdict(c), "gbps": c.gbps(), "roofline_us": c.roofline_us(roof)}
-                            for c in cases]}  # fmt: skip
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0 if all(c["ok"] for c in checks) else 1
-
-
-def main_cascade(args, name: str, gen: torch.Generator) -> int:
-    """The ``--cascade-groups`` run: check, time, print the table (and write JSON)."""
-    print(f"device: {name}", flush=True)
-    roof = measure_roofline() if args.device == "cuda" else Roofline(1.0, 1.0)
-    print(f"HBM copy {roof.hbm_gbps:.0f} GB/s, bf16 matmul {roof.matmul_tflops:.0f} TFLOP/s")
-    checks, cases = run_cascade(args, roof, gen)
-    print(format_table(cases, roof))
-    if args.out:
-        report = {"device": name, "roofline": asdict(roof), "checks": checks,
                   "cases": [{**asdict(c), "gbps": c.gbps(), "roofline_us": c.roofline_us(roof)}
                             for c in cases]}  # fmt: skip
         with open(args.out, "w") as f:

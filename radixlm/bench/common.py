@@ -454,8 +454,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--page-size", type=int, default=1)
     group.add_argument("--cuda-graph-max-batch-size", type=int, default=None,
                        help="decode CUDA graphs up to this batch (0 disables; engine default)")
-    group.add_argument("--cascade-attention", action="store_true",
-                       help="cascade decode attention over shared prefixes (triton backend)")
     group.add_argument("--enable-overlap", action=argparse.BooleanOptionalAction, default=True,
                        help="overlap scheduling (--no-enable-overlap runs steps serially)")
     group.add_argument("--quantization", default="auto", choices=["auto", "none", "fp8"],
@@ -525,8 +523,6 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             "random_seed": args.seed, "enable_overlap": args.enable_overlap}
     if args.cuda_graph_max_batch_size is not None:
         opts["cuda_graph_max_batch_size"] = args.cuda_graph_max_batch_size
-    if args.cascade_attention:
-        opts["cascade_attention"] = True
     if args.tp_size > 1:
         opts["tp_size"] = args.tp_size
     if args.load_format != "auto":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement suite of issue 13, in one run (8-12 minutes on one H200: nine engine
+# The GPU measurement suite of issue 13, in one run (8-12 minutes on one H200: eight engine
 # starts load the 16 GB model and capture CUDA graphs; SKIP_HF=1 saves the compile minutes).
 #
 #   bash radixlm/bench/gpu_suite.sh [OUT_DIR]
@@ -12,7 +12,7 @@
 #    a torch-profiler pass of bs 1 and 64 (kernel time vs step wall time); offline random
 #    N x 1024/256 in-process and --engine-process; serving the same workload at concurrency 512
 #    (native streaming) and concurrency 1 (OpenAI, 512/128); offline shared prefix (2k system
-#    prompt) with radix off / on / on + cascade attention.
+#    prompt) with radix off / on.
 # Then it prints one compact table from the JSON files in OUT_DIR.
 #
 # Request counts are below the issue's (1000 x 1024/256; 64 x 16 shared prefix) to fit the
@@ -91,7 +91,6 @@ PFX=(--dataset shared-prefix --groups "$PREFIX_GROUPS" --prompts-per-group 16 --
      --question-len 128 --output-len "$OUT_LEN")
 run "${BENCH[@]}" offline "${MODEL[@]}" "${PFX[@]}" --disable-radix-cache --out "$OUT/prefix_off.json"
 run "${BENCH[@]}" offline "${MODEL[@]}" "${PFX[@]}" --out "$OUT/prefix_on.json"
-run "${BENCH[@]}" offline "${MODEL[@]}" "${PFX[@]}" --cascade-attention --out "$OUT/prefix_cascade.json"
 
 step "serve $MODEL_DIR on port $PORT"
 "$PY" -m radixlm serve --model "$MODEL_DIR" --dtype "$DTYPE" --port "$PORT" \
@@ -160,8 +159,7 @@ offline = {}
 for name, label in [("offline.json", "offline in-process"),
                     ("offline_engine.json", "offline --engine-process"),
                     ("prefix_off.json", "shared prefix radix off"),
-                    ("prefix_on.json", "shared prefix radix on"),
-                    ("prefix_cascade.json", "shared prefix radix on + cascade")]:
+                    ("prefix_on.json", "shared prefix radix on")]:
     d = load(name)
     if d:
         r = d["results"][0]
@@ -171,10 +169,6 @@ for name, label in [("offline.json", "offline in-process"),
 if "prefix_off.json" in offline and "prefix_on.json" in offline:
     lines.append(("shared prefix: on / off", f"{offline['prefix_on.json'] / offline['prefix_off.json']:.2f}x",
                   "", "target >= 3.5x"))
-if "prefix_cascade.json" in offline and "prefix_on.json" in offline:
-    lines.append(("shared prefix: cascade / plain radix",
-                  f"{offline['prefix_cascade.json'] / offline['prefix_on.json']:.2f}x", "",
-                  "keep cascade only if >= 1.3x"))
 for name, label in [("serving_c512.json", "serving native c512"),
                     ("serving_c1.json", "serving openai c1")]:
     d = load(name)

@@ -58,12 +58,12 @@ def build(batch_size: int, prompt_len: int, steps: int, page_size: int) -> Sched
 
 def time_forward_batch_build(batch: ScheduledBatch) -> float:
     """Seconds ``ForwardBatch.build`` takes for ``batch``, called as the runner calls it (CPU
-    device, no cascade groups)."""
+    device)."""
     layout = LogitsLayout.of(batch.seqs)
     t0 = time.perf_counter()
     ForwardBatch.build(
         [s.new_tokens for s in batch.seqs], [s.slots for s in batch.seqs],
-        logits_rows=layout.rows_per_seq, mode=batch.mode, device="cpu", prefix_min_shared=None)
+        logits_rows=layout.rows_per_seq, mode=batch.mode, device="cpu")
     return time.perf_counter() - t0
 
 

@@ -56,10 +56,8 @@ class DecodeGraphRunner:
         self.logits_indices = torch.arange(n, **long)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        # Prefix groups (cascade attention) size their launches from the groups: run eagerly.
         return (batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
-                and batch.kv_indices.shape[0] + self.max_bs <= self.max_kv
-                and not batch.prefix_groups)
+                and batch.kv_indices.shape[0] + self.max_bs <= self.max_kv)
 
     def _view(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
         return ForwardBatch(

@@ -78,9 +78,6 @@ class ModelRunner:
         self.pool = self._make_pool(cache_config)
         self.attn = create_attention_backend(model_config.attention_backend, self.device,
                                              sliding_window=arch.sliding_window)
-        cascade = (model_config.cascade_attention and arch.sliding_window is None
-                   and isinstance(self.attn, TritonAttentionBackend))
-        self.cascade_min_shared = model_config.cascade_min_shared if cascade else None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(model_config.random_seed)
         self.graphs: DecodeGraphRunner | None = None
@@ -163,8 +160,7 @@ class ModelRunner:
         layout = LogitsLayout.of(batch.seqs)
         fb = ForwardBatch.build(
             [s.new_tokens for s in batch.seqs], [s.slots for s in batch.seqs],
-            logits_rows=layout.rows_per_seq, mode=batch.mode, device=self.device,
-            prefix_min_shared=self.cascade_min_shared)
+            logits_rows=layout.rows_per_seq, mode=batch.mode, device=self.device)
         if batch.has_future_tokens:
             if futures is None:
                 raise ValueError("the batch has placeholder tokens but no step in flight")

@@ -8,14 +8,11 @@ from radixlm.batch import ForwardBatch
 from radixlm.kvcache.pool import KVPool
 from radixlm.model.attention.base import AttentionBackend
 from radixlm.model.attention.triton_kernels import (
-    CascadeConfig,
     DecodeConfig,
     DecodeScratch,
     ExtendConfig,
-    cascade_decode_attention,
     choose_num_splits,
     decode_attention,
-    default_cascade_config,
     default_decode_config,
     extend_attention,
     store_kv,
@@ -30,17 +27,11 @@ class TritonAttentionBackend(AttentionBackend):
     KV head count, and its scratch buffers only grow, so a decode step can be captured in a CUDA
     graph (capture the largest batch first: see ``DecodeScratch``).
 
-    A decode batch that carries prefix groups (``ForwardBatch.prefix_groups``) runs cascade
-    attention: each group's shared prefix is read once per KV head, not once per member. Its
-    launch shape depends on the groups, so such a batch is not replayed from a CUDA graph. With
-    a sliding window the groups are ignored (see ``triton_kernels.cascade``).
-
     Args:
         device: where the batches live (picks the default launch configs).
         sliding_window: if set, a token at position p sees only positions (p - window, p].
         extend_config: fixed launch shape of the extend kernel (default: by launch size).
         decode_config: override of the decode kernels' launch shape.
-        cascade_config: override of the shared-prefix kernel's launch shape.
     """
 
     def __init__(
@@ -49,14 +40,12 @@ class TritonAttentionBackend(AttentionBackend):
         sliding_window: int | None = None,
         extend_config: ExtendConfig | None = None,
         decode_config: DecodeConfig | None = None,
-        cascade_config: CascadeConfig | None = None,
     ):
         self.device = torch.device(device)
         self.sliding_window = sliding_window
         # None: chosen per launch from its size (default_extend_config).
         self.extend_config = extend_config
         self.decode_config = decode_config or default_decode_config(self.device)
-        self.cascade_config = cascade_config or default_cascade_config(self.device)
         self.decode_scratch = DecodeScratch(self.device)
 
     def store_kv(
@@ -80,17 +69,9 @@ class TritonAttentionBackend(AttentionBackend):
     def decode(
         self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, pool: KVPool, scale: float
     ) -> torch.Tensor:
-        """One query per sequence over its whole sequence, split-K; cascade over prefix groups."""
+        """One query per sequence over its whole sequence, split-K."""
         num_splits = choose_num_splits(q.shape[0], pool.num_kv_heads, self.decode_config)
-        groups = batch.prefix_groups
         k_scale, v_scale = pool.scales(layer_id)
-        if groups is not None and groups.num_groups > 0 and self.sliding_window is None:
-            return cascade_decode_attention(
-                q, pool.k(layer_id), pool.v(layer_id), batch.kv_indptr, batch.kv_indices,
-                groups, scale, num_splits=num_splits, scratch=self.decode_scratch,
-                decode_config=self.decode_config, cascade_config=self.cascade_config,
-                k_scale=k_scale, v_scale=v_scale,
-            )  # fmt: skip
         return decode_attention(
             q, pool.k(layer_id), pool.v(layer_id), batch.kv_indptr, batch.kv_indices, scale,
             num_splits=num_splits, scratch=self.decode_scratch, config=self.decode_config,

@@ -1,4 +1,4 @@
-"""The Triton KV-store / extend / decode / cascade kernels over an FP8 pool, against a float64
+"""The Triton KV-store / extend / decode kernels over an FP8 pool, against a float64
 reference attending over the dequantized pool (stored value x the layer's scale).
 
 CPU tensors run under the Triton interpreter at tiny sizes; the ``gpu`` tests run the compiled
@@ -7,19 +7,15 @@ kernels at a Llama-3-8B attention shape (8 KV heads, GQA 4, head_dim 128).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from radixlm.kvcache.pool import FP8_KV_DTYPE, KVPool, quantize_kv
 from radixlm.model.attention.triton_kernels import (
-    cascade_decode_attention,
     decode_attention,
     extend_attention,
     store_kv,
 )
-from radixlm.prefix_groups import find_prefix_groups
 
 NUM_KV_HEADS = 2
 # Scales that are not powers of two, so a missed or doubled scale cannot cancel out.
@@ -127,25 +123,6 @@ def test_extend_over_an_fp8_pool(dtype):
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_cascade_over_an_fp8_pool_equals_plain_decode():
-    gen = torch.Generator().manual_seed(4)
-    head_dim, group = 16, 2
-    k_buf, v_buf = fp8_pool(200, head_dim, "cpu", gen)
-    order = (torch.randperm(199, generator=gen) + 1).tolist()
-    shared = torch.tensor(order[:40])
-    seqs = [torch.cat([shared, torch.tensor(order[40 + 5 * i : 45 + 5 * i])]) for i in range(3)]
-    seqs.append(torch.tensor(order[100:130]))
-    lens = [len(s) for s in seqs]
-    q = torch.randn(len(seqs), NUM_KV_HEADS * group, head_dim, generator=gen)
-    groups = find_prefix_groups(seqs, 16, device=torch.device("cpu"))
-    assert groups is not None and groups.num_groups == 1
-    scale = head_dim**-0.5
-    args = (q, k_buf, v_buf, indptr(lens, "cpu"), torch.cat(seqs), groups, scale)
-    out = cascade_decode_attention(*args, k_scale=K_SCALE, v_scale=V_SCALE)
-    ref = reference(q, *dequant(k_buf, v_buf), seqs, [1] * len(seqs), scale)
-    assert rel_err(out, ref) < 1e-5
-
-
 # ---------------------------------------------------------------------------------- GPU
 
 
@@ -180,24 +157,3 @@ def test_gpu_decode_over_an_fp8_pool(dtype):
 def test_gpu_extend_over_an_fp8_pool(dtype):
     out, ref = run_extend([300, 1024, 77], [300, 512, 1], 4, 128, dtype, "cuda", seed=12)
     assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_cascade_over_an_fp8_pool():
-    gen = torch.Generator().manual_seed(13)
-    k_buf, v_buf = fp8_pool(8192, 128, "cuda", gen, num_kv_heads=8)
-    order = (torch.randperm(8191, generator=gen) + 1).tolist()
-    shared = torch.tensor(order[:2048])
-    seqs = [torch.cat([shared, torch.tensor(order[2048 + 50 * i : 2098 + 50 * i])])
-            for i in range(32)]  # fmt: skip
-    lens = [len(s) for s in seqs]
-    q = torch.randn(len(seqs), 32, 128, generator=gen).cuda().bfloat16()
-    groups = find_prefix_groups(seqs, 256, device=torch.device("cuda"))
-    scale = 128**-0.5
-    out = cascade_decode_attention(
-        q, k_buf, v_buf, indptr(lens, "cuda"), torch.cat(seqs).cuda(), groups, scale,
-        k_scale=K_SCALE, v_scale=V_SCALE,
-    )  # fmt: skip
-    ref = reference(q, *dequant(k_buf, v_buf), seqs, [1] * len(seqs), scale)
-    assert rel_err(out, ref) < 1e-2
-    assert math.isfinite(out.float().sum().item())

@@ -8,10 +8,6 @@ kernel, so the grid depends on shapes only: the launch can be captured in a CUDA
 replayed for any sequence lengths. Stage 2, on a grid of (batch, q_heads), merges the splits.
 With ``DecodeConfig.fused_merge`` the last stage-1 program of each (sequence, KV head) merges
 instead (an atomic counter finds it); measured slower on an H100, so off by default.
-
-For cascade attention (``cascade.py``) both stages take per-sequence start offsets
-(``kv_begin``): stage 1 attends only to a sequence's own part after its group's shared prefix,
-and the merge folds in the shared-prefix kernel's partials (``PrefixPartials``) as more splits.
 """
 
 from __future__ import annotations
@@ -42,7 +38,6 @@ def _decode_split_kernel(
     Out,
     kv_indptr,
     kv_indices,
-    kv_begin,
     qk_scale,
     v_scale,
     stride_qb,
@@ -65,7 +60,6 @@ def _decode_split_kernel(
     UPCAST: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
-    HAS_BEGIN: tl.constexpr,
     KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -74,10 +68,8 @@ def _decode_split_kernel(
     kv_start = tl.load(kv_indptr + b).to(tl.int64)
     seq_len = (tl.load(kv_indptr + b + 1) - kv_start).to(tl.int32)
     lo = 0
-    if HAS_BEGIN:
-        lo = tl.load(kv_begin + b)
     if SLIDING_WINDOW > 0:
-        lo = tl.maximum(seq_len - SLIDING_WINDOW, lo)
+        lo = tl.maximum(seq_len - SLIDING_WINDOW, 0)
     span = seq_len - lo
     split_len = (span + NUM_SPLITS - 1) // NUM_SPLITS
     split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -177,11 +169,8 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     Mid_O,
     Mid_LSE,
-    Pre_O,
-    Pre_LSE,
     Out,
     kv_indptr,
-    kv_begin,
     stride_ob,
     stride_oh,
     HEAD_DIM: tl.constexpr,
@@ -191,20 +180,13 @@ def _decode_merge_kernel(
     SPLITS_PAD: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
-    HAS_BEGIN: tl.constexpr,
-    PRE_SPLITS: tl.constexpr,
-    PRE_SPLITS_PAD: tl.constexpr,
-    PRE_BLOCK_N: tl.constexpr,
-    PRE_MIN_SPLIT_LEN: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
     lo = 0
-    if HAS_BEGIN:
-        lo = tl.load(kv_begin + b)
     if SLIDING_WINDOW > 0:
-        lo = tl.maximum(seq_len - SLIDING_WINDOW, lo)
+        lo = tl.maximum(seq_len - SLIDING_WINDOW, 0)
     span = seq_len - lo
     split_len = (span + NUM_SPLITS - 1) // NUM_SPLITS
     split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -222,33 +204,11 @@ def _decode_merge_kernel(
         mask=split_ok[:, None],
         other=0.0,
     )
-    if PRE_SPLITS > 0:
-        # Cascade: positions [0, kv_begin) were attended by the shared-prefix kernel, in
-        # PRE_SPLITS splits laid out like stage 1's; they merge as more splits of this row.
-        pre_len = lo
-        pre_split_len = (pre_len + PRE_SPLITS - 1) // PRE_SPLITS
-        pre_split_len = (pre_split_len + PRE_BLOCK_N - 1) // PRE_BLOCK_N * PRE_BLOCK_N
-        pre_split_len = tl.maximum(pre_split_len, PRE_MIN_SPLIT_LEN)
-        pre_used = (pre_len + pre_split_len - 1) // pre_split_len
-        pre_splits = tl.arange(0, PRE_SPLITS_PAD)
-        pre_ok = pre_splits < pre_used
-        pre_base = (b * tl.num_programs(1) + head).to(tl.int64) * PRE_SPLITS
-        pre_lse = tl.load(Pre_LSE + pre_base + pre_splits, mask=pre_ok, other=float("-inf"))
-        pre_part = tl.load(
-            Pre_O + (pre_base + pre_splits)[:, None] * BLOCK_D + dims[None, :],
-            mask=pre_ok[:, None],
-            other=0.0,
-        )
-        lse_max = tl.maximum(lse_max, tl.reduce(pre_lse, 0, tl.standard._elementwise_max))
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no used split: all weights 0
     weight = tl.exp2(lse - lse_max)
     # A sequence of length 0 (a padded row) has no used split: write zeros, not NaN.
     total = tl.reduce(weight, 0, tl.standard._sum_combine)
     acc = tl.reduce(part * weight[:, None], 0, tl.standard._sum_combine)
-    if PRE_SPLITS > 0:
-        pre_weight = tl.exp2(pre_lse - lse_max)
-        total += tl.reduce(pre_weight, 0, tl.standard._sum_combine)
-        acc += tl.reduce(pre_part * pre_weight[:, None], 0, tl.standard._sum_combine)
     total = tl.where(total > 0, total, 1.0)
     out = acc / total
     o_ptrs = Out + b.to(tl.int64) * stride_ob + head * stride_oh + dims
@@ -284,29 +244,6 @@ class DecodeConfig:
     fused_merge: bool = False
 
 
-@dataclass(frozen=True)
-class PrefixPartials:
-    """Partial results of the shared-prefix (cascade) kernel, for the decode merge to fold in.
-
-    Row ``b`` of a sequence whose own part starts at ``kv_begin[b] > 0`` holds its attention over
-    positions [0, kv_begin[b]), in splits laid out like decode stage 1's: ``num_splits`` ranges
-    of ``max(min_split_len, ceil(kv_begin / num_splits) rounded up to block_n)`` positions, the
-    empty ones never written. Rows with ``kv_begin[b] == 0`` are never read.
-
-    Attributes:
-        out: [batch, q_heads, num_splits, padded head_dim] float32, each split's output already
-            divided by its softmax sum.
-        lse: [batch, q_heads, num_splits] float32 log2-sum-exp of each split's scores.
-        num_splits / block_n / min_split_len: the split layout (see above).
-    """
-
-    out: torch.Tensor
-    lse: torch.Tensor
-    num_splits: int
-    block_n: int
-    min_split_len: int
-
-
 class DecodeScratch:
     """Stage-1 partial results and merge counters, shared by every layer and every batch.
 
@@ -326,8 +263,6 @@ class DecodeScratch:
         self._partial_out: torch.Tensor | None = None
         self._partial_lse: torch.Tensor | None = None
         self._counters: torch.Tensor | None = None
-        self._prefix_out: torch.Tensor | None = None
-        self._prefix_lse: torch.Tensor | None = None
 
     def views(
         self, batch: int, q_heads: int, kv_heads: int, num_splits: int, head_dim: int
@@ -348,24 +283,6 @@ class DecodeScratch:
             self._partial_out[: math.prod(out_shape)].view(out_shape),
             self._partial_lse[: math.prod(lse_shape)].view(lse_shape),
             self._counters[: math.prod(counter_shape)].view(counter_shape),
-        )
-
-    def prefix_views(
-        self, batch: int, q_heads: int, num_splits: int, head_dim: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views for the shared-prefix kernel's partials (see ``PrefixPartials``), grown if needed.
-
-        Returns:
-            out [batch, q_heads, num_splits, padded head_dim] float32,
-            lse [batch, q_heads, num_splits] float32.
-        """
-        out_shape = (batch, q_heads, num_splits, _block_d(head_dim))
-        lse_shape = out_shape[:3]
-        self._prefix_out = self._grown(self._prefix_out, out_shape, torch.float32)
-        self._prefix_lse = self._grown(self._prefix_lse, lse_shape, torch.float32)
-        return (
-            self._prefix_out[: math.prod(out_shape)].view(out_shape),
-            self._prefix_lse[: math.prod(lse_shape)].view(lse_shape),
         )
 
     def _grown(self, buf: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -406,16 +323,10 @@ def decode_attention(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     sliding_window: int | None = None,
-    kv_begin: torch.Tensor | None = None,
-    prefix: PrefixPartials | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per sequence attends to all of its sequence's slots.
-
-    With ``kv_begin``, sequence ``b`` attends only to its positions from ``kv_begin[b]`` on;
-    with ``prefix`` too, the merge folds in the shared-prefix kernel's partials over positions
-    [0, kv_begin[b]), so the result is attention over the whole sequence again (cascade).
 
     Args:
         q: [B, num_q_heads, head_dim] one query per sequence.
@@ -429,27 +340,19 @@ def decode_attention(
         out: optional [B, num_q_heads, head_dim] output tensor.
         config: launch shape; default suits the device.
         sliding_window: if set, the query at position p sees only positions (p - window, p].
-        kv_begin: [B] int32 first position each sequence attends to (default 0).
-        prefix: partials over positions [0, kv_begin[b]) to merge in (needs ``kv_begin``).
         k_scale: stored K x k_scale = real K (an FP8 pool's per-layer scale; else 1.0).
         v_scale: the same for V.
 
     Returns:
         [B, num_q_heads, head_dim] attention output in ``q``'s dtype.
-
-    Raises:
-        ValueError: ``prefix`` without ``kv_begin``.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     out = torch.empty_like(q) if out is None else out
-    if prefix is not None and kv_begin is None:
-        raise ValueError("prefix partials need kv_begin (where each sequence's own part starts)")
     if batch == 0:
         return out
     config = config or default_decode_config(q.device)
-    # The fused merge knows nothing of prefix partials: a cascade merges in the second launch.
-    fused_merge = config.fused_merge and prefix is None
+    fused_merge = config.fused_merge
     num_splits = num_splits or choose_num_splits(batch, num_kv_heads, config)
     scratch = scratch or DecodeScratch(q.device)
     partial_out, partial_lse, counters = scratch.views(
@@ -461,12 +364,11 @@ def decode_attention(
     shared = dict(
         BLOCK_N=config.block_n, NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits),
         MIN_SPLIT_LEN=config.min_split_len, SLIDING_WINDOW=sliding_window or 0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_BEGIN=kv_begin is not None,
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
     )  # fmt: skip
-    begin = kv_indptr if kv_begin is None else kv_begin  # any int32 pointer when unused
     DECODE_SPLIT_KERNEL.on(q.device)[(batch, num_kv_heads, num_splits)](
         q, k_buffer, v_buffer, partial_out, partial_lse, counters, out,
-        kv_indptr, kv_indices, begin, scale * k_scale * LOG2_E, v_scale, q.stride(0), q.stride(1),
+        kv_indptr, kv_indices, scale * k_scale * LOG2_E, v_scale, q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1), GROUP=group, ROWS=max(16, next_pow2(group)),
         FUSED_MERGE=fused_merge, KV_FP8=k_buffer.dtype == torch.float8_e4m3fn,
@@ -474,11 +376,8 @@ def decode_attention(
         num_warps=config.num_warps, num_stages=config.num_stages, **shared,
     )  # fmt: skip
     if not fused_merge:
-        pre = prefix or PrefixPartials(partial_out, partial_lse, 0, 1, 1)  # never read
         DECODE_MERGE_KERNEL.on(q.device)[(batch, num_q_heads)](
-            partial_out, partial_lse, pre.out, pre.lse, out, kv_indptr, begin, out.stride(0),
-            out.stride(1), PRE_SPLITS=pre.num_splits, PRE_SPLITS_PAD=next_pow2(pre.num_splits),
-            PRE_BLOCK_N=pre.block_n, PRE_MIN_SPLIT_LEN=pre.min_split_len,
+            partial_out, partial_lse, out, kv_indptr, out.stride(0), out.stride(1),
             num_warps=_merge_warps(block_d), **shared,
         )  # fmt: skip
     return out
