@@ -207,6 +207,7 @@ def startup_banner(engine: Any, info: dict[str, Any], args: argparse.Namespace,
         f"(page size {engine.config.cache.page_size}); context length "
         f"{engine.context_length} tokens",
         f"  OpenAI base URL: {base}/v1    native API: {base}/generate    docs: {base}/docs",
+        f"  dashboard: {base}/dashboard",
     ]
     if demo:
         lines += ["  NOTE: demo model with random weights -- its text is gibberish by design.",
