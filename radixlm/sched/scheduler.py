@@ -200,10 +200,13 @@ class Scheduler:
         self.grammar.fill_bitmask(bitmask, rows)
 
     def _record(self, batch: ScheduledBatch) -> None:
-        # A row prefills when it runs several tokens or its request has produced nothing yet.
-        prefills = sum(1 for seq in batch.seqs if len(seq.new_tokens) > 1
-                       or (not seq.output_ids and not seq.future_tokens))
-        self.telemetry.on_batch([len(seq.new_tokens) for seq in batch.seqs], prefills)
+        tokens = prefills = 0
+        for seq in batch.seqs:  # one pass: this runs every step
+            n = len(seq.new_tokens)
+            tokens += n
+            # a row prefills when it runs several tokens or its request has produced nothing yet
+            prefills += n > 1 or (not seq.output_ids and not seq.future_tokens)
+        self.telemetry.on_batch(len(batch.seqs), tokens, prefills)
 
     def _admissible(self) -> bool:
         return any(r.status is RequestStatus.WAITING for r in self.waiting)

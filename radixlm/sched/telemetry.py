@@ -91,16 +91,17 @@ class Telemetry:
         self.compiles: deque[CompileRecord] = deque(maxlen=max_compiles)
         self._compiling: dict[str, tuple[str, float]] = {}
 
-    def on_batch(self, extend_lens: list[int], new_seqs: int) -> None:
-        """Record a batch from its rows' new-token counts.
+    def on_batch(self, num_seqs: int, num_tokens: int, prefill_seqs: int) -> None:
+        """Record a batch.
 
         Args:
-            extend_lens: new tokens of each row.
-            new_seqs: rows that prefill (the scheduler knows; one new token can be a prefill).
+            num_seqs: rows in the batch.
+            num_tokens: new tokens of all rows.
+            prefill_seqs: rows that prefill (the scheduler knows; one new token can be a prefill).
         """
-        n = len(extend_lens)
-        kind = "decode" if new_seqs == 0 else ("extend" if new_seqs == n else "mixed")
-        self.batches.append(BatchRecord(time.time(), kind, n, int(sum(extend_lens)), new_seqs))
+        kind = "decode" if prefill_seqs == 0 else (
+            "extend" if prefill_seqs == num_seqs else "mixed")
+        self.batches.append(BatchRecord(time.time(), kind, num_seqs, num_tokens, prefill_seqs))
 
     def on_admitted(self, rid: str, input_ids: list[int], cached: int, node: Any) -> None:
         """Record a request's first admission and its prefix match."""

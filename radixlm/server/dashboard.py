@@ -73,10 +73,6 @@ class DashboardFeed:
             except asyncio.TimeoutError:
                 yield b": keep-alive\n\n"
 
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
     def _viewed(self) -> None:
         self._last_viewed = time.monotonic()
         if self._task is None or self._task.done():
