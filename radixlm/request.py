@@ -159,11 +159,6 @@ class Request:
     def remaining_new_tokens(self) -> int:
         return max(self.params.max_new_tokens - len(self.output_ids), 0)
 
-    @property
-    def needs_prefill(self) -> bool:
-        """True unless exactly the newest sampled token is missing from the KV cache."""
-        return not (self.output_ids and self.num_computed == self.seq_len - 1)
-
     def match_limit(self) -> int:
         """How many leading tokens may come from the cache.
 

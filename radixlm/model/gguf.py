@@ -88,24 +88,6 @@ def find_gguf_file(path: str | Path) -> Path | None:
     return candidates[0]
 
 
-def gguf_architecture(gguf_file: str | Path) -> str:
-    """``general.architecture`` of a GGUF file, checked against what radixlm runs.
-
-    Args:
-        gguf_file: the file.
-
-    Returns:
-        The architecture name ("llama", "qwen2", ...).
-
-    Raises:
-        UnsupportedModelError: an architecture radixlm does not run.
-        GGUFError: a split GGUF (radixlm reads single-file GGUFs only).
-    """
-    from gguf import GGUFReader
-
-    return _checked_architecture(GGUFReader(str(gguf_file)), gguf_file)
-
-
 def _checked_architecture(reader, gguf_file: str | Path) -> str:
     arch = _string_field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
