@@ -54,8 +54,9 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 @router.post("/generate", openapi_extra=body_doc(GenerateRequest))
 async def generate(request: Request, ctx: ServerContext = Depends(get_context)) -> Any:
     """Native generation; the response is the engine's result dict (a list for batches/n>1)."""
-    body, jobs, single = await parse_body(request, GenerateRequest, ctx,
-                                          lambda b: (b, *native_jobs(b, ctx)))
+    body, jobs, single = await parse_body(
+        request, GenerateRequest, ctx, lambda b: (b, *native_jobs(b, ctx))
+    )
     check_groups_free(ctx, jobs)
     if body.stream:
         streams = await ctx.runner.open_streams(jobs, request)
@@ -82,9 +83,12 @@ def native_jobs(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Job], b
     ns = [params.get("n", 1) for params in params_list]
     if all(isinstance(n, int) and not isinstance(n, bool) for n in ns):
         check_sequences(ctx.bounds, len(prompts), max(ns), "sampling_params.n")
-    common = {"return_logprob": body.return_logprob, "top_logprobs_num": body.top_logprobs_num,
-              "logprob_start_len": body.logprob_start_len,
-              "return_text_in_logprobs": body.return_text_in_logprobs}
+    common = {
+        "return_logprob": body.return_logprob,
+        "top_logprobs_num": body.top_logprobs_num,
+        "logprob_start_len": body.logprob_start_len,
+        "return_text_in_logprobs": body.return_text_in_logprobs,
+    }
     jobs: list[Job] = []
     for prompt, params, group in zip(prompts, params_list, groups):
         group = group or new_rid()
@@ -101,8 +105,7 @@ def check_groups_free(ctx: ServerContext, jobs: list[Job]) -> None:
             raise APIError(400, f"request id {group!r} is already in use", "rid")
 
 
-def _native_prompts(body: GenerateRequest, ctx: ServerContext
-                    ) -> tuple[list[dict[str, Any]], bool]:
+def _native_prompts(body: GenerateRequest, ctx: ServerContext) -> tuple[list[dict[str, Any]], bool]:
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of 'text' or 'input_ids'", "text")
     if body.text is not None:
@@ -141,8 +144,9 @@ def _per_prompt(value: Any, count: int, param: str, default: Any) -> list[Any]:
     return value
 
 
-async def _native_events(ctx: ServerContext, jobs: list[Job], streams: list,
-                         tag_index: bool) -> AsyncIterator[bytes]:
+async def _native_events(
+    ctx: ServerContext, jobs: list[Job], streams: list, tag_index: bool
+) -> AsyncIterator[bytes]:
     try:
         async for index, chunk in ctx.runner.merge(jobs, streams):
             if tag_index:
@@ -165,8 +169,7 @@ async def health(ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
     the core has died or has not answered for ``HEALTH_TIMEOUT_S``.
     """
     if ctx.engine.dead_reason is not None:
-        raise APIError(503, f"the engine has stopped: {ctx.engine.dead_reason}",
-                       code="engine_dead")
+        raise APIError(503, f"the engine has stopped: {ctx.engine.dead_reason}", code="engine_dead")
     if ctx.heartbeat is None or ctx.heartbeat.done():
         ctx.heartbeat = asyncio.create_task(_heartbeat(ctx))
     if ctx.core_seen is None:  # the first probe waits for the first answer
@@ -174,8 +177,11 @@ async def health(ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
         ctx.core_seen = time.monotonic()
     silent = time.monotonic() - ctx.core_seen
     if silent > HEALTH_TIMEOUT_S:
-        raise APIError(503, f"the engine is not responding (no answer for {silent:.0f} s)",
-                       code="engine_unavailable")
+        raise APIError(
+            503,
+            f"the engine is not responding (no answer for {silent:.0f} s)",
+            code="engine_unavailable",
+        )
     return {"status": "ok"}
 
 
@@ -194,9 +200,14 @@ async def _heartbeat(ctx: ServerContext) -> None:
 async def health_generate(ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
     """Run a one-token greedy generation end to end; 503 if it fails."""
     token = ctx.tokenizer.bos_token_id
-    job = Job(new_rid("health-"), "health", {
-        "input_ids": [token if token is not None else 0],
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
+    job = Job(
+        new_rid("health-"),
+        "health",
+        {
+            "input_ids": [token if token is not None else 0],
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+        },
+    )
     try:
         await asyncio.wait_for(ctx.runner.collect([job], None), HEALTH_GENERATE_TIMEOUT_S)
     except Exception as exc:
@@ -210,8 +221,11 @@ async def _engine_call(fn: Any, timeout: float) -> Any:
     try:
         return await asyncio.wait_for(asyncio.to_thread(fn), timeout)
     except Exception as exc:
-        raise APIError(503, f"the engine is not responding: {exc or type(exc).__name__}",
-                       code="engine_unavailable") from exc
+        raise APIError(
+            503,
+            f"the engine is not responding: {exc or type(exc).__name__}",
+            code="engine_unavailable",
+        ) from exc
 
 
 @router.get("/metrics")
@@ -228,8 +242,11 @@ async def metrics(ctx: ServerContext = Depends(get_context)) -> Response:
 async def flush_cache(ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
     """Empty the radix cache; 409 while requests are running."""
     if not await _engine_call(ctx.engine.flush_cache, 60.0):
-        raise APIError(409, "cannot flush the cache while requests are running; retry when idle",
-                       code="requests_running")
+        raise APIError(
+            409,
+            "cannot flush the cache while requests are running; retry when idle",
+            code="requests_running",
+        )
     return {"success": True, "message": "cache flushed"}
 
 
@@ -244,15 +261,21 @@ async def server_info(ctx: ServerContext = Depends(get_context)) -> dict[str, An
     info["model_path"] = ctx.public_path(info["model_path"])
     info["config"] = {k: ctx.public_path(v) for k, v in dict(info["config"]).items()}
     limits = ctx.limits
-    info.update({"served_model_name": ctx.served_model_name,
-                 "inflight_requests": len(ctx.inflight), "draining": ctx.draining,
-                 "version": _version(),
-                 "server_limits": {
-                     "max_request_bytes": limits.max_request_bytes,
-                     "max_sequences_per_request": limits.max_sequences_per_request,
-                     "max_queued_requests": limits.max_queued_requests,
-                     "request_timeout": limits.request_timeout,
-                     "header_timeout": limits.header_timeout}})
+    info.update(
+        {
+            "served_model_name": ctx.served_model_name,
+            "inflight_requests": len(ctx.inflight),
+            "draining": ctx.draining,
+            "version": _version(),
+            "server_limits": {
+                "max_request_bytes": limits.max_request_bytes,
+                "max_sequences_per_request": limits.max_sequences_per_request,
+                "max_queued_requests": limits.max_queued_requests,
+                "request_timeout": limits.request_timeout,
+                "header_timeout": limits.header_timeout,
+            },
+        }
+    )
     return info
 
 
@@ -263,8 +286,7 @@ def _version() -> str:
 
 
 @router.post("/tokenize", openapi_extra=body_doc(TokenizeRequest))
-async def tokenize(request: Request, ctx: ServerContext = Depends(get_context)
-                   ) -> dict[str, Any]:
+async def tokenize(request: Request, ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
     """Token ids of a text (``prompt``/``text``) or of chat ``messages`` after the template."""
     return await parse_body(request, TokenizeRequest, ctx, lambda body: _tokenize(body, ctx))
 
@@ -285,8 +307,7 @@ def _tokenize(body: TokenizeRequest, ctx: ServerContext) -> dict[str, Any]:
 
 
 @router.post("/detokenize", openapi_extra=body_doc(DetokenizeRequest))
-async def detokenize(request: Request, ctx: ServerContext = Depends(get_context)
-                     ) -> dict[str, Any]:
+async def detokenize(request: Request, ctx: ServerContext = Depends(get_context)) -> dict[str, Any]:
     """Text of a list of token ids."""
     return await parse_body(request, DetokenizeRequest, ctx, lambda body: _detokenize(body, ctx))
 

@@ -53,9 +53,14 @@ router = APIRouter()
 
 
 def model_card(ctx: ServerContext) -> dict[str, Any]:
-    return {"id": ctx.served_model_name, "object": "model", "created": int(ctx.started_at),
-            "owned_by": "radixlm", "root": ctx.public_path(ctx.engine.config.model.model),
-            "max_model_len": ctx.engine.context_length}
+    return {
+        "id": ctx.served_model_name,
+        "object": "model",
+        "created": int(ctx.started_at),
+        "owned_by": "radixlm",
+        "root": ctx.public_path(ctx.engine.config.model.model),
+        "max_model_len": ctx.engine.context_length,
+    }
 
 
 @router.get("/v1/models")
@@ -65,8 +70,9 @@ async def list_models(ctx: ServerContext = Depends(get_context)) -> dict[str, An
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, ctx: ServerContext = Depends(get_context)
-                         ) -> dict[str, Any]:
+async def retrieve_model(
+    model_id: str, ctx: ServerContext = Depends(get_context)
+) -> dict[str, Any]:
     """The model card, or 404 for any other name."""
     if model_id != ctx.served_model_name:
         raise APIError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
@@ -96,8 +102,13 @@ class Plan:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _build_jobs(group: str, prompt_ids: list[list[int]], params: list[dict[str, Any]], n: int,
-                logprob: dict[str, Any]) -> list[Job]:
+def _build_jobs(
+    group: str,
+    prompt_ids: list[list[int]],
+    params: list[dict[str, Any]],
+    n: int,
+    logprob: dict[str, Any],
+) -> list[Job]:
     jobs = []
     for index, (ids, sample_params) in enumerate(zip(prompt_ids, params)):
         prompt_group = group if len(prompt_ids) == 1 else f"{group}-p{index}"
@@ -112,8 +123,7 @@ def _default_budget(ctx: ServerContext, prompt_len: int) -> int:
     return max(limit - prompt_len, 1)
 
 
-def _openai_error(exc: RequestError, body: CompletionRequest | ChatCompletionRequest
-                  ) -> APIError:
+def _openai_error(exc: RequestError, body: CompletionRequest | ChatCompletionRequest) -> APIError:
     param = openai_param(exc.param, max_tokens_field(body))
     if isinstance(body, ChatCompletionRequest) and param == "prompt":
         param = "messages"
@@ -134,8 +144,12 @@ def _check_rid_free(body: CompletionRequest | ChatCompletionRequest, ctx: Server
         raise APIError(400, f"request id {body.rid!r} is already in use", "rid")
 
 
-async def _run(ctx: ServerContext, plan: Plan, request: Request,
-               body: CompletionRequest | ChatCompletionRequest) -> Any:
+async def _run(
+    ctx: ServerContext,
+    plan: Plan,
+    request: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+) -> Any:
     try:
         if body.stream:
             return await ctx.runner.open_streams(plan.jobs, request)
@@ -174,18 +188,27 @@ def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
     prompt_ids, texts = _completion_prompts(body.prompt, ctx, body.n)
     max_tokens = completion_max_tokens(body)
     vocab = ctx.engine.vocab_size
-    params = [sampling_params(body, max_tokens if max_tokens is not None
-                              else _default_budget(ctx, len(ids)), vocab) for ids in prompt_ids]
+    params = [
+        sampling_params(
+            body, max_tokens if max_tokens is not None else _default_budget(ctx, len(ids)), vocab
+        )
+        for ids in prompt_ids
+    ]
     want = body.logprobs is not None
-    logprob = {"return_logprob": want, "top_logprobs_num": body.logprobs or 0,
-               "logprob_start_len": 0 if (want and body.echo) else -1}
+    logprob = {
+        "return_logprob": want,
+        "top_logprobs_num": body.logprobs or 0,
+        "logprob_start_len": 0 if (want and body.echo) else -1,
+    }
     group = body.rid or new_rid("cmpl-")
-    return Plan(group, _build_jobs(group, prompt_ids, params, body.n, logprob), prompt_ids,
-                texts, body.n)
+    return Plan(
+        group, _build_jobs(group, prompt_ids, params, body.n, logprob), prompt_ids, texts, body.n
+    )
 
 
-def _completion_prompts(prompt: Any, ctx: ServerContext, n: int
-                        ) -> tuple[list[list[int]], list[str]]:
+def _completion_prompts(
+    prompt: Any, ctx: ServerContext, n: int
+) -> tuple[list[list[int]], list[str]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -210,26 +233,40 @@ def _completion_prompts(prompt: Any, ctx: ServerContext, n: int
     return ids, texts
 
 
-def completion_response(plan: Plan, results: list[dict[str, Any]], model: str, echo: bool,
-                        logprobs: int | None) -> dict[str, Any]:
+def completion_response(
+    plan: Plan, results: list[dict[str, Any]], model: str, echo: bool, logprobs: int | None
+) -> dict[str, Any]:
     """The ``text_completion`` object for finished results (one per choice)."""
     choices = []
     for index, result in enumerate(results):
         prompt_text = plan.prompt_texts[index // plan.n]
-        choices.append({
-            "index": index,
-            "text": (prompt_text if echo else "") + result["text"],
-            "logprobs": (completion_logprobs(result["meta_info"], echo, len(prompt_text))
-                         if logprobs is not None else None),
-            "finish_reason": finish_reason(result["meta_info"]),
-            "matched_stop": matched_stop(result["meta_info"]),
-        })
-    return {"id": plan.id, "object": "text_completion", "created": plan.created, "model": model,
-            "choices": choices, "usage": usage(results, plan.n), "system_fingerprint": None}
+        choices.append(
+            {
+                "index": index,
+                "text": (prompt_text if echo else "") + result["text"],
+                "logprobs": (
+                    completion_logprobs(result["meta_info"], echo, len(prompt_text))
+                    if logprobs is not None
+                    else None
+                ),
+                "finish_reason": finish_reason(result["meta_info"]),
+                "matched_stop": matched_stop(result["meta_info"]),
+            }
+        )
+    return {
+        "id": plan.id,
+        "object": "text_completion",
+        "created": plan.created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(results, plan.n),
+        "system_fingerprint": None,
+    }
 
 
-def completion_logprobs(meta: dict[str, Any], echo: bool, prompt_chars: int,
-                        start: int = 0, offset: int | None = None) -> dict[str, Any]:
+def completion_logprobs(
+    meta: dict[str, Any], echo: bool, prompt_chars: int, start: int = 0, offset: int | None = None
+) -> dict[str, Any]:
     """Legacy logprobs: parallel lists ``tokens``, ``token_logprobs``, ``top_logprobs``,
     ``text_offset``.
 
@@ -244,14 +281,22 @@ def completion_logprobs(meta: dict[str, Any], echo: bool, prompt_chars: int,
         offset: text offset of the first output token sent now (streaming); default
             ``prompt_chars``.
     """
-    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                           "text_offset": []}
+    out: dict[str, Any] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
     if echo:
-        _append_logprobs(out, meta.get("input_token_logprobs", []),
-                         meta.get("input_top_logprobs", []), 0)
-    _append_logprobs(out, list(meta.get("output_token_logprobs", []))[start:],
-                     list(meta.get("output_top_logprobs", []))[start:],
-                     prompt_chars if offset is None else offset)
+        _append_logprobs(
+            out, meta.get("input_token_logprobs", []), meta.get("input_top_logprobs", []), 0
+        )
+    _append_logprobs(
+        out,
+        list(meta.get("output_token_logprobs", []))[start:],
+        list(meta.get("output_top_logprobs", []))[start:],
+        prompt_chars if offset is None else offset,
+    )
     return out
 
 
@@ -304,16 +349,24 @@ def usage(results: list[dict[str, Any]], n: int) -> dict[str, Any]:
     prompt = sum(m["prompt_tokens"] for m in firsts)
     completion = sum(r["meta_info"]["completion_tokens"] for r in results)
     cached = sum(m.get("cached_tokens", 0) for m in firsts)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
-async def _completion_events(ctx: ServerContext, plan: Plan, body: CompletionRequest,
-                             streams: list, include_usage: bool) -> AsyncIterator[bytes]:
+async def _completion_events(
+    ctx: ServerContext, plan: Plan, body: CompletionRequest, streams: list, include_usage: bool
+) -> AsyncIterator[bytes]:
     tracker = _StreamTracker(len(plan.jobs))
-    head = {"id": plan.id, "object": "text_completion", "created": plan.created,
-            "model": ctx.served_model_name}
+    head = {
+        "id": plan.id,
+        "object": "text_completion",
+        "created": plan.created,
+        "model": ctx.served_model_name,
+    }
     extra = {"usage": None} if include_usage else {}
     try:
         async for index, chunk in ctx.runner.merge(plan.jobs, streams):
@@ -326,8 +379,9 @@ async def _completion_events(ctx: ServerContext, plan: Plan, body: CompletionReq
     yield SSE_DONE
 
 
-def _completion_deltas(plan: Plan, body: CompletionRequest, tracker: _StreamTracker,
-                       index: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+def _completion_deltas(
+    plan: Plan, body: CompletionRequest, tracker: _StreamTracker, index: int, chunk: dict[str, Any]
+) -> list[dict[str, Any]]:
     meta = chunk["meta_info"]
     prompt_text = plan.prompt_texts[index // plan.n]
     echo_now = body.echo and not tracker.started[index]
@@ -336,17 +390,28 @@ def _completion_deltas(plan: Plan, body: CompletionRequest, tracker: _StreamTrac
     if body.logprobs is not None:
         if not tracker.started[index]:
             tracker.offsets[index] = len(prompt_text)
-        logprobs = completion_logprobs(meta, echo_now, len(prompt_text),
-                                       start=tracker.sent_tokens[index],
-                                       offset=tracker.offsets[index])
-        new = list(meta.get("output_token_logprobs", []))[tracker.sent_tokens[index]:]
+        logprobs = completion_logprobs(
+            meta,
+            echo_now,
+            len(prompt_text),
+            start=tracker.sent_tokens[index],
+            offset=tracker.offsets[index],
+        )
+        new = list(meta.get("output_token_logprobs", []))[tracker.sent_tokens[index] :]
         tracker.offsets[index] += sum(len(text) for _, _, text in new)
     tracker.advance(index, chunk)
     reason = finish_reason(meta)
     if not text and not (logprobs and logprobs["tokens"]) and reason is None:
         return []
-    return [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason,
-             "matched_stop": matched_stop(meta) if reason else None}]
+    return [
+        {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": reason,
+            "matched_stop": matched_stop(meta) if reason else None,
+        }
+    ]
 
 
 class _StreamTracker:
@@ -393,33 +458,47 @@ def chat_plan(body: ChatCompletionRequest, ctx: ServerContext) -> Plan:
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     check_sequences(ctx.bounds, 1, body.n, "n")
-    ids = chat_prompt_ids(ctx, message_dicts(body.messages), body.add_generation_prompt,
-                          body.continue_final_message)
+    ids = chat_prompt_ids(
+        ctx, message_dicts(body.messages), body.add_generation_prompt, body.continue_final_message
+    )
     check_prompt_length(ctx.bounds, len(ids), "messages")
     max_tokens = completion_max_tokens(body)
     budget = max_tokens if max_tokens is not None else _default_budget(ctx, len(ids))
     params = sampling_params(body, budget, ctx.engine.vocab_size)
-    logprob = {"return_logprob": body.logprobs, "top_logprobs_num": body.top_logprobs or 0,
-               "logprob_start_len": -1}
+    logprob = {
+        "return_logprob": body.logprobs,
+        "top_logprobs_num": body.top_logprobs or 0,
+        "logprob_start_len": -1,
+    }
     group = body.rid or new_rid("chatcmpl-")
     return Plan(group, _build_jobs(group, [ids], [params], body.n, logprob), [ids], n=body.n)
 
 
-def chat_response(plan: Plan, results: list[dict[str, Any]], model: str, logprobs: bool
-                  ) -> dict[str, Any]:
+def chat_response(
+    plan: Plan, results: list[dict[str, Any]], model: str, logprobs: bool
+) -> dict[str, Any]:
     """The ``chat.completion`` object for finished results (one per choice)."""
     choices = []
     for index, result in enumerate(results):
         meta = result["meta_info"]
-        choices.append({
-            "index": index,
-            "message": {"role": "assistant", "content": result["text"]},
-            "logprobs": chat_logprobs(meta) if logprobs else None,
-            "finish_reason": finish_reason(meta),
-            "matched_stop": matched_stop(meta),
-        })
-    return {"id": plan.id, "object": "chat.completion", "created": plan.created, "model": model,
-            "choices": choices, "usage": usage(results, plan.n), "system_fingerprint": None}
+        choices.append(
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": result["text"]},
+                "logprobs": chat_logprobs(meta) if logprobs else None,
+                "finish_reason": finish_reason(meta),
+                "matched_stop": matched_stop(meta),
+            }
+        )
+    return {
+        "id": plan.id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(results, plan.n),
+        "system_fingerprint": None,
+    }
 
 
 def chat_logprobs(meta: dict[str, Any], start: int = 0) -> dict[str, Any]:
@@ -436,8 +515,12 @@ def chat_logprobs(meta: dict[str, Any], start: int = 0) -> dict[str, Any]:
         if not _has_logprob(logprob):
             continue
         top = _finite_top(tops[i] if i < len(tops) else None)
-        content.append({**_token_entry(logprob, text),
-                        "top_logprobs": [_token_entry(lp, t) for lp, _, t in top]})
+        content.append(
+            {
+                **_token_entry(logprob, text),
+                "top_logprobs": [_token_entry(lp, t) for lp, _, t in top],
+            }
+        )
     return {"content": content, "refusal": None}
 
 
@@ -445,11 +528,17 @@ def _token_entry(logprob: float | None, text: str) -> dict[str, Any]:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-async def _chat_events(ctx: ServerContext, plan: Plan, body: ChatCompletionRequest,
-                       streams: list, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_events(
+    ctx: ServerContext, plan: Plan, body: ChatCompletionRequest, streams: list, include_usage: bool
+) -> AsyncIterator[bytes]:
     tracker = _StreamTracker(len(plan.jobs))
-    head = {"id": plan.id, "object": "chat.completion.chunk", "created": plan.created,
-            "model": ctx.served_model_name, "system_fingerprint": None}
+    head = {
+        "id": plan.id,
+        "object": "chat.completion.chunk",
+        "created": plan.created,
+        "model": ctx.served_model_name,
+        "system_fingerprint": None,
+    }
     extra = {"usage": None} if include_usage else {}
     try:
         async for index, chunk in ctx.runner.merge(plan.jobs, streams):
@@ -462,8 +551,9 @@ async def _chat_events(ctx: ServerContext, plan: Plan, body: ChatCompletionReque
     yield SSE_DONE
 
 
-def _chat_deltas(body: ChatCompletionRequest, tracker: _StreamTracker, index: int,
-                 chunk: dict[str, Any]) -> list[dict[str, Any]]:
+def _chat_deltas(
+    body: ChatCompletionRequest, tracker: _StreamTracker, index: int, chunk: dict[str, Any]
+) -> list[dict[str, Any]]:
     """The chunk choices one engine chunk turns into: role first, content, then finish."""
     meta = chunk["meta_info"]
     out = []
@@ -480,7 +570,17 @@ def _chat_deltas(body: ChatCompletionRequest, tracker: _StreamTracker, index: in
     return out
 
 
-def _chat_choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
-                 reason: str | None = None, matched: str | int | None = None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
-            "matched_stop": matched}
+def _chat_choice(
+    index: int,
+    delta: dict[str, Any],
+    logprobs: dict[str, Any] | None = None,
+    reason: str | None = None,
+    matched: str | int | None = None,
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": logprobs,
+        "finish_reason": reason,
+        "matched_stop": matched,
+    }

@@ -25,8 +25,16 @@ from radixlm.server.errors import APIError
 # Parameters the OpenAI API defines but radixlm does not implement: rejected loudly rather than
 # silently ignored, because ignoring them would change what the caller gets.
 UNSUPPORTED_OPENAI_FIELDS = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "suffix",
-    "audio", "modalities", "prediction", "web_search_options",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "suffix",
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
 )
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
@@ -41,8 +49,11 @@ _TOKEN_KEY = re.compile(r"-?[0-9]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Engine sampling field -> the OpenAI name a client knows it by (for error messages).
-OPENAI_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-                      "input_ids": "prompt"}
+OPENAI_PARAM_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "input_ids": "prompt",
+}
 
 
 class _Lenient(BaseModel):
@@ -233,8 +244,11 @@ def check_values(body: BaseModel) -> None:
             if path is not None and path.rsplit(".", 1)[-1] == "json_schema":
                 _check_schema_text(value, path)
         elif isinstance(value, float) and not math.isfinite(value):
-            raise APIError(400, f"{path}: {value} is not a number JSON allows (NaN and Infinity "
-                                "are extensions)", path)
+            raise APIError(
+                400,
+                f"{path}: {value} is not a number JSON allows (NaN and Infinity are extensions)",
+                path,
+            )
         elif isinstance(value, dict):
             for key, item in value.items():
                 _check_text(str(key), path)
@@ -259,8 +273,12 @@ def _check_schema_text(text: str, param: str) -> None:
 
 def _check_text(text: str, param: str | None) -> None:
     if _SURROGATE.search(text):
-        raise APIError(400, f"{param or 'a key'} is not valid Unicode: it contains a lone "
-                            "surrogate (a \\uD800-\\uDFFF escape without its pair)", param)
+        raise APIError(
+            400,
+            f"{param or 'a key'} is not valid Unicode: it contains a lone "
+            "surrogate (a \\uD800-\\uDFFF escape without its pair)",
+            param,
+        )
 
 
 # ---- OpenAI request -> engine sampling params ---------------------------------------------
@@ -273,8 +291,9 @@ def completion_max_tokens(req: CompletionRequest | ChatCompletionRequest) -> int
     return req.max_tokens
 
 
-def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int,
-                    vocab_size: int) -> dict[str, Any]:
+def sampling_params(
+    req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int, vocab_size: int
+) -> dict[str, Any]:
     """Translate an OpenAI request into a ``SamplingParams`` dict.
 
     Args:
@@ -287,14 +306,26 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_toke
         through unchecked so that its error names the field.
     """
     params: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    _copy_if_set(req, params, {
-        "temperature": "temperature", "top_p": "top_p", "seed": "seed",
-        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-        "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-        "min_tokens": "min_new_tokens", "ignore_eos": "ignore_eos",
-        "stop_token_ids": "stop_token_ids", "skip_special_tokens": "skip_special_tokens",
-        "regex": "regex", "json_schema": "json_schema",
-    })
+    _copy_if_set(
+        req,
+        params,
+        {
+            "temperature": "temperature",
+            "top_p": "top_p",
+            "seed": "seed",
+            "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty",
+            "top_k": "top_k",
+            "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty",
+            "min_tokens": "min_new_tokens",
+            "ignore_eos": "ignore_eos",
+            "stop_token_ids": "stop_token_ids",
+            "skip_special_tokens": "skip_special_tokens",
+            "regex": "regex",
+            "json_schema": "json_schema",
+        },
+    )
     if req.stop is not None:
         params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     if req.logit_bias:
@@ -318,11 +349,17 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
             raise APIError(400, f"logit_bias key {key!r} is not a token id", "logit_bias")
         token = int(key)
         if not 0 <= token < vocab_size:
-            raise APIError(400, f"logit_bias token id {token} is outside the vocabulary "
-                                f"(size {vocab_size})", "logit_bias")
+            raise APIError(
+                400,
+                f"logit_bias token id {token} is outside the vocabulary (size {vocab_size})",
+                "logit_bias",
+            )
         if not -100.0 <= value <= 100.0:
-            raise APIError(400, f"logit_bias value {value} for token {token} is outside "
-                                "[-100, 100]", "logit_bias")
+            raise APIError(
+                400,
+                f"logit_bias value {value} for token {token} is outside [-100, 100]",
+                "logit_bias",
+            )
         out[token] = float(value)
     return out
 
@@ -338,8 +375,11 @@ def response_format_constraint(fmt: ResponseFormat | None) -> dict[str, Any]:
             raise APIError(400, "response_format of type regex needs 'regex'", "response_format")
         return {"regex": fmt.regex}
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise APIError(400, "response_format of type json_schema needs json_schema.schema",
-                       "response_format.json_schema")
+        raise APIError(
+            400,
+            "response_format of type json_schema needs json_schema.schema",
+            "response_format.json_schema",
+        )
     return {"json_schema": json.dumps(fmt.json_schema.schema_)}
 
 
@@ -382,6 +422,9 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 def _text_part(part: ContentPart, index: int) -> str:
     if part.type != "text" or part.text is None:
-        raise APIError(400, f"content parts of type {part.type!r} are not supported (text only)",
-                       f"messages.{index}.content")
+        raise APIError(
+            400,
+            f"content parts of type {part.type!r} are not supported (text only)",
+            f"messages.{index}.content",
+        )
     return part.text
