@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 # Temperatures below this sample greedily: dividing logits by a tinier one overflows them.
 GREEDY_TEMPERATURE = 1e-5
+# The output constraints; at most one may be set.
+CONSTRAINT_FIELDS = ("regex", "json_schema", "choices", "ebnf", "lark")
 
 
 class SamplingParamsError(ValueError):
@@ -23,7 +26,10 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """How to pick the next tokens and when to stop.
 
-    ``regex``, ``json_schema`` and ``choices`` are mutually exclusive constraints on the output.
+    ``regex``, ``json_schema``, ``choices``, ``ebnf`` and ``lark`` are mutually exclusive
+    constraints on the output. ``ebnf`` is a GBNF / XGrammar-style grammar (``root ::= ...``,
+    SGLang's field), converted to Lark; ``lark`` is llguidance's Lark syntax, taken as written.
+    Grammars need the llguidance grammar backend.
     """
 
     max_new_tokens: int = 128
@@ -45,6 +51,8 @@ class SamplingParams:
     regex: str | None = None
     json_schema: str | None = None
     choices: list[str] | None = None
+    ebnf: str | None = None
+    lark: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> SamplingParams:
@@ -99,7 +107,8 @@ class SamplingParams:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingParamsError("stop", "must be a string or a list of non-empty strings")
         if not isinstance(self.stop_token_ids, list) or not all(
-                _is_int(t) and t >= 0 for t in self.stop_token_ids):
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
             raise SamplingParamsError("stop_token_ids", "must be a list of non-negative integers")
         if not isinstance(self.logit_bias, dict):
             raise SamplingParamsError("logit_bias", "must be an object of token id -> bias")
@@ -107,12 +116,12 @@ class SamplingParams:
             raise SamplingParamsError("logit_bias", "values must be numbers in [-100, 100]")
 
     def _validate_constraint(self) -> None:
-        for name in ("regex", "json_schema"):
+        for name in ("regex", "json_schema", "ebnf", "lark"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise SamplingParamsError(name, "must be a string")
         if self.choices is not None and not isinstance(self.choices, list):
             raise SamplingParamsError("choices", "must be a list of strings")
-        given = [name for name in ("regex", "json_schema", "choices") if getattr(self, name)]
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name)]
         if len(given) > 1:
             raise SamplingParamsError(given[1], f"cannot be combined with {given[0]}")
         if self.choices is not None and (
@@ -124,6 +133,12 @@ class SamplingParams:
                 json.loads(self.json_schema)
             except (TypeError, ValueError) as exc:
                 raise SamplingParamsError("json_schema", f"is not valid JSON: {exc}") from None
+        for name in ("ebnf", "lark"):
+            text = getattr(self, name)
+            if text is not None and not text.strip():
+                raise SamplingParamsError(name, "must be a non-empty grammar")
+        if self.ebnf is not None:
+            ebnf_to_lark(self.ebnf)  # a syntax error names the field here, before queueing
 
     @property
     def is_greedy(self) -> bool:
@@ -132,20 +147,52 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         """Whether a repetition, frequency or presence penalty applies."""
-        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty
-                    or self.presence_penalty)
+        return bool(
+            self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
+        )
 
     @property
     def constraint(self) -> tuple[str, Any] | None:
-        """``(kind, spec)`` of the output constraint, or None."""
+        """``(kind, spec)`` of the output constraint, or None; a grammar (``ebnf`` or
+        ``lark``) is ``("lark", text in Lark syntax)``."""
         for kind in ("regex", "json_schema", "choices"):
             spec = getattr(self, kind)
             if spec is not None:
                 return kind, spec
+        if self.ebnf is not None:
+            return "lark", ebnf_to_lark(self.ebnf)
+        if self.lark is not None:
+            return "lark", self.lark
         return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@lru_cache(maxsize=64)
+def ebnf_to_lark(text: str) -> str:
+    """Convert a GBNF / XGrammar-style EBNF grammar (``root ::= ...``) to llguidance's Lark.
+
+    Args:
+        text: the EBNF grammar; ``root`` is its start rule.
+
+    Returns:
+        The same grammar in Lark syntax (``start`` is the start rule).
+
+    Raises:
+        SamplingParamsError: (field ``ebnf``) the text is not a valid EBNF grammar, with where
+            and why.
+    """
+    # llguidance ships the converter (pure Python, ~0.1 ms for a small grammar); imported here
+    # so that building SamplingParams without a grammar never loads the native library
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    try:
+        return gbnf_to_lark(text)
+    except RecursionError:
+        raise SamplingParamsError("ebnf", "is nested too deeply to convert") from None
+    except Exception as exc:  # the converter raises bare Exception for unknown/missing rules
+        raise SamplingParamsError("ebnf", f"is not a valid EBNF grammar: {exc}") from None
 
 
 def _int_keys(bias: dict) -> dict[int, float]:
