@@ -17,8 +17,19 @@ Prompts: for a model with a chat template, 20 fixed instructions rendered with i
 cycled); otherwise (random models) random token ids. On CPU the FP8 GEMMs run the reference path,
 which rounds activations and weights exactly as the GPU's ``_scaled_mm`` path does.
 
+The reference runs in ``--reference-dtype`` (default: ``--dtype``) without quantization; the
+candidate in ``--dtype`` with ``--quantization`` (default fp8) and ``--kv-cache-dtype``. Two
+unquantized dtypes measure the model's own rounding noise, the floor any FP8 figure is read
+against: ``--reference-dtype float32 --dtype bfloat16 --quantization none``.
+
+``--weight-only`` keeps every FP8 layer's activation exact at every row count (W8A16 in prefill
+and in the teacher-forced pass too, not only in decode steps of <= ``--triton-max-m`` rows). It
+runs on the CPU reference path only: the GPU has no W8A16 kernel for more than 64 rows, so it
+measures what such a kernel would deliver.
+
 Usage: radixlm bench quant-accuracy --model /path/to/model [--quantization fp8]
-       [--kv-cache-dtype fp8_e4m3] [--num-prompts 20] [--output-len 32] [--out acc.json]
+       [--kv-cache-dtype fp8_e4m3] [--reference-dtype float32] [--weight-only]
+       [--num-prompts 20] [--output-len 32] [--out acc.json]
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import gc
 import math
 import random
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +56,7 @@ from radixlm.bench.common import (
 )
 from radixlm.kvcache.pool import FP8_KV_DTYPE, KVPool, resolve_kv_dtype
 from radixlm.model.attention import create_attention_backend
-from radixlm.model.layers.fp8 import Fp8Linear, Fp8LinearConfig
+from radixlm.model.layers.fp8 import Fp8Linear, Fp8LinearConfig, fp8_gemm_supported
 from radixlm.model.loader import load_model, resolve_device
 
 INSTRUCTIONS = [
@@ -101,7 +113,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="FP8 layers: most rows that take the W8A16 path (Triton on GPU, emulated on CPU; "
         "<= 64); default Fp8LinearConfig's",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--weight-only",
+        action="store_true",
+        help="FP8 layers keep the activation exact at every row count (W8A16 throughout; CPU "
+        "reference path only)",
+    )
+    parser.add_argument(
+        "--reference-dtype",
+        default=None,
+        help="the unquantized reference's dtype (default: --dtype); e.g. float32 against "
+        "--dtype bfloat16 --quantization none measures bf16's own rounding noise",
+    )
+    args = parser.parse_args(argv)
+    if args.weight_only and args.triton_max_m is not None:
+        parser.error("--weight-only and --triton-max-m are exclusive")
+    return args
+
+
+def fp8_linear_config(args: argparse.Namespace, device: torch.device) -> Fp8LinearConfig | None:
+    """The FP8 layers' path selection the options ask for (None: the layers' default).
+
+    Raises:
+        SystemExit: ``--weight-only`` on a device whose FP8 layers do not run the reference path.
+    """
+    if args.weight_only:
+        if fp8_gemm_supported(device):
+            raise SystemExit(
+                "--weight-only emulates a W8A16 GEMM at every row count, which only the CPU "
+                "reference path can do (the GPU's W8A16 kernel takes <= 64 rows)"
+            )
+        # Every row count at or below triton_max_m keeps the activation exact.
+        return Fp8LinearConfig(triton_max_m=sys.maxsize)
+    if args.triton_max_m is not None:
+        return Fp8LinearConfig(triton_max_m=min(args.triton_max_m, 64))
+    return None
 
 
 def build_prompts(
@@ -141,6 +187,7 @@ class _Slots:
 def run_model(
     model_dir: Path,
     args: argparse.Namespace,
+    dtype: str,
     quantization: str,
     kv_cache_dtype: str,
     prompts: list[list[int]],
@@ -148,9 +195,9 @@ def run_model(
 ) -> Run:
     """Greedy-decode every prompt, then score prompt + ``forced`` (default: own tokens)."""
     device = resolve_device(args.device)
-    model = load_model(model_dir, args.dtype, device, progress=False, quantization=quantization)
-    if args.triton_max_m is not None:
-        config = Fp8LinearConfig(triton_max_m=min(args.triton_max_m, 64))
+    model = load_model(model_dir, dtype, device, progress=False, quantization=quantization)
+    config = fp8_linear_config(args, device)
+    if config is not None:
         for module in model.modules():
             if isinstance(module, Fp8Linear):
                 module.config = config
@@ -232,13 +279,19 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, args.num_prompts, args.random_prompt_len, arch.vocab_size, args.seed
     )
     quantization = args.quantization if args.quantization != "auto" else "fp8"
-    ref = run_model(model_dir, args, "none", "auto", prompts, None)
-    cand = run_model(model_dir, args, quantization, args.kv_cache_dtype, prompts, ref.tokens)
+    fp8_linear_config(args, device)  # refuse --weight-only on the GPU before loading anything
+    ref_dtype = args.reference_dtype or args.dtype
+    ref = run_model(model_dir, args, ref_dtype, "none", "auto", prompts, None)
+    cand = run_model(
+        model_dir, args, args.dtype, quantization, args.kv_cache_dtype, prompts, ref.tokens
+    )
     result = compare(ref, cand)
-    label = f"quantization={quantization} kv_cache_dtype={args.kv_cache_dtype}"
-    if args.triton_max_m is not None:
+    label = f"dtype={args.dtype} quantization={quantization} kv_cache_dtype={args.kv_cache_dtype}"
+    if args.weight_only:
+        label += " weight_only (W8A16 at every row count)"
+    elif args.triton_max_m is not None:
         label += f" triton_max_m={min(args.triton_max_m, 64)}"
-    print(f"quant-accuracy on {device}, {model_dir}: {label} vs the {args.dtype} model")
+    print(f"quant-accuracy on {device}, {model_dir}: {label} vs the {ref_dtype} model")
     print(
         f"  {result['prompts']} prompts x {args.output_len} greedy tokens: agreement "
         f"{result['token_agreement']:.1%} (worst prompt {result['min_prompt_agreement']:.1%}, "
@@ -255,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ceil = measure_ceilings(device, 1.0, 1.0)  # run_header wants ceilings; none measured here
     write_json(args.out, {**run_header(device, ceil, model_dir), "options": label,
-                          "output_len": args.output_len, **result})  # fmt: skip
+                          "reference_dtype": ref_dtype, "output_len": args.output_len,
+                          **result})  # fmt: skip
     return 0
 
 
