@@ -222,6 +222,12 @@ class GrammarCompiler:
 
     def _cache_key(self, kind: str, spec: Any) -> tuple:
         kinds = KINDS + ("lark",) if self.backend == "llguidance" else KINDS
+        if kind == "lark" and self.backend != "llguidance":
+            raise GrammarError(
+                "EBNF/Lark grammars need the llguidance grammar backend (--grammar-backend "
+                f"llguidance); this compiler uses {self.backend}",
+                feature="kind",
+            )
         if kind not in kinds:
             raise GrammarError(
                 f"unknown constraint kind {kind!r} for the {self.backend} backend (one of {kinds})",
