@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from radixlm.sampling_params import SamplingParamsError, ebnf_to_lark
 from radixlm.server.errors import APIError, error_event, from_exception
 from radixlm.server.metrics import ServerMetrics
 from radixlm.server.preflight import (
@@ -442,6 +443,38 @@ def fan_out(group: str, params: dict[str, Any], max_n: int) -> list[tuple[str, d
             sample["seed"] = seed + i
         out.append((f"{group}-{i}", sample))
     return out
+
+
+def check_grammar(ctx: ServerContext, params: dict[str, Any], param: str | None = None) -> None:
+    """400 for an EBNF/Lark grammar the server cannot take, before the request is queued.
+
+    Blocking (an EBNF grammar is converted here, once per text): call it off the loop.
+
+    Args:
+        ctx: the server context (its engine's grammar backend).
+        params: one request's engine sampling fields.
+        param: the request field that carries the grammar, for the error (default: the
+            engine's, ``ebnf`` or ``lark``).
+
+    Raises:
+        APIError: a grammar on a backend other than llguidance, or EBNF that does not convert.
+    """
+    if params.get("ebnf") is None and params.get("lark") is None:
+        return
+    param = param or ("ebnf" if params.get("ebnf") is not None else "lark")
+    backend = ctx.engine.config.grammar_backend
+    if backend != "llguidance":
+        raise APIError(
+            400,
+            f"EBNF/Lark grammars need the llguidance grammar backend; this server runs "
+            f"--grammar-backend {backend}",
+            param,
+        )
+    if isinstance(params.get("ebnf"), str):
+        try:
+            ebnf_to_lark(params["ebnf"])
+        except SamplingParamsError as exc:
+            raise APIError(400, f"{param}: {str(exc).removeprefix('ebnf: ')}", param) from None
 
 
 def chat_prompt_ids(

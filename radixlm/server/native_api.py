@@ -16,6 +16,7 @@ from radixlm.server.common import (
     ServerContext,
     body_doc,
     chat_prompt_ids,
+    check_grammar,
     check_model,
     check_token_ids,
     encode_prompt,
@@ -78,6 +79,8 @@ def native_jobs(body: GenerateRequest, ctx: ServerContext) -> tuple[list[Job], b
     vocab = ctx.engine.vocab_size
     # first: it names sampling fields as the engine does
     params_list = [native_sampling_params(params or {}, vocab) for params in params_list]
+    for params in params_list:
+        check_grammar(ctx, params)
     check_values(body)
     groups = _per_prompt(body.rid, len(prompts), "rid", None)
     ns = [params.get("n", 1) for params in params_list]

@@ -17,11 +17,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from radixlm.engine.errors import RequestError
+from radixlm.sampling_params import CONSTRAINT_FIELDS
 from radixlm.server.common import (
     SSE_DONE,
     ServerContext,
     body_doc,
     chat_prompt_ids,
+    check_grammar,
     check_model,
     check_token_ids,
     encode_prompt,
@@ -39,6 +41,7 @@ from radixlm.server.protocol import (
     CompletionRequest,
     check_values,
     completion_max_tokens,
+    constraint_param,
     max_tokens_field,
     message_dicts,
     openai_param,
@@ -125,6 +128,9 @@ def _default_budget(ctx: ServerContext, prompt_len: int) -> int:
 
 def _openai_error(exc: RequestError, body: CompletionRequest | ChatCompletionRequest) -> APIError:
     param = openai_param(exc.param, max_tokens_field(body))
+    # an invalid constraint: name the field the client gave it in (guided_grammar for ebnf...)
+    if param in (*CONSTRAINT_FIELDS, "sampling_params"):
+        param = constraint_param(body) or param
     if isinstance(body, ChatCompletionRequest) and param == "prompt":
         param = "messages"
     return APIError(400, exc.message, param)
@@ -194,6 +200,7 @@ def completion_plan(body: CompletionRequest, ctx: ServerContext) -> Plan:
         )
         for ids in prompt_ids
     ]
+    check_grammar(ctx, params[0], constraint_param(body))
     want = body.logprobs is not None
     logprob = {
         "return_logprob": want,
@@ -465,6 +472,7 @@ def chat_plan(body: ChatCompletionRequest, ctx: ServerContext) -> Plan:
     max_tokens = completion_max_tokens(body)
     budget = max_tokens if max_tokens is not None else _default_budget(ctx, len(ids))
     params = sampling_params(body, budget, ctx.engine.vocab_size)
+    check_grammar(ctx, params, constraint_param(body))
     logprob = {
         "return_logprob": body.logprobs,
         "top_logprobs_num": body.top_logprobs or 0,

@@ -118,6 +118,12 @@ class _SamplingFields(_Lenient):
     skip_special_tokens: bool | None = None
     regex: str | None = None
     json_schema: str | dict[str, Any] | None = None
+    ebnf: str | None = None
+    # vLLM's guided decoding fields
+    guided_regex: str | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     rid: str | None = None
 
 
@@ -241,7 +247,7 @@ def check_values(body: BaseModel) -> None:
         value, path = stack.pop()
         if isinstance(value, str):
             _check_text(value, path)
-            if path is not None and path.rsplit(".", 1)[-1] == "json_schema":
+            if path is not None and path.rsplit(".", 1)[-1] in ("json_schema", "guided_json"):
                 _check_schema_text(value, path)
         elif isinstance(value, float) and not math.isfinite(value):
             raise APIError(
@@ -322,16 +328,65 @@ def sampling_params(
             "ignore_eos": "ignore_eos",
             "stop_token_ids": "stop_token_ids",
             "skip_special_tokens": "skip_special_tokens",
-            "regex": "regex",
-            "json_schema": "json_schema",
         },
     )
     if req.stop is not None:
         params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     if req.logit_bias:
         params["logit_bias"] = logit_bias(req.logit_bias, vocab_size)
-    params.update(response_format_constraint(req.response_format))
+    params.update(constraint_params(req))
     return params
+
+
+# OpenAI request field -> the engine's constraint field (guided_grammar: "ebnf" or "lark").
+_CONSTRAINT_SOURCES = {
+    "regex": "regex",
+    "guided_regex": "regex",
+    "json_schema": "json_schema",
+    "guided_json": "json_schema",
+    "guided_choice": "choices",
+    "ebnf": "ebnf",
+    "guided_grammar": "ebnf",
+}
+# A GBNF / XGrammar rule definition; Lark writes ``name: ...`` and never ``::=``.
+_EBNF_RULE = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_-]*\s*::=", re.MULTILINE)
+
+
+def constraint_params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    """The output constraint of an OpenAI request as engine sampling fields.
+
+    Accepts radixlm/SGLang's ``regex``, ``json_schema`` and ``ebnf``, vLLM's ``guided_regex``,
+    ``guided_json``, ``guided_choice`` and ``guided_grammar`` (EBNF with ``::=`` rules, else
+    Lark), and ``response_format``.
+
+    Raises:
+        APIError: more than one constraint given, naming the second.
+    """
+    given = [name for name in _CONSTRAINT_SOURCES if getattr(req, name) is not None]
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        given.append("response_format")
+    if len(given) > 1:
+        raise APIError(400, f"'{given[1]}' cannot be combined with '{given[0]}'", given[1])
+    if not given:
+        return {}
+    if given[0] == "response_format":
+        return response_format_constraint(fmt)
+    value = getattr(req, given[0])
+    target = _CONSTRAINT_SOURCES[given[0]]
+    if given[0] == "guided_grammar" and not _EBNF_RULE.search(value):
+        target = "lark"
+    return {target: value}
+
+
+def constraint_param(req: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The field through which the client gave the output constraint (``guided_grammar``,
+    ``response_format``...), for errors the engine reports on its own field names; None when
+    the request has no constraint."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        return "response_format"
+    return next((name for name in _CONSTRAINT_SOURCES if getattr(req, name) is not None), None)
 
 
 def _copy_if_set(req: BaseModel, params: dict[str, Any], names: dict[str, str]) -> None:
