@@ -91,6 +91,18 @@ class ResponseFormat(BaseModel):
     regex: str | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` (one of its keys); other keys are a 400."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingFields(_Lenient):
     """Fields shared by /v1/completions and /v1/chat/completions (with radixlm extensions)."""
 
@@ -124,6 +136,7 @@ class _SamplingFields(_Lenient):
     guided_json: str | dict[str, Any] | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     rid: str | None = None
 
 
@@ -247,7 +260,10 @@ def check_values(body: BaseModel) -> None:
         value, path = stack.pop()
         if isinstance(value, str):
             _check_text(value, path)
-            if path is not None and path.rsplit(".", 1)[-1] in ("json_schema", "guided_json"):
+            if path is not None and (
+                path.rsplit(".", 1)[-1] in ("json_schema", "guided_json")
+                or path == "structured_outputs.json"
+            ):
                 _check_schema_text(value, path)
         elif isinstance(value, float) and not math.isfinite(value):
             raise APIError(
@@ -338,7 +354,7 @@ def sampling_params(
     return params
 
 
-# OpenAI request field -> the engine's constraint field (guided_grammar: "ebnf" or "lark").
+# OpenAI request field -> the engine's constraint field (a grammar: "ebnf" or "lark").
 _CONSTRAINT_SOURCES = {
     "regex": "regex",
     "guided_regex": "regex",
@@ -348,45 +364,65 @@ _CONSTRAINT_SOURCES = {
     "ebnf": "ebnf",
     "guided_grammar": "ebnf",
 }
+# vLLM's structured_outputs keys -> the engine's constraint field
+_STRUCTURED_OUTPUTS = {"json_": "json_schema", "regex": "regex", "choice": "choices",
+                       "grammar": "ebnf", "json_object": "json_schema"}  # fmt: skip
 # A GBNF / XGrammar rule definition; Lark writes ``name: ...`` and never ``::=``.
 _EBNF_RULE = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_-]*\s*::=", re.MULTILINE)
+
+
+def _given_constraints(req: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, Any]]:
+    """(client field, engine sampling fields) for every constraint the request sets."""
+    given: list[tuple[str, Any]] = []
+    for name, target in _CONSTRAINT_SOURCES.items():
+        value = getattr(req, name)
+        if value is not None:
+            given.append((name, lambda t=target, v=value: _grammar_field(t, v)))
+    outputs = req.structured_outputs
+    for key, target in _STRUCTURED_OUTPUTS.items():
+        value = getattr(outputs, key) if outputs is not None else None
+        if value is None or value is False:
+            continue
+        if key == "json_object":
+            value = json.dumps({"type": "object"})
+        path = f"structured_outputs.{key.rstrip('_')}"
+        given.append((path, lambda t=target, v=value: _grammar_field(t, v)))
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        given.append(("response_format", lambda: response_format_constraint(fmt)))
+    return given
+
+
+def _grammar_field(target: str, value: Any) -> dict[str, Any]:
+    # vLLM's grammar fields take EBNF (XGrammar/GBNF, ``::=`` rules) or Lark text
+    if target == "ebnf" and not _EBNF_RULE.search(value):
+        return {"lark": value}
+    return {target: value}
 
 
 def constraint_params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
     """The output constraint of an OpenAI request as engine sampling fields.
 
-    Accepts radixlm/SGLang's ``regex``, ``json_schema`` and ``ebnf``, vLLM's ``guided_regex``,
-    ``guided_json``, ``guided_choice`` and ``guided_grammar`` (EBNF with ``::=`` rules, else
-    Lark), and ``response_format``.
+    Accepts radixlm/SGLang's ``regex``, ``json_schema`` and ``ebnf``; vLLM's ``guided_regex``,
+    ``guided_json``, ``guided_choice``, ``guided_grammar`` and ``structured_outputs`` (a grammar
+    with ``::=`` rules is EBNF, else Lark); and ``response_format``.
 
     Raises:
         APIError: more than one constraint given, naming the second.
     """
-    given = [name for name in _CONSTRAINT_SOURCES if getattr(req, name) is not None]
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        given.append("response_format")
+    given = _given_constraints(req)
     if len(given) > 1:
-        raise APIError(400, f"'{given[1]}' cannot be combined with '{given[0]}'", given[1])
-    if not given:
-        return {}
-    if given[0] == "response_format":
-        return response_format_constraint(fmt)
-    value = getattr(req, given[0])
-    target = _CONSTRAINT_SOURCES[given[0]]
-    if given[0] == "guided_grammar" and not _EBNF_RULE.search(value):
-        target = "lark"
-    return {target: value}
+        (first, _), (second, _) = given[:2]
+        raise APIError(400, f"'{second}' cannot be combined with '{first}'", second)
+    return given[0][1]() if given else {}
 
 
 def constraint_param(req: CompletionRequest | ChatCompletionRequest) -> str | None:
     """The field through which the client gave the output constraint (``guided_grammar``,
     ``response_format``...), for errors the engine reports on its own field names; None when
     the request has no constraint."""
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        return "response_format"
-    return next((name for name in _CONSTRAINT_SOURCES if getattr(req, name) is not None), None)
+    given = _given_constraints(req)
+    return given[0][0] if given else None
 
 
 def _copy_if_set(req: BaseModel, params: dict[str, Any], names: dict[str, str]) -> None:

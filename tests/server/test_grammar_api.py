@@ -55,6 +55,13 @@ def _chat(**fields) -> ChatCompletionRequest:
         ({"guided_regex": "[0-9]+"}, {"regex": "[0-9]+"}),
         ({"guided_json": {"type": "integer"}}, {"json_schema": {"type": "integer"}}),
         ({"guided_choice": ["a", "b"]}, {"choices": ["a", "b"]}),
+        ({"structured_outputs": {"grammar": YES_NO}}, {"ebnf": YES_NO}),
+        ({"structured_outputs": {"grammar": YES_NO_LARK}}, {"lark": YES_NO_LARK}),
+        ({"structured_outputs": {"regex": "a+"}}, {"regex": "a+"}),
+        ({"structured_outputs": {"choice": ["a"]}}, {"choices": ["a"]}),
+        ({"structured_outputs": {"json": {"type": "null"}}}, {"json_schema": {"type": "null"}}),
+        ({"structured_outputs": {"json_object": True}}, {"json_schema": '{"type": "object"}'}),
+        ({"structured_outputs": {"json_object": False}}, {}),
         ({"response_format": {"type": "regex", "regex": "x+"}}, {"regex": "x+"}),
         ({"response_format": {"type": "text"}, "guided_regex": "y"}, {"regex": "y"}),
         ({}, {}),
@@ -72,6 +79,11 @@ def test_openai_constraint_fields_map_to_engine_fields(fields, expected):
         ({"ebnf": YES_NO, "guided_grammar": YES_NO}, "guided_grammar"),
         ({"guided_json": {}, "guided_choice": ["a"]}, "guided_choice"),
         ({"guided_grammar": YES_NO, "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"guided_grammar": YES_NO, "structured_outputs": {"grammar": YES_NO}},
+            "structured_outputs.grammar",
+        ),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice"),
     ],
 )
 def test_two_constraints_are_a_400_naming_the_second(fields, second):
@@ -84,6 +96,9 @@ def test_two_constraints_are_a_400_naming_the_second(fields, second):
 def test_errors_name_the_field_the_client_used():
     assert constraint_param(_chat(guided_grammar=YES_NO)) == "guided_grammar"
     assert constraint_param(_chat(response_format={"type": "json_object"})) == "response_format"
+    assert constraint_param(_chat(structured_outputs={"grammar": "x"})) == (
+        "structured_outputs.grammar"
+    )
     assert constraint_param(_chat()) is None
 
 
@@ -168,6 +183,7 @@ def test_openai_ebnf_and_vllm_guided_fields(client):
         ({"guided_grammar": INT_LIST_LARK}, lambda t: _int_list(t) is not None),
         ({"guided_regex": "[0-9]{3}"}, lambda t: re.fullmatch("[0-9]{3}", t)),
         ({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
+        ({"structured_outputs": {"grammar": YES_NO_LARK}}, lambda t: t in ("yes", "no")),
         ({"guided_json": {"type": "object", "properties": {"k": {"type": "boolean"}},
                           "required": ["k"], "additionalProperties": False}},
          lambda t: isinstance(json.loads(t)["k"], bool)),
@@ -189,6 +205,11 @@ def test_openai_broken_grammar_is_a_400_naming_the_field(client):
                 extra_body={"guided_grammar": "start: nope"})  # fmt: skip
         assert info.value.body["param"] == "guided_grammar"
         assert "nope" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}],
+            extra_body={"structured_outputs": {"whitespace_pattern": " "}})  # fmt: skip
+    assert info.value.body["param"] == "structured_outputs.whitespace_pattern"
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="x", extra_body={"ebnf": "root ::= ("})
     assert info.value.body["param"] == "ebnf"
