@@ -54,8 +54,9 @@ def test_ebnf_arithmetic_samples_parse(smollm2_engine):
 
 
 def test_lark_grammar_with_jump_forward_keeps_the_models_token_boundary(smollm2_engine):
-    """The grammar forces ``{"colours": ["``; healed, the splice leaves `` ["`` to the model,
-    which then names the colour, as the JSON-schema request does."""
+    """The grammar forces ``{"colours": ["``; the splice ends where the model's own
+    tokenization of the answer has a boundary, and the model names the colour, as the
+    JSON-schema request does."""
     lark = 'start: "{\\"colours\\": [\\"" WORD "\\"]}"\nWORD: /[a-z]+/'
     question = "I painted the fence red. Which colours did I use? Answer in JSON."
     out = smollm2_engine.generate(
