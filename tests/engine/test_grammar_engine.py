@@ -59,12 +59,17 @@ def test_lark_grammar_with_jump_forward_keeps_the_models_token_boundary(smollm2_
     JSON-schema request does."""
     lark = 'start: "{\\"colours\\": [\\"" WORD "\\"]}"\nWORD: /[a-z]+/'
     question = "I painted the fence red. Which colours did I use? Answer in JSON."
-    out = smollm2_engine.generate(
-        _chat(smollm2_engine, question), {"max_new_tokens": 12, "temperature": 0.0, "lark": lark}
-    )
+    prompt = _chat(smollm2_engine, question)
+    out = smollm2_engine.generate(prompt, {"max_new_tokens": 12, "temperature": 0.0, "lark": lark})
     assert out["text"] == '{"colours": ["red"]}', out["text"]
     assert json.loads(out["text"]) == {"colours": ["red"]}
     assert out["meta_info"]["jump_forward_tokens"] > 0
+    # the same language as a regex: the same tokens, the same splices
+    regex = r'\{"colours": \["[a-z]+"\]\}'
+    same = smollm2_engine.generate(prompt, {"max_new_tokens": 12, "temperature": 0.0,
+                                            "regex": regex})  # fmt: skip
+    assert same["output_ids"] == out["output_ids"]
+    assert same["meta_info"]["jump_forward_tokens"] == out["meta_info"]["jump_forward_tokens"]
 
 
 def test_an_invalid_grammar_is_a_request_error_and_the_engine_goes_on(smollm2_engine):
