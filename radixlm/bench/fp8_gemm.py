@@ -6,8 +6,12 @@ For each decoder projection shape (K -> N) and each row count M, times (CUDA gra
 - ``bf16``: ``F.linear`` on the bf16 weight;
 - ``scaled_mm``: per-token activation quantization (Triton) + ``torch._scaled_mm`` with
   row-wise scales, the path ``Fp8Linear`` takes for M > ``triton_max_m``;
-- ``triton``: the W8A16 small-M kernel (M <= 64), at every ``--block-n`` x ``--block-k`` tried,
-  the best reported.
+- ``triton``: the W8A16 small-M tensor-core kernel (M <= 64), at every ``--block-n`` x
+  ``--block-k`` tried, the best reported;
+- ``gemv``: the weight-streaming CUDA-core kernel (M <= 8, :mod:`radixlm.model.layers.gemv_triton`)
+  on the FP8 weight, and ``bf16 gemv`` the same kernel on the bf16 weight (a candidate for the
+  unquantized model's batch-1 projections against cuBLAS), each at every ``--gemv-tiles`` tile,
+  the best reported with its tile (``block_n x block_k / warps``).
 
 Beside each time the weight bytes it must read over the measured HBM bandwidth (a step at small
 M is bound by them): ``% roof`` is that floor over the time. The last column says which FP8 path
@@ -34,10 +38,13 @@ from radixlm.model.arch import ModelArch
 
 COLUMNS = [
     ("proj", "proj"), ("k", "K"), ("n", "N"), ("m", "M"), ("bf16_us", "bf16 us"),
-    ("bf16_roof_pct", "% roof"), ("scaled_mm_us", "scaled_mm us"), ("triton_us", "triton us"),
-    ("triton_cfg", "triton cfg"), ("fp8_roof_pct", "fp8 % roof"), ("speedup", "fp8 x"),
-    ("best", "best fp8"),
+    ("bf16_roof_pct", "% roof"), ("bf16_gemv_us", "bf16 gemv us"), ("bf16_gemv_cfg", "cfg"),
+    ("scaled_mm_us", "scaled_mm us"), ("triton_us", "triton us"), ("triton_cfg", "cfg"),
+    ("gemv_us", "gemv us"), ("gemv_cfg", "cfg"), ("fp8_roof_pct", "fp8 % roof"),
+    ("speedup", "fp8 x"), ("best", "best fp8"),
 ]  # fmt: skip
+DEFAULT_GEMV_TILES = ["2x512/4", "2x1024/4", "4x512/4", "4x1024/4", "4x2048/4", "8x1024/4",
+                      "8x2048/8", "1x1024/4", "1x2048/4", "16x1024/8", "4x1024/8"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,8 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
     )
-    parser.add_argument("--block-n", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--block-k", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--block-k", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--gemv-tiles", nargs="+", default=DEFAULT_GEMV_TILES,
+                        help="gemv tiles to try, each BLOCK_NxBLOCK_K/WARPS")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="also time the LM head shape (bf16 columns are the ones that matter)")
     parser.add_argument("--calls", type=int, default=20, help="calls per timed graph")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--hbm-gbps", type=float, default=None)
@@ -67,6 +78,35 @@ def projection_shapes(arch: ModelArch) -> list[tuple[str, int, int]]:
     return [("qkv_proj", arch.hidden_size, qkv), ("o_proj", arch.q_size, arch.hidden_size),
             ("gate_up_proj", arch.hidden_size, 2 * arch.intermediate_size),
             ("down_proj", arch.intermediate_size, arch.hidden_size)]  # fmt: skip
+
+
+def parse_tile(text: str):
+    """``"4x1024/8"`` -> GemvTile(4, 1024, 8)."""
+    from radixlm.model.layers.gemv_triton import GemvTile
+
+    shape, _, warps = text.partition("/")
+    block_n, block_k = (int(v) for v in shape.split("x"))
+    return GemvTile(block_n, block_k, int(warps or 4))
+
+
+def best_gemv(x, w, scale, tiles, args) -> tuple[float, str] | None:
+    """(microseconds, tile) of the fastest gemv tile that compiles for this shape."""
+    from triton.runtime.errors import OutOfResources
+
+    from radixlm.model.layers.gemv_triton import gemv
+
+    tried = {}
+    for text in tiles:
+        tile = parse_tile(text)
+        try:
+            tried[text] = time_graph(lambda tile=tile: gemv(x, w, scale, None, tile),
+                                     args.calls, args.repeats)  # fmt: skip
+        except OutOfResources:
+            continue
+    if not tried:
+        return None
+    cfg = min(tried, key=tried.get)
+    return tried[cfg], cfg
 
 
 def time_graph(fn, calls: int, repeats: int) -> float:
@@ -101,6 +141,7 @@ def measure(
 
     from radixlm.model.layers.fp8 import _scaled_mm_linear, quantize_rows
     from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
+    from radixlm.model.layers.gemv_triton import GEMV_MAX_M
 
     gen = torch.Generator(device="cuda").manual_seed(k * n + m)
     w = torch.randn(n, k, device="cuda", generator=gen).mul_(0.02).bfloat16()
@@ -112,6 +153,10 @@ def measure(
     floor_fp8 = (n * k + 4 * n) / (hbm_gbps * 1e3)
     row["bf16_us"] = time_graph(lambda: F.linear(x, w), args.calls, args.repeats)
     row["bf16_roof_pct"] = 100 * floor_bf16 / row["bf16_us"]
+    if m <= GEMV_MAX_M:
+        found = best_gemv(x, w, None, args.gemv_tiles, args)
+        if found:
+            row["bf16_gemv_us"], row["bf16_gemv_cfg"] = found
     row["scaled_mm_us"] = time_graph(lambda: _scaled_mm_linear(x, w_fp8, w_scale, None),
                                      args.calls, args.repeats)  # fmt: skip
     best = ("scaled_mm", row["scaled_mm_us"])
@@ -131,6 +176,12 @@ def measure(
             row["triton_us"], row["triton_cfg"] = tried[cfg], cfg
             if tried[cfg] < best[1]:
                 best = ("triton", tried[cfg])
+    if m <= GEMV_MAX_M:
+        found = best_gemv(x, w_fp8, w_scale, args.gemv_tiles, args)
+        if found:
+            row["gemv_us"], row["gemv_cfg"] = found
+            if found[0] < best[1]:
+                best = ("gemv", found[0])
     row["best"] = best[0]
     row["fp8_roof_pct"] = 100 * floor_fp8 / best[1]
     row["speedup"] = row["bf16_us"] / best[1]
@@ -150,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
 
         arch = ModelArch.from_hf_config(config_dict(args.random_model))
     ceil = measure_ceilings(device, args.hbm_gbps, 1.0)
-    rows = [measure(name, k, n, m, args, ceil.hbm_gbps)
-            for name, k, n in projection_shapes(arch) for m in args.ms]  # fmt: skip
+    shapes = projection_shapes(arch)
+    if args.lm_head:
+        shapes.append(("lm_head", arch.hidden_size, arch.vocab_size))
+    rows = [measure(name, k, n, m, args, ceil.hbm_gbps) for name, k, n in shapes
+            for m in args.ms]  # fmt: skip
     print(f"fp8-gemm on {torch.cuda.get_device_name()}: HBM {ceil.hbm_gbps:.4g} GB/s")
     print(format_table(rows, COLUMNS))
     write_json(args.out, {**run_header(device, ceil, args.model or args.random_model),

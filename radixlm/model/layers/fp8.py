@@ -11,9 +11,11 @@ How a forward runs depends on the device and the row count M (tokens):
   ``torch._scaled_mm`` using row-wise scales (per-token for the activation, per-channel for the
   weight); the product comes out in bfloat16.
 - CUDA, M <= ``triton_max_m`` (decode at small batch): a Triton kernel reads the FP8 weight,
-  widens it to the activation dtype in registers and multiplies with the unquantized activation
-  (W8A16). A small-M step is bound by the weight bytes, which FP8 halves either way; skipping the
-  activation quantization saves a launch and keeps the activation exact.
+  widens it in registers and multiplies with the unquantized activation (W8A16). A small-M step is
+  bound by the weight bytes, which FP8 halves either way; skipping the activation quantization
+  saves a launch and keeps the activation exact. Up to ``gemv_max_m`` rows that kernel is the
+  weight-streaming GEMV of :mod:`radixlm.model.layers.gemv_triton` (CUDA cores, thousands of
+  programs); above it, the tensor-core small-M kernel of :mod:`radixlm.model.layers.fp8_triton`.
 - Anywhere else (CPU; GPUs without FP8): the reference path dequantizes the weight (once, kept in
   float32 by ``Fp8Linear``) and multiplies in float32, emulating the GPU path of the same row
   count: above ``triton_max_m`` rows it first rounds the activation through per-token FP8 (the
@@ -43,11 +45,14 @@ class Fp8LinearConfig:
     """How ``Fp8Linear`` runs on CUDA.
 
     Attributes:
-        triton_max_m: rows up to which the Triton W8A16 kernel runs instead of
+        triton_max_m: rows up to which a Triton W8A16 kernel runs instead of
             ``torch._scaled_mm`` (0: always ``_scaled_mm``).
+        gemv_max_m: rows up to which that kernel is the GEMV (at most
+            ``gemv_triton.GEMV_MAX_M``; 0: never).
     """
 
     triton_max_m: int = 16
+    gemv_max_m: int = 4
 
 
 DEFAULT_FP8_LINEAR_CONFIG = Fp8LinearConfig()
@@ -174,6 +179,10 @@ def fp8_linear(
     if not fp8_gemm_supported(x.device):
         # Emulate the GPU path of this row count: W8A16 for small M, W8A8 above.
         out = fp8_linear_reference(x2, weight, weight_scale, bias, not small, dequantized)
+    elif x2.shape[0] <= config.gemv_max_m:
+        from radixlm.model.layers.gemv_triton import gemv
+
+        out = gemv(x2, weight, weight_scale, bias)
     elif small:
         from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
 

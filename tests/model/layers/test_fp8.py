@@ -323,7 +323,7 @@ LLAMA3_8B_PROJECTIONS = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 7, 16, 17, 64, 512])
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 16, 17, 64, 512])
 @pytest.mark.parametrize(("k", "n"), LLAMA3_8B_PROJECTIONS)
 def test_gpu_fp8_linear_matches_the_reference(m, k, n):
     gen = torch.Generator().manual_seed(m + k + n)
