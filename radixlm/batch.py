@@ -32,7 +32,11 @@ class ForwardBatch:
 
     Attributes:
         mode: EXTEND (any number of new tokens per sequence, causal over prefix + new) or
-            DECODE (exactly one new token per sequence).
+            DECODE (one attention row per new token). A sequence that brings k > 1 tokens to a
+            DECODE batch (jump-forward) becomes k rows, row j seeing the sequence up to its own
+            token, so the batch still runs the decode kernels (and a CUDA graph); the batch's
+            per-row fields (``seq_lens``, ``extend_lens``, ``kv_indptr``, ``kv_indices``,
+            ``qo_indptr`` and the host copies) then count those rows, not sequences.
         input_ids: [T] int64 new tokens, sequences concatenated.
         positions: [T] int64 absolute position of each new token in its sequence.
         out_cache_loc: [T] int64 pool slot where each new token's K/V is stored.
@@ -97,6 +101,7 @@ class ForwardBatch:
             logits_rows: per sequence, which of its new tokens (0-based within the sequence's
                 new tokens) need logits; default: the last one.
             mode: forced mode; default DECODE when every sequence brings exactly one token.
+                DECODE with multi-token sequences splits them into one row per token.
             device: where the tensors live.
 
         Returns:
@@ -116,6 +121,14 @@ class ForwardBatch:
         # A new token's slot sits at its position within its sequence's run of slots.
         out_loc = all_slots[kv_indptr[:-1].repeat(ext) + positions]
         input_ids = np.fromiter(itertools.chain.from_iterable(new_tokens), np.int64, len(positions))
+        logits_indices = _logits_indices(logits_rows, qo_indptr)
+        if mode is ForwardMode.DECODE and len(positions) != len(ext):
+            # One row per token; the token order, and so every per-token array, is unchanged.
+            all_slots, kv_indptr = _token_row_slots(all_slots, kv_indptr, ext, positions)
+            lens = positions + 1
+            ext = np.ones_like(lens)
+            qo_indptr = _offsets(ext)
+            seq_lens, extend_lens = lens.tolist(), [1] * len(lens)
         return cls(
             mode=mode,
             input_ids=_to_device(input_ids, device),
@@ -126,10 +139,21 @@ class ForwardBatch:
             qo_indptr=_to_device(qo_indptr.astype(np.int32), device),
             kv_indptr=_to_device(kv_indptr.astype(np.int32), device),
             kv_indices=_to_device(all_slots, device),
-            logits_indices=_to_device(_logits_indices(logits_rows, qo_indptr), device),
+            logits_indices=_to_device(logits_indices, device),
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
         )
+
+
+def _token_row_slots(all_slots: np.ndarray, kv_indptr: np.ndarray, ext: np.ndarray,
+                     positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """kv_indices and kv_indptr of one decode row per new token: the row of a token at position
+    p lists its sequence's first p + 1 slots (so a sequence's prefix appears once per row)."""
+    row_lens = positions + 1
+    row_indptr = _offsets(row_lens)
+    seq_start = kv_indptr[:-1].repeat(ext)  # where each row's sequence starts in all_slots
+    within = np.arange(row_indptr[-1], dtype=np.int64) - row_indptr[:-1].repeat(row_lens)
+    return all_slots[seq_start.repeat(row_lens) + within], row_indptr
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

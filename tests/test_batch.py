@@ -80,3 +80,25 @@ def test_empty_batch():
     built = ForwardBatch.build([], [])
     assert built.batch_size == 0 and built.num_tokens == 0
     assert built.kv_indptr.tolist() == [0] and built.kv_indices.numel() == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=ragged_batches())
+def test_decode_mode_gives_each_new_token_a_row(batch):
+    """DECODE with multi-token sequences: per-token arrays as in EXTEND, and row j of a
+    sequence with p cached tokens lists that sequence's first p + j + 1 slots."""
+    new_tokens, seq_slots, logits_rows = batch
+    built = ForwardBatch.build(new_tokens, seq_slots, logits_rows=logits_rows,
+                               mode=ForwardMode.DECODE)
+    ref = reference(new_tokens, seq_slots, logits_rows)
+    for name in ("input_ids", "positions", "out_cache_loc", "logits_indices"):
+        assert getattr(built, name).tolist() == ref[name][0], name
+    row_slots = [list(slots[: len(slots) - len(toks) + j + 1])
+                 for toks, slots in zip(new_tokens, seq_slots) for j in range(len(toks))]
+    kv_indptr = built.kv_indptr.tolist()
+    assert built.kv_indices.tolist() == [s for row in row_slots for s in row]
+    assert [b - a for a, b in zip(kv_indptr, kv_indptr[1:])] == [len(r) for r in row_slots]
+    assert built.seq_lens.tolist() == built.seq_lens_cpu == [len(r) for r in row_slots]
+    assert built.extend_lens_cpu == [1] * len(row_slots)
+    assert built.qo_indptr.tolist() == list(range(len(row_slots) + 1))
+    assert built.batch_size == built.num_tokens == len(row_slots)

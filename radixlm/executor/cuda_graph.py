@@ -112,4 +112,8 @@ class DecodeGraphRunner:
         if bucket > bs:
             self._reset_padding(bs, total)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:bs]
+        logits = self.outputs[bucket][:bs]
+        if batch.logits_indices.shape[0] != bs:
+            # Rows of a jump-forward sequence (one per spliced token) want only the last logits.
+            logits = logits.index_select(0, batch.logits_indices)
+        return logits

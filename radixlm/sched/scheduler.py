@@ -15,9 +15,10 @@ Constrained rows do not hold the next batch back: the batch's mask rows are assi
 scheduled and filled (:meth:`Scheduler.fill_bitmask`) after it is launched and the step before
 it is processed. A request whose grammar forces text samples one more token, sits out the step
 scheduled before that token is processed, then gets the forced text spliced in
-(:mod:`radixlm.sched.grammar_state`). Its next decode row then feeds all the spliced tokens;
-a decode batch with such rows runs as an EXTEND, so jump-forward never costs a prefill step of
-its own.
+(:mod:`radixlm.sched.grammar_state`). Its next decode row then feeds all the spliced tokens.
+The batch stays a DECODE (the executor gives each spliced token a decode row of its own, see
+:class:`radixlm.batch.ForwardBatch`), so jump-forward costs neither a prefill step nor the CUDA
+graph; only a splice longer than ``MAX_DECODE_SPLICE_TOKENS`` makes the batch an EXTEND.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from radixlm.sched.telemetry import Telemetry
 # A request deferred because it shares this many uncached tokens with a request already in the
 # batch waits one step and then hits the cache instead of recomputing the shared part.
 MIN_SHARED_TO_DEFER = 32
+# Longest jump-forward splice a DECODE batch carries: each spliced token becomes a decode row
+# that re-reads its sequence's K/V, which stays cheaper than an eager EXTEND step up to here.
+MAX_DECODE_SPLICE_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -377,8 +381,9 @@ class Scheduler:
     def _schedule_decode(self, future_rows: dict[str, tuple[int, int, int]]
                          ) -> ScheduledBatch | None:
         """One row per decoder: the newest token, a placeholder for the in-flight one, or
-        (after a jump-forward splice) every token not computed yet, which makes the batch an
-        EXTEND whose rows all decode (so no separate prefill step and no drain)."""
+        (after a jump-forward splice) every token not computed yet. A DECODE batch either way
+        (no separate prefill step, no drain), unless a splice is too long to run as decode rows
+        (see the module docstring)."""
         decoders = self._retract_until_fits(future_rows)
         spliced = [r for r in decoders if self._new_token_count(r, future_rows) > 1]
         for req in spliced:
@@ -390,7 +395,8 @@ class Scheduler:
         rows = [self._decode_row(req, self._in_flight_row(req, future_rows)) for req in decoders]
         if not rows:
             return None
-        mode = ForwardMode.EXTEND if spliced else ForwardMode.DECODE
+        longest = max((len(row.new_tokens) for row in rows), default=1)
+        mode = ForwardMode.EXTEND if longest > MAX_DECODE_SPLICE_TOKENS else ForwardMode.DECODE
         return ScheduledBatch(mode, rows)
 
     def _new_token_count(self, req: Request, future_rows: dict[str, tuple[int, int, int]]

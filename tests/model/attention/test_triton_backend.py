@@ -153,3 +153,26 @@ def test_gpu_decode_replays_in_a_cuda_graph_for_other_lengths():
     graph.replay()
     ref = TorchAttentionBackend().decode(q, 0, new, pool, 0.25)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_spliced_tokens_as_decode_rows_match_an_extend():
+    """A DECODE batch whose sequences bring several tokens (jump-forward) runs them as one
+    decode row each: the Triton decode kernel's output equals torch's EXTEND of the same tokens,
+    and both pools end up holding the same K/V."""
+    gen = torch.Generator().manual_seed(11)
+    pools = [make_pool("cpu"), make_pool("cpu")]
+    backends = [TritonAttentionBackend("cpu"), TorchAttentionBackend()]
+    prompt_lens, splice = [9, 4, 13], [3, 1, 5]
+    slots = shuffled_slots([p + s for p, s in zip(prompt_lens, splice)], pools[0], gen)
+    prefill = [s[:p] for s, p in zip(slots, prompt_lens)]
+    assert_same_step(([[1] * p for p in prompt_lens], prefill), pools, backends, seed=1)
+    tokens = [[1] * n for n in splice]
+    decode_rows = ForwardBatch.build(tokens, slots, mode=ForwardMode.DECODE)
+    extend = ForwardBatch.build(tokens, slots, mode=ForwardMode.EXTEND)
+    assert decode_rows.batch_size == sum(splice) and decode_rows.extend_lens_cpu == [1] * 9
+    ours = run_layers(backends[0], decode_rows, pools[0], torch.Generator().manual_seed(2))
+    ref = run_layers(backends[1], extend, pools[1], torch.Generator().manual_seed(2))
+    for o, r in zip(ours, ref):
+        assert ((o - r).norm() / r.norm()).item() < 1e-5
+    for layer in range(pools[0].num_layers):
+        assert torch.equal(pools[0].k(layer), pools[1].k(layer))
