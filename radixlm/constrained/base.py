@@ -61,6 +61,20 @@ class GrammarMatcher(ABC):
 
     vocab_size: int
     retokenizer: Retokenizer
+    # True where fill_bitmasks computes a batch's masks in parallel itself (the caller then
+    # hands it the whole batch at once instead of spreading rows over its own threads).
+    fills_batches_in_parallel = False
+
+    @classmethod
+    def fill_bitmasks(cls, bitmask: torch.Tensor, rows: list[tuple[int, GrammarMatcher]]) -> None:
+        """Fill several rows of ``bitmask``, each from its matcher (all of this class).
+
+        Args:
+            bitmask: int32 [B, W] contiguous CPU tensor (see :meth:`fill_bitmask`).
+            rows: (row, matcher) pairs.
+        """
+        for row, matcher in rows:
+            matcher.fill_bitmask(bitmask, row)
 
     @abstractmethod
     def accept_token(self, token_id: int) -> bool:

@@ -188,8 +188,42 @@ class LLGuidanceGrammar(Grammar):
         return LLGuidanceMatcher(self, self._template.deep_copy())
 
 
+_EXECUTOR = None
+
+
+def _executor() -> Any:
+    """The process's llguidance executor: a Rust thread pool that computes a batch's masks in
+    parallel without the GIL (made on first use; shared by every scheduler in the process)."""
+    global _EXECUTOR
+    with _LL_LOCK:
+        if _EXECUTOR is None:
+            from llguidance import LLExecutor
+
+            _EXECUTOR = LLExecutor()
+        return _EXECUTOR
+
+
 class LLGuidanceMatcher(GrammarMatcher):
     """Per-request llguidance matcher with radixlm's accept/EOS/rollback semantics."""
+
+    fills_batches_in_parallel = True
+
+    @classmethod
+    def fill_bitmasks(cls, bitmask: torch.Tensor, rows: list[tuple[int, GrammarMatcher]]) -> None:
+        """One call into llguidance for the whole batch (its executor spreads the rows over
+        its threads); rows whose grammar already ended get the EOS-only mask."""
+        if bitmask.device.type != "cpu" or not bitmask.is_contiguous():
+            raise ValueError("fill_bitmasks needs a contiguous CPU int32 bitmask")
+        live = []
+        for row, matcher in rows:
+            if matcher._ended:
+                matcher.fill_bitmask(bitmask, row)
+            else:
+                live.append((matcher._matcher, row))
+        if live:
+            words = bitmask.shape[1]
+            _executor().unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4,
+                                                bitmask.shape[0])  # fmt: skip
 
     def __init__(self, grammar: LLGuidanceGrammar, matcher: Any):
         self.grammar = grammar

@@ -1,8 +1,8 @@
 """Scheduler-side constrained decoding: compile off the loop, fill masks, advance matchers.
 
 Masks are filled after a step is launched, while the device runs its forward pass (see
-:mod:`radixlm.engine.overlap`), over a small thread pool: llguidance computes a mask without
-holding the GIL, so the rows of a batch are filled in parallel.
+:mod:`radixlm.engine.overlap`): llguidance takes the whole batch in one call and computes the
+rows on its own threads without the GIL; other backends' rows are spread over a small pool.
 
 Jump-forward waits one token: when the grammar forces text after a token, the request first
 samples the next token itself under the mask (so the boundary between what it wrote and the
@@ -86,12 +86,19 @@ class GrammarState:
             rows: (mask row, matcher); a None matcher (the row's result will be dropped: its
                 request finished or was retracted after the batch was scheduled) allows all.
         """
-        live = []
+        by_kind: dict[type, list] = {}
         for row, matcher in rows:
             if matcher is None:
                 bitmask[row].fill_(-1)
             else:
-                live.append((row, matcher))
+                by_kind.setdefault(type(matcher), []).append((row, matcher))
+        for kind, live in by_kind.items():
+            if kind.fills_batches_in_parallel:
+                kind.fill_bitmasks(bitmask, live)
+            else:
+                self._fill_over_threads(bitmask, live)
+
+    def _fill_over_threads(self, bitmask: torch.Tensor, live: list[tuple[int, object]]) -> None:
         threads = min(self.mask_threads, len(live) // MIN_ROWS_PER_THREAD)
         if threads <= 1:
             _fill_rows(bitmask, live)

@@ -194,3 +194,31 @@ def test_undeclared_key_cannot_reuse_a_declared_name(compiler3, compiler2, llama
         assert not (feed(bad, tok, '{"a": "s"}') and bad.is_complete())
         late = grammar.matcher()
         assert not (feed(late, tok, '{"b": 1, "a": 2}') and late.is_complete())
+
+
+def test_batched_mask_fill_equals_row_by_row(llg3, compiler3, llama3, feed):
+    """``fill_bitmasks`` (llguidance: one executor call for the batch) writes exactly what
+    ``fill_bitmask`` writes row by row, for matchers in different states, an ended one
+    included, and leaves the rows it is not given alone."""
+    grammar = llg3.compile_json_schema(PERSON)
+    prefixes = ["", '{"name": "A', '{"name": "Ann", "age": 1', '{"name": "Ann", "age": 7}']
+    matchers = []
+    for text in prefixes * 3:
+        matcher = grammar.matcher()
+        assert feed(matcher, llama3, text) if text else True
+        matchers.append(matcher)
+    assert matchers[3].accept_token(_eos(llg3)) and matchers[3].is_terminated()
+    words = -(-grammar.vocab_size // 32)
+    rows = [(2 * i + 1, m) for i, m in enumerate(matchers)]  # every other row
+    batched = torch.full((2 * len(matchers) + 1, words), 7, dtype=torch.int32)
+    type(matchers[0]).fill_bitmasks(batched, rows)
+    one_by_one = torch.full_like(batched, 7)
+    for row, matcher in rows:
+        matcher.fill_bitmask(one_by_one, row)
+    assert torch.equal(batched, one_by_one)
+    assert (batched[0::2] == 7).all()
+    # the default implementation (outlines) is the row loop itself
+    outlines = compiler3.compile_json_schema(PERSON).matcher()
+    mask = torch.zeros((1, -(-outlines.vocab_size // 32)), dtype=torch.int32)
+    type(outlines).fill_bitmasks(mask, [(0, outlines)])
+    assert mask.any()
