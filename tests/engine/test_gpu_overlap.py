@@ -28,10 +28,10 @@ def model_path(tmp_path_factory):
     return random_model_dir("llama3-1b", cache_dir=tmp_path_factory.mktemp("m"), device="cuda")
 
 
-def make_core(path, overlap: bool, dtype: str = "bfloat16") -> EngineCore:
+def make_core(path, overlap: bool, dtype: str = "bfloat16", graphs: int = 16) -> EngineCore:
     return EngineCore(EngineConfig.from_kwargs(
         model=str(path), dtype=dtype, device="cuda", kv_cache_tokens=32768,
-        enable_overlap=overlap, cuda_graph_max_batch_size=16), progress=False)
+        enable_overlap=overlap, cuda_graph_max_batch_size=graphs), progress=False)
 
 
 def run_greedy(core: EngineCore, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -152,3 +152,27 @@ def test_constrained_overlap_on_and_off_give_the_same_greedy_tokens(model_path, 
     torch.cuda.empty_cache()
     overlapped = make_core(model_path, overlap=True, dtype="float32")
     assert run_constrained(overlapped, prompts) == expected
+
+
+def test_spliced_decode_rows_replay_in_cuda_graphs_with_eager_tokens(model_path, real_tokenizer):
+    """Jump-forward splices ride in decode batches as one row per spliced token, so those steps
+    replay the decode graphs (and gather the sampling rows' logits): float32 greedy tokens
+    equal a run without graphs, and the graphs did replay splice-carrying steps."""
+    eager = make_core(model_path, overlap=True, dtype="float32", graphs=0)
+    prompts = prompts_for(eager, (9, 33, 120, 250, 7, 64, 15, 80))
+    expected = run_constrained(eager, prompts)
+    del eager
+    torch.cuda.empty_cache()
+    graphed = make_core(model_path, overlap=True, dtype="float32", graphs=32)
+    run = graphed.runner.graphs.run
+    spliced = []
+
+    def counting_run(batch):
+        if batch.logits_indices.shape[0] != batch.batch_size:
+            spliced.append(batch.batch_size)
+        return run(batch)
+
+    graphed.runner.graphs.run = counting_run
+    assert run_constrained(graphed, prompts) == expected
+    assert spliced, "no splice-carrying decode step replayed a graph"
+    graphed.check_invariants()
