@@ -179,6 +179,8 @@ def fp8_linear(
     if not fp8_gemm_supported(x.device):
         # Emulate the GPU path of this row count: W8A16 for small M, W8A8 above.
         out = fp8_linear_reference(x2, weight, weight_scale, bias, not small, dequantized)
+    elif (choice := _tuned(x2, weight)) is not None:
+        out = run_fp8_choice(choice, x2, weight, weight_scale, bias)
     elif x2.shape[0] <= config.gemv_max_m:
         from radixlm.model.layers.gemv_triton import gemv
 
@@ -193,6 +195,43 @@ def fp8_linear(
     else:
         out = _scaled_mm_linear(x2, weight, weight_scale, bias)
     return out.reshape(*lead, weight.shape[0])
+
+
+def _tuned(x: torch.Tensor, weight: torch.Tensor):
+    """The tuned plan's kernel for this GPU, shape and row count (few rows only), or None."""
+    from radixlm.model.layers.tuned import MAX_TUNED_M, tuned_choice
+
+    if x.shape[0] > MAX_TUNED_M:
+        return None
+    return tuned_choice(x.device, "fp8", weight.shape[0], weight.shape[1], x.shape[0])
+
+
+def run_fp8_choice(choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequant(weight).T + bias`` through the kernel a tuned plan chose.
+
+    Args:
+        choice: a ``radixlm.model.layers.tuned.KernelChoice``.
+        x: [M, K] activations.
+        weight: [N, K] FP8 weight.
+        weight_scale: [N] float32 per-channel scales.
+        bias: optional [N] bias.
+
+    Returns:
+        [M, N] in ``x``'s dtype.
+    """
+    if choice.kernel == "gemv":
+        from radixlm.model.layers.gemv_triton import GemvTile, gemv
+
+        tile = GemvTile(choice.block_n, choice.block_k, choice.num_warps, choice.widen)
+        return gemv(x, weight, weight_scale, bias, tile)
+    if choice.kernel in ("dot", "dot_f16"):
+        from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
+
+        operands = "float16" if choice.kernel == "dot_f16" else "input"
+        return fp8_small_m_gemm(x, weight, weight_scale, bias, choice.block_n, choice.block_k,
+                                operands)  # fmt: skip
+    return _scaled_mm_linear(x, weight, weight_scale, bias)
 
 
 def _scaled_mm_linear(

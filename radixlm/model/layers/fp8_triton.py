@@ -105,7 +105,7 @@ def _small_m_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    UPCAST: tl.constexpr,
+    OPERANDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -120,10 +120,12 @@ def _small_m_gemm_kernel(
         k_ok = k0 + ks < K
         x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
+        if OPERANDS == 0:  # float32 (exact products; the interpreter and float32 models)
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
+        elif OPERANDS == 1:  # the activation's dtype
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        else:  # float16: e4m3 -> f16 is one conversion per pair (bf16 goes through f32)
+            acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
     scale = tl.load(WS + cols, mask=col_ok, other=0.0)
     acc = acc * scale[None, :]
     if HAS_BIAS:
@@ -142,6 +144,7 @@ def fp8_small_m_gemm(
     bias: torch.Tensor | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    operands: str = "input",
 ) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None]).T + bias`` for few rows (W8A16, fp32 accumulation).
 
@@ -152,6 +155,9 @@ def fp8_small_m_gemm(
         bias: optional [N] bias.
         block_n: output channels per program (default by device).
         block_k: K step (default by device).
+        operands: what the tensor cores multiply: ``"input"`` (the activation's dtype) or
+            ``"float16"`` (the activation rounded to fp16: cheaper to widen FP8 to, but only for
+            activations within fp16's range, 65504). Under the interpreter: float32 always.
 
     Returns:
         [M, N] in ``x``'s dtype.
@@ -180,7 +186,8 @@ def fp8_small_m_gemm(
         x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
         BLOCK_M=max(16, next_pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
         NUM_STAGES=1 if interpreted else 4,
-        UPCAST=interpreted or x.dtype == torch.float32,
+        OPERANDS=0 if interpreted or x.dtype == torch.float32 else (
+            2 if operands == "float16" else 1),
         num_warps=4,
     )  # fmt: skip
     return out

@@ -35,13 +35,21 @@ from radixlm.model.attention.triton_kernels._dispatch import (
 GEMV_MAX_M = 8
 
 
+# An e4m3 byte's magnitude bits moved into a float32's exponent/mantissa fields give the value
+# times 2^-120 (bias 7 against 127), subnormals included; the factor goes into the scale.
+_E4M3_BITS_FACTOR = 2.0**120
+
+
 @dataclass(frozen=True)
 class GemvTile:
-    """One launch shape: output channels per program, K slice per iteration, warps."""
+    """One launch shape: output channels per program, K slice per iteration, warps, and how
+    FP8 weights are widened: ``"cvt"`` (the hardware conversion, through fp16) or ``"bits"``
+    (integer shifts into a float32, which keeps the conversion off the slower convert unit)."""
 
     block_n: int
     block_k: int
     num_warps: int
+    widen: str = "cvt"
 
 
 def default_tile(m: int, n: int, k: int, weight_bytes: int) -> GemvTile:
@@ -79,6 +87,8 @@ def _gemv_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN: tl.constexpr,
+    BITS: tl.constexpr,
+    SCALE_MUL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -100,10 +110,15 @@ def _gemv_kernel(
             k_ok = k0 + ks < K
             w = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if BITS:  # W holds e4m3 bytes as int8: sign to bit 31, magnitude to bits 20-26
+            wi = w.to(tl.int32)
+            wf = ((wi << 20) & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000
+        else:
+            wf = w.to(tl.float32)
+        acc += x.to(tl.float32)[:, None, :] * wf[None, :, :]
     out = tl.reduce(acc, 2, tl.standard._sum_combine)
     if HAS_SCALE:
-        out = out * tl.load(WS + cols, mask=col_ok, other=0.0)[None, :]
+        out = out * (tl.load(WS + cols, mask=col_ok, other=0.0) * SCALE_MUL)[None, :]
     if HAS_BIAS:
         out += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     o_ptrs = Out + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
@@ -153,11 +168,15 @@ def gemv(
                             num_warps=1)  # fmt: skip
     block_k = min(tile.block_k, max(16, next_pow2(k)))
     even = n % tile.block_n == 0 and k % block_k == 0
+    bits = tile.widen == "bits" and weight.element_size() == 1
+    if bits:
+        weight = weight.view(torch.int8)
     GEMV_KERNEL.on(x.device)[(triton.cdiv(n, tile.block_n),)](
         x, weight, weight_scale if weight_scale is not None else x,
         bias if bias is not None else x, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
-        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, EVEN=even,
+        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, EVEN=even, BITS=bits,
+        SCALE_MUL=_E4M3_BITS_FACTOR if bits else 1.0,
         BLOCK_M=next_pow2(m), BLOCK_N=tile.block_n, BLOCK_K=block_k, num_warps=tile.num_warps,
     )  # fmt: skip
     return out

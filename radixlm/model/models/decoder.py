@@ -16,6 +16,7 @@ from radixlm.kvcache.pool import KVPool
 from radixlm.model.arch import ModelArch
 from radixlm.model.attention.base import AttentionBackend
 from radixlm.model.layers.activation import silu_and_mul
+from radixlm.model.layers.linear import apply_linear
 from radixlm.model.layers.norm import RMSNorm
 from radixlm.model.layers.rotary import RotaryEmbedding
 from radixlm.model.parallel import (
@@ -71,7 +72,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; writes this layer's new K/V into the pool."""
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v = apply_linear(self.qkv_proj, x).split(self.split_sizes, dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
@@ -79,7 +80,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._rotary[0](batch.positions, q, k)
         out = attn.forward(q, k, v, self.layer_id, batch, pool, self.scale)
-        return self.o_proj(out.reshape(tokens, -1))
+        return apply_linear(self.o_proj, out.reshape(tokens, -1))
 
 
 class MLP(nn.Module):
@@ -95,7 +96,7 @@ class MLP(nn.Module):
         self.down_proj = row_parallel_linear(size, arch.hidden_size, arch.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return apply_linear(self.down_proj, silu_and_mul(apply_linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.bench.fp8_gemm import DEFAULT_GEMV_TILES, parse_tile
+from radixlm.bench.fp8_gemm import DEFAULT_BF16_GEMV_TILES, DEFAULT_FP8_GEMV_TILES, parse_gemv_tile
 from radixlm.model.layers.fp8 import Fp8LinearConfig, fp8_linear, quantize_rows
 from radixlm.model.layers.gemv_triton import GEMV_MAX_M, GemvTile, default_tile, gemv
 
@@ -19,6 +19,13 @@ def f64_reference(x, w, scale=None, bias=None) -> torch.Tensor:
     wd = w.double() if scale is None else w.double() * scale.double()[:, None]
     out = x.double() @ wd.t()
     return out if bias is None else out + bias.double()
+
+
+def as_tile(text: str | None) -> GemvTile | None:
+    if text is None:
+        return None
+    c = parse_gemv_tile(text)
+    return GemvTile(c.block_n, c.block_k, c.num_warps, c.widen)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -36,6 +43,20 @@ def test_fp8_weight_under_the_interpreter(m, n, k):
     assert out.shape == (m, n) and out.dtype == torch.float32
     # float32 accumulation of exactly widened FP8 values: only summation-order differences
     assert rel_err(out, f64_reference(x, w_fp8, scale, bias)) < 1e-6
+
+
+@pytest.mark.parametrize("widen", ["cvt", "bits"])
+def test_both_fp8_widenings_are_exact_under_the_interpreter(widen):
+    """``bits`` moves e4m3 bit fields into float32s (scale times 2^120): exact, zeros,
+    negative zeros and subnormals included."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 96, generator=gen) * 0.05
+    w[0, :5] = torch.tensor([1e-9, -1e-9, 0.0, -0.0, 3e-6])  # e4m3 subnormals and zeros
+    w_fp8, scale = quantize_rows(w)
+    scale = scale.view(-1).contiguous()
+    x = torch.randn(3, 96, generator=gen)
+    out = gemv(x, w_fp8, scale, tile=GemvTile(4, 32, 1, widen))
+    assert rel_err(out, f64_reference(x, w_fp8, scale)) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -85,10 +106,10 @@ def test_gpu_gemv_every_benchmarked_tile(m, k, n):
     x = torch.randn(m, k, generator=gen).cuda().bfloat16()
     ref_fp8 = f64_reference(x, w_fp8, scale)
     ref_bf16 = f64_reference(x, w_bf16)
-    for text in DEFAULT_GEMV_TILES + [None]:
-        tile = parse_tile(text) if text else None
-        assert rel_err(gemv(x, w_fp8, scale, tile=tile), ref_fp8) < 4e-3, text
-        assert rel_err(gemv(x, w_bf16, tile=tile), ref_bf16) < 4e-3, text
+    for text in DEFAULT_FP8_GEMV_TILES + [None]:
+        assert rel_err(gemv(x, w_fp8, scale, tile=as_tile(text)), ref_fp8) < 4e-3, text
+    for text in DEFAULT_BF16_GEMV_TILES + [None]:
+        assert rel_err(gemv(x, w_bf16, tile=as_tile(text)), ref_bf16) < 4e-3, text
 
 
 @pytest.mark.gpu
