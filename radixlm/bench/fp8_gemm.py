@@ -8,8 +8,9 @@ timed with CUDA events):
   (:mod:`radixlm.model.layers.gemv_triton`) at each ``--bf16-gemv-tiles`` tile;
 - FP8 weight: ``scaled_mm`` (per-token activation quantization + ``torch._scaled_mm``, the
   path above 16 rows), the tensor-core small-M kernel (``dot`` on the activation's dtype,
-  ``dot_f16`` on fp16) at each ``--dot-tiles`` tile, and for M <= 8 the GEMV at each
-  ``--fp8-gemv-tiles`` tile (``widen`` ``cvt`` or ``bits``).
+  ``dot_f16`` on fp16, ``dot_fp8`` on the activation quantized to FP8) at each
+  ``--dot-tiles`` tile, and for M <= 8 the GEMV at each ``--fp8-gemv-tiles`` tile
+  (``widen`` ``cvt`` or ``bits``).
 
 Beside each winner: the weight bytes it must read over the measured HBM bandwidth (a step at
 small M is bound by them), as ``% roof``. With ``--tune-out FILE`` the winners for M <= 16 go
@@ -191,7 +192,11 @@ def measure(
     bf16 = [KernelChoice("cublas")]
     fp8 = [KernelChoice("scaled_mm")]
     if m <= MAX_TUNED_M:
-        fp8 += [parse_dot_tile(t, kind) for kind in ("dot", "dot_f16") for t in args.dot_tiles]
+        fp8 += [
+            parse_dot_tile(t, kind)
+            for kind in ("dot", "dot_f16", "dot_fp8")
+            for t in args.dot_tiles
+        ]
     if m <= GEMV_LIMIT:
         bf16 += [parse_gemv_tile(t) for t in args.bf16_gemv_tiles]
         fp8 += [parse_gemv_tile(t) for t in args.fp8_gemv_tiles]
@@ -220,13 +225,15 @@ def measure(
 
 
 def tuned_plan(
-    results: list[tuple[dict, KernelChoice, KernelChoice | None]], device: str
+    results: list[tuple[dict, KernelChoice, KernelChoice | None]],
+    device: str,
+    argv: list[str] = (),
 ) -> dict[str, Any]:
     """The winners at M <= 16 in the layout of :mod:`radixlm.model.layers.tuned`."""
     plan: dict[str, Any] = {
         "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "radixlm bench fp8-gemm " + shlex.join(sys.argv[1:]),
+        "command": "radixlm bench fp8-gemm " + shlex.join(argv),
         "fp8": {}, "bf16": {},
     }  # fmt: skip
     for row, best_bf16, best_fp8 in results:
@@ -266,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune_out:
         path = Path(args.tune_out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        plan = tuned_plan(results, torch.cuda.get_device_name())
+        given = sys.argv[1:] if argv is None else argv
+        plan = tuned_plan(
+            results,
+            torch.cuda.get_device_name(),
+            given[given.index("fp8-gemm") + 1 :] if "fp8-gemm" in given else given,
+        )
         path.write_text(json.dumps(plan, indent=1) + "\n")
         print(f"tuned plan written to {path}")
     return 0

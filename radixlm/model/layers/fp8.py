@@ -225,10 +225,10 @@ def run_fp8_choice(choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: 
 
         tile = GemvTile(choice.block_n, choice.block_k, choice.num_warps, choice.widen)
         return gemv(x, weight, weight_scale, bias, tile)
-    if choice.kernel in ("dot", "dot_f16"):
+    if choice.kernel in ("dot", "dot_f16", "dot_fp8"):
         from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
 
-        operands = "float16" if choice.kernel == "dot_f16" else "input"
+        operands = {"dot": "input", "dot_f16": "float16", "dot_fp8": "fp8"}[choice.kernel]
         return fp8_small_m_gemm(x, weight, weight_scale, bias, choice.block_n, choice.block_k,
                                 operands)  # fmt: skip
     return _scaled_mm_linear(x, weight, weight_scale, bias)

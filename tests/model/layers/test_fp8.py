@@ -134,6 +134,19 @@ def test_small_m_gemm_under_the_interpreter(m, n, k, dtype):
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("operands", ["input", "float16", "fp8"])
+def test_small_m_gemm_operand_modes_under_the_interpreter(operands):
+    """Every operand mode computes the same product; "fp8" rounds the activation through
+    per-row FP8 first (the _scaled_mm arithmetic), the others keep it exact."""
+    gen = torch.Generator().manual_seed(5)
+    w_fp8, w_scale = quantize_rows(torch.randn(24, 64, generator=gen) * 0.02)
+    x = torch.randn(3, 64, generator=gen)
+    bias = torch.randn(24, generator=gen)
+    out = fp8_small_m_gemm(x, w_fp8, w_scale.view(-1), bias, operands=operands)
+    ref = f64_product(x, w_fp8, w_scale.view(-1), bias, quantize_input=operands == "fp8")
+    assert rel_err(out, ref) < 1e-6
+
+
 def test_small_m_gemm_refuses_large_m():
     w_fp8, w_scale = quantize_rows(torch.randn(16, 16))
     with pytest.raises(ValueError, match="at most 64 rows"):
@@ -337,6 +350,20 @@ def test_gpu_fp8_linear_matches_the_reference(m, k, n):
     # bf16 output rounding (2^-9) plus, on the _scaled_mm path, rare one-step activation
     # rounding differences of the GPU's division.
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("operands", ["input", "float16", "fp8"])
+@pytest.mark.parametrize(("k", "n"), LLAMA3_8B_PROJECTIONS)
+def test_gpu_small_m_gemm_operand_modes(operands, k, n):
+    gen = torch.Generator().manual_seed(k + n)
+    w_fp8, w_scale = quantize_rows((torch.randn(n, k, generator=gen) * 0.02).cuda())
+    w_scale = w_scale.view(-1).contiguous()
+    x = torch.randn(4, k, generator=gen).cuda().bfloat16()
+    for block_n, block_k in ((16, 256), (32, 256)):
+        out = fp8_small_m_gemm(x, w_fp8, w_scale, None, block_n, block_k, operands)
+        ref = f64_product(x.float(), w_fp8, w_scale, quantize_input=operands == "fp8").cpu()
+        assert rel_err(out, ref) < 1e-2, (block_n, block_k)
 
 
 @pytest.mark.gpu
