@@ -20,6 +20,9 @@ from typing import Any
 from radixlm.constrained.vocab import TokenVocab
 
 _PREFIXES = (b"\n", b" \n")
+# Splices memoized per retokenizer: a schema forces the same few texts after the same few
+# tokens in every request, and re-deriving one costs a tokenizer call and vocabulary searches.
+_SPLICE_CACHE_SIZE = 4096
 
 
 class Retokenizer:
@@ -35,6 +38,7 @@ class Retokenizer:
         self.vocab = vocab
         self._sorted_spellings: list[bytes] | None = None
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._splices: dict[tuple[str, int | None], tuple[tuple[int, tuple[int, ...]], ...]] = {}
 
     def encode(self, text: str) -> list[int] | None:
         """Token ids spelling exactly ``text``, the way the tokenizer splits it where possible.
@@ -61,8 +65,20 @@ class Retokenizer:
         end at a safe token boundary (:meth:`heal`); candidates left with nothing to append
         are dropped.
         """
+        key = (forced, last_token_id if accepted > 0 else None)
+        found = self._splices.get(key)
+        if found is None:
+            found = tuple((rollback, tuple(ids)) for rollback, ids in self._splice_candidates(*key))
+            if len(self._splices) >= _SPLICE_CACHE_SIZE:
+                self._splices.clear()
+            self._splices[key] = found
+        return [(rollback, list(ids)) for rollback, ids in found]
+
+    def _splice_candidates(
+        self, forced: str, last_token_id: int | None
+    ) -> list[tuple[int, list[int]]]:
         out: list[tuple[int, list[int]]] = []
-        last = self._token_bytes(last_token_id) if accepted > 0 else None
+        last = self._token_bytes(last_token_id)
         if last:
             combined = last + forced.encode("utf-8")
             try:

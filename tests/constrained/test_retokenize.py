@@ -142,3 +142,17 @@ def test_heal_backs_off_a_token_that_a_longer_one_extends(which, request):
     full = retok.encode('{"colours": ["red"]}')
     assert healed == full[: len(healed)]
     assert retok.vocab.decode_bytes(healed) == b'{"colours":'
+
+
+def test_memoized_splices_equal_fresh_ones_and_stay_unchanged(llg3, llama3):
+    """splice_candidates answers from its memo after the first call: the same candidates a
+    fresh derivation gives, and a caller mutating its copy does not reach the memo."""
+    retok = llg3.info.retokenizer
+    last = llama3.encode(" Ann", add_special_tokens=False)[-1]
+    cases = [('", "age": ', last, 3), ('", "age": ', last, 0), (', "tags": [', None, 0)]
+    for forced, token, accepted in cases:
+        fresh = retok._splice_candidates(forced, token if accepted > 0 else None)
+        first = retok.splice_candidates(forced, token, accepted)
+        assert first == fresh and first
+        first[0][1].append(-1)
+        assert retok.splice_candidates(forced, token, accepted) == fresh
