@@ -132,7 +132,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def fp8_linear_config(args: argparse.Namespace, device: torch.device) -> Fp8LinearConfig | None:
-    """The FP8 layers' path selection the options ask for (None: the layers' default).
+    """The FP8 layers' path selection the options ask for.
+
+    Args:
+        args: the parsed options (``--weight-only``, ``--triton-max-m``).
+        device: where the model runs.
+
+    Returns:
+        The config to give every ``Fp8Linear``, or None to keep the layers' default.
 
     Raises:
         SystemExit: ``--weight-only`` on a device whose FP8 layers do not run the reference path.
