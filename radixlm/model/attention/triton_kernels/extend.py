@@ -228,7 +228,8 @@ def extend_attention(
     group_pad = next_pow2(group)
     if config is None:
         row_blocks = triton.cdiv(max_extend_len, max(1, 128 // group_pad))
-        config = default_extend_config(q.device, batch * num_kv_heads * row_blocks)
+        config = default_extend_config(q.device, batch * num_kv_heads * row_blocks,
+                                       q.element_size())  # fmt: skip
     block_m = max(1, config.block_rows // group_pad)
     grid = (batch, num_kv_heads, triton.cdiv(max_extend_len, block_m))
     EXTEND_KERNEL.on(q.device)[grid](
@@ -256,21 +257,29 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
 WIDE_EXTEND = ExtendConfig(block_rows=128, block_n=128, num_warps=8, num_stages=3)
 NARROW_EXTEND = ExtendConfig(block_rows=128, block_n=64, num_warps=4, num_stages=3)
 CPU_EXTEND = ExtendConfig(block_rows=16, block_n=16, num_warps=1, num_stages=1)
+# float32 tiles take twice the shared memory: at head_dim 128 the 16-bit shapes ask for 257 KB
+# and more against the H200's 227 KB, so float32 runs narrower and less deeply pipelined.
+FLOAT32_EXTEND = ExtendConfig(block_rows=64, block_n=32, num_warps=4, num_stages=2)
 
 
-def default_extend_config(device: torch.device, num_programs: int | None = None) -> ExtendConfig:
+def default_extend_config(
+    device: torch.device, num_programs: int | None = None, element_size: int = 2
+) -> ExtendConfig:
     """Small tiles for the CPU interpreter (fast to emulate); on the GPU, by launch size.
 
     Args:
         device: where the tensors live.
         num_programs: the launch's program count (batch x KV heads x row blocks of 128 rows);
             unknown: assume a large launch.
+        element_size: bytes per query element (4: float32, which needs smaller tiles).
 
     Returns:
         The launch shape.
     """
     if runs_interpreted(device):
         return CPU_EXTEND
+    if element_size >= 4:
+        return FLOAT32_EXTEND
     if num_programs is None:
         return NARROW_EXTEND
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
