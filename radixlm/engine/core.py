@@ -136,7 +136,8 @@ class EngineCore:
         return self.loop.step()
 
     def close(self) -> None:
-        """Stop helper workers (grammar compilation, tensor-parallel ranks)."""
+        """Stop helper workers (grammar compilation, the mask thread, tensor-parallel ranks)."""
+        self.loop.close()
         self.grammar.close()
         self.runner.close()
 

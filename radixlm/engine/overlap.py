@@ -8,12 +8,17 @@ Overlapped (``SchedulerConfig.enable_overlap``), one call does::
                    the tokens step t samples; their K/V slots are already allocated)
     launch(t+1)    queued on the device behind t; placeholders resolved there, no host sync
     process(t)     wait for t's tokens, append them, advance grammars, stop checks, cache, free
-    mask(t+1)      constrained rows only: fill t+1's bitmask from the grammars (which now hold
-                   t's tokens) and queue t+1's masking and sampling behind its forward pass
+    mask(t+1)      constrained rows only: start filling t+1's bitmask from the grammars (which
+                   now hold t's tokens) on a background thread
 
-so the device never waits for the host's scheduling, bookkeeping or grammars: t+1's forward
-pass runs while the host processes t and computes t+1's masks, and the mask goes up pinned and
-non-blocking, ordered on the stream, not by a host sync. A call returns the outputs of step t.
+and the next call, before it launches t+2, waits for that fill and queues t+1's masking and
+sampling behind its forward pass (an unconstrained step queues its sampling at launch). So the
+device never waits for the host's scheduling, bookkeeping or grammars: t+1's forward pass runs
+while the host processes t, computes t+1's masks (llguidance computes them on its own threads
+without the GIL) and, meanwhile, returns t's outputs and schedules t+2; the mask goes up
+pinned and non-blocking, ordered on the stream, not by a host sync. Nothing touches a matcher
+while its mask is being filled: only processing a step's results advances grammars, and a step
+is processed only after its mask is committed. A call returns the outputs of step t.
 Before scheduling, the loop processes step t first ("drains") when the next batch depends on
 t's results on the host (``Scheduler.needs_results_before_next``: t was a prefill, or has
 penalised rows, or the next decode needs a retraction). Requests that finish when t is
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +58,13 @@ class InFlightStep:
 
     batch: ScheduledBatch
     pending: PendingStep
+    # The bitmask fill under way on the loop's mask thread; its sampling is committed once
+    # the fill is done (None: committed already, or nothing to fill).
+    mask_fill: Future | None = None
+    # Why the fill failed: the step then samples unmasked (the step after it may already
+    # read its tokens) and its constrained rows are aborted with this message when it is
+    # processed.
+    mask_error: str | None = None
 
 
 class StepLoop:
@@ -69,6 +82,7 @@ class StepLoop:
         self.overlap = overlap
         self.in_flight: InFlightStep | None = None
         self.steps_launched = 0
+        self._mask_thread: ThreadPoolExecutor | None = None
         # Outputs of a step processed outside step() (a drain for flush_cache), returned next.
         self._held: list[TokenOutput] = []
 
@@ -93,12 +107,17 @@ class StepLoop:
             outputs += self._process(self._take_in_flight())
         previous = self._take_in_flight()
         batch = self.scheduler.schedule(previous.batch if previous is not None else None)
+        if previous is not None and previous.mask_fill is not None:
+            failed = self._finish_mask(previous)  # t+1 samples before t+2's forward is queued
+            if failed:
+                outputs += failed
+                previous = None
         if batch is not None:
             outputs += self._launch(batch, previous)
         if previous is not None:
             outputs += self._process(previous)
         if self.in_flight is not None:
-            outputs += self._commit_mask(self.in_flight)
+            outputs += self._start_mask(self.in_flight)
         if not self.overlap and self.in_flight is not None:
             outputs += self._process(self._take_in_flight())
         outputs += self.scheduler.take_pending_outputs()
@@ -108,6 +127,12 @@ class StepLoop:
         """Process the step in flight, if any; its outputs come with the next ``step()``."""
         if self.in_flight is not None:
             self._held += self._process(self._take_in_flight())
+
+    def close(self) -> None:
+        """Stop the mask thread (the step in flight, if any, is left as it is)."""
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=True)
+            self._mask_thread = None
 
     def _must_drain(self, step: InFlightStep) -> bool:
         return not self.overlap or self.scheduler.needs_results_before_next(step.batch)
@@ -129,21 +154,54 @@ class StepLoop:
         self.steps_launched += 1
         return []
 
-    def _commit_mask(self, step: InFlightStep) -> list[TokenOutput]:
-        """Fill the launched step's bitmask (if it has one) and queue its sampling."""
+    def _start_mask(self, step: InFlightStep) -> list[TokenOutput]:
+        """Queue the launched step's sampling now when it has no bitmask; else start filling
+        the bitmask on the mask thread (the sampling is queued by :meth:`_finish_mask`)."""
+        if step.pending.bitmask is None:
+            return self._commit(step, None)
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="mask-fill")
+        try:  # the matchers are looked up here, on the scheduler's thread
+            job = self.scheduler.bitmask_job(step.batch, step.pending.bitmask)
+        except Exception as exc:  # a failure fails this batch only
+            logger.error("masking failed:\n%s", traceback.format_exc())
+            self.in_flight = None
+            return self._abort_rows(step.batch, f"internal error in the forward pass: {exc}")
+        step.mask_fill = self._mask_thread.submit(job)
+        return []
+
+    def _finish_mask(self, step: InFlightStep) -> list[TokenOutput]:
+        """Wait for the step's bitmask fill and queue its masking and sampling. Returns the
+        aborted rows' outputs if the sampling could not be queued (the step is then dropped),
+        else nothing."""
+        fill, step.mask_fill = step.mask_fill, None
         try:
-            if step.pending.bitmask is not None:
-                self.scheduler.fill_bitmask(step.batch, step.pending.bitmask)
+            fill.result()
+        except Exception as exc:  # a grammar failure fails this step's rows only
+            logger.error("mask filling failed:\n%s", traceback.format_exc())
+            step.mask_error = f"internal error in constrained decoding: {exc}"
+            step.pending.bitmask.fill_(-1)
+        return self._commit(step, None)
+
+    def _commit(self, step: InFlightStep, fill: Future | None) -> list[TokenOutput]:
+        try:
+            if fill is not None:
+                fill.result()
             step.pending.commit_mask()
         except RunnerDeadError:
             raise
         except Exception as exc:  # a grammar or sampling failure fails this batch only
             logger.error("masking or sampling failed:\n%s", traceback.format_exc())
-            self.in_flight = None
+            if self.in_flight is step:
+                self.in_flight = None
             return self._abort_rows(step.batch, f"internal error in the forward pass: {exc}")
         return []
 
     def _process(self, step: InFlightStep) -> list[TokenOutput]:
+        if step.mask_fill is not None:
+            failed = self._finish_mask(step)
+            if failed:
+                return failed
         try:
             result = step.pending.result()
         except RunnerDeadError:
@@ -151,7 +209,14 @@ class StepLoop:
         except Exception as exc:  # errors of asynchronous device work surface here
             logger.error("forward pass failed:\n%s", traceback.format_exc())
             return self._abort_rows(step.batch, f"internal error in the forward pass: {exc}")
-        return self.scheduler.process(step.batch, result)
+        outputs = []
+        if step.mask_error is not None:
+            # Only the constrained rows lose their token: aborting them moves their epochs on,
+            # so processing drops their results and keeps the others'.
+            constrained = [seq for seq in step.batch.seqs if seq.bitmask_row is not None]
+            outputs = self._abort_rows(ScheduledBatch(step.batch.mode, constrained),
+                                       step.mask_error)  # fmt: skip
+        return outputs + self.scheduler.process(step.batch, result)
 
     def _abort_rows(self, batch: ScheduledBatch, message: str) -> list[TokenOutput]:
         outputs = []

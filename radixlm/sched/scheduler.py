@@ -193,6 +193,13 @@ class Scheduler:
             batch: a launched batch with ``num_mask_rows``.
             bitmask: the step's int32 ``[num_mask_rows, W]`` host buffer.
         """
+        self.bitmask_job(batch, bitmask)()
+
+    def bitmask_job(self, batch: ScheduledBatch, bitmask) -> Callable[[], None]:
+        """:meth:`fill_bitmask` in two halves: the rows' matchers are looked up now (from the
+        scheduler's own lists), and the returned call fills the masks from them. It touches
+        only those matchers and ``bitmask``, so it may run on another thread while this one
+        schedules, as long as no step is processed before it returns."""
         index = self._active_by_rid()
         rows = []
         for seq in batch.seqs:
@@ -201,7 +208,8 @@ class Scheduler:
             req = index.get(seq.rid)
             live = req is not None and req.epoch == seq.epoch and req.matcher is not None
             rows.append((seq.bitmask_row, req.matcher if live else None))
-        self.grammar.fill_bitmask(bitmask, rows)
+        grammar = self.grammar
+        return lambda: grammar.fill_bitmask(bitmask, rows)
 
     def _record(self, batch: ScheduledBatch) -> None:
         tokens = prefills = 0

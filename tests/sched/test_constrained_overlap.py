@@ -207,3 +207,30 @@ def test_retraction_under_pressure_keeps_outputs_and_frees_every_slot(compiler, 
         ids = run(compiler, tokenizer, overlap, specs, capacity=90)[0]
         assert run.retractions > 0
         assert ids == reference, overlap
+
+
+def test_a_mask_fill_failing_on_the_mask_thread_fails_its_batch_only(
+    compiler, tokenizer, monkeypatch
+):
+    """Masks are filled on the loop's mask thread: an exception there aborts the constrained
+    rows of that one step; the unconstrained requests finish normally, and every slot still
+    returns to the pool (``run`` checks)."""
+    calls = []
+    real = GrammarState.fill_bitmask
+
+    def flaky(self, bitmask, rows):
+        calls.append(len(rows))
+        if len(calls) == 5:
+            raise RuntimeError("mask thread failure")
+        return real(self, bitmask, rows)
+
+    monkeypatch.setattr(GrammarState, "fill_bitmask", flaky)
+    specs = [{"max_new_tokens": 40, "regex": HEX}] * 4 + [
+        {"max_new_tokens": 40, "ignore_eos": True}] * 2  # fmt: skip
+    ids, finish, _, _ = run(compiler, tokenizer, True, specs)
+    aborted = {rid for rid, f in finish.items() if f.kind is FinishKind.ABORT}
+    assert aborted and all("constrained decoding" in finish[rid].message for rid in aborted)
+    assert aborted <= {"r0", "r1", "r2", "r3"}  # constrained requests only
+    assert len(finish) == len(specs)
+    for rid in ("r4", "r5"):
+        assert finish[rid].kind is FinishKind.LENGTH and len(ids[rid]) == 40
