@@ -9,8 +9,9 @@ timed with CUDA events):
 - FP8 weight: ``scaled_mm`` (per-token activation quantization + ``torch._scaled_mm``, the
   path above 16 rows), the tensor-core small-M kernel (``dot`` on the activation's dtype,
   ``dot_f16`` on fp16, ``dot_fp8`` on the activation quantized to FP8) at each
-  ``--dot-tiles`` tile, and for M <= 8 the GEMV at each ``--fp8-gemv-tiles`` tile
-  (``widen`` ``cvt`` or ``bits``).
+  ``--dot-tiles`` tile, the FP8 tensor-core swap-AB kernel (``swap_ab``: the weight as the
+  wgmma's 64-row side, split-K) at each ``--swap-ab-tiles`` tile, and for M <= 8 the GEMV at
+  each ``--fp8-gemv-tiles`` tile (``widen`` ``cvt`` or ``bits``).
 
 Beside each winner: the weight bytes it must read over the measured HBM bandwidth (a step at
 small M is bound by them), as ``% roof``. With ``--tune-out FILE`` the winners for M <= 16 go
@@ -49,6 +50,7 @@ DEFAULT_BF16_GEMV_TILES = ["4x512/4", "2x1024/4", "8x512/8", "4x1024/8"]
 DEFAULT_FP8_GEMV_TILES = ["4x1024/4", "4x1024/4/bits", "2x2048/4/bits", "8x1024/8/bits",
                           "2x1024/4"]  # fmt: skip
 DEFAULT_DOT_TILES = ["16x256", "32x256"]
+DEFAULT_SWAP_AB_TILES = ["64x256/1", "64x256/2", "64x256/4", "128x256/2"]
 GEMV_LIMIT = 8  # gemv_triton.GEMV_MAX_M
 # Our kernel replaces cuBLAS on an unquantized weight only when it is this much faster.
 MIN_GAIN = 1.03
@@ -82,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_DOT_TILES,
         help="tensor-core small-M tiles, BLOCK_NxBLOCK_K",
     )
+    parser.add_argument(
+        "--swap-ab-tiles",
+        nargs="*",
+        default=DEFAULT_SWAP_AB_TILES,
+        help="FP8 tensor-core swap-AB tiles, BLOCK_NxBLOCK_K/SPLIT_K",
+    )
     parser.add_argument("--lm-head", action="store_true", help="also time the LM head shape")
     parser.add_argument("--calls", type=int, default=20, help="calls per timed graph")
     parser.add_argument("--repeats", type=int, default=15)
@@ -114,10 +122,19 @@ def parse_dot_tile(text: str, kernel: str) -> KernelChoice:
     return KernelChoice(kernel, block_n, block_k)
 
 
+def parse_swap_ab_tile(text: str) -> KernelChoice:
+    """``"64x256/4"`` -> the swap-AB kernel with block_n 64, block_k 256, split-K 4."""
+    shape, _, split = text.partition("/")
+    block_n, block_k = (int(v) for v in shape.split("x"))
+    return KernelChoice("swap_ab", block_n, block_k, split_k=int(split or 1))
+
+
 def label(choice: KernelChoice) -> str:
     if not choice.block_n:
         return choice.kernel
     tile = f"{choice.block_n}x{choice.block_k}"
+    if choice.split_k != 1:
+        tile += f"/{choice.split_k}"
     if choice.kernel == "gemv":
         tile += f"/{choice.num_warps}" + (f"/{choice.widen}" if choice.widen != "cvt" else "")
     return f"{choice.kernel} {tile}"
@@ -197,6 +214,7 @@ def measure(
             for kind in ("dot", "dot_f16", "dot_fp8")
             for t in args.dot_tiles
         ]
+        fp8 += [parse_swap_ab_tile(t) for t in args.swap_ab_tiles]
     if m <= GEMV_LIMIT:
         bf16 += [parse_gemv_tile(t) for t in args.bf16_gemv_tiles]
         fp8 += [parse_gemv_tile(t) for t in args.fp8_gemv_tiles]

@@ -225,6 +225,11 @@ def run_fp8_choice(choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: 
 
         tile = GemvTile(choice.block_n, choice.block_k, choice.num_warps, choice.widen)
         return gemv(x, weight, weight_scale, bias, tile)
+    if choice.kernel == "swap_ab":
+        from radixlm.model.layers.fp8_triton import fp8_swap_ab_gemm
+
+        return fp8_swap_ab_gemm(x, weight, weight_scale, bias, choice.block_n, choice.block_k,
+                                choice.split_k)  # fmt: skip
     if choice.kernel in ("dot", "dot_f16", "dot_fp8"):
         from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
 

@@ -210,3 +210,140 @@ def fp8_small_m_gemm(
 @functools.cache
 def _num_sms(index: int | None) -> int:
     return torch.cuda.get_device_properties(index or 0).multi_processor_count
+
+
+def _swap_ab_kernel(
+    XQ,
+    XS,
+    W,
+    WS,
+    B,
+    Out,
+    Partial,
+    Locks,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    col_ok = cols < N
+    row_ok = rows < M
+    # This program's share of K, in whole BLOCK_K steps.
+    k_per = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
+    w_ptrs = W + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    x_ptrs = XQ + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+    acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        k_ok = k0 + ks < k_hi
+        w = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # The weight is the MMA's M side (BLOCK_N >= 64 channels), the few rows its N side:
+        # FP8 x FP8 on the tensor cores, nothing widened.
+        if IEEE:
+            acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(w, tl.trans(x))
+    last = row_ok[None, :] & col_ok[:, None]  # where this program writes the output
+    if SPLIT_K > 1:
+        # Split K: each program leaves its partial sums; the last of a column block to arrive
+        # (a counter per block, reset by that program) adds them up and writes the output.
+        part = Partial + (pid_k * N + cols)[:, None].to(tl.int64) * BLOCK_M + rows[None, :]
+        tl.store(part, acc, mask=col_ok[:, None])
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Locks + pid_n, 1, sem="acq_rel")
+        # As a [BLOCK_N, 1] block (a scalar mask is not accepted everywhere).
+        is_last = (tl.full([BLOCK_N, 1], 0, tl.int32) + arrived) == SPLIT_K - 1
+        acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+        for s in range(SPLIT_K):
+            src = Partial + (s * N + cols)[:, None].to(tl.int64) * BLOCK_M + rows[None, :]
+            acc += tl.load(src, mask=col_ok[:, None] & is_last, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(Locks + pid_n, 0, mask=arrived == SPLIT_K - 1)
+        last = last & is_last
+    out = acc * tl.load(WS + cols, mask=col_ok, other=0.0)[:, None]
+    out = out * tl.load(XS + rows, mask=row_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    o_ptrs = Out + rows[None, :].to(tl.int64) * stride_om + cols[:, None]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=last)
+
+
+SWAP_AB_KERNEL = dual_kernel(_swap_ab_kernel)
+# Split-K arrival counters per device, zero between launches (each launch's last programs
+# reset theirs), so launches reuse them and CUDA graphs replay them.
+_LOCK_SLOTS = 8192
+
+
+@functools.cache
+def _locks(device: torch.device) -> torch.Tensor:
+    return torch.zeros(_LOCK_SLOTS, dtype=torch.int32, device=device)
+
+
+def fp8_swap_ab_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_n: int = 64,
+    block_k: int = 256,
+    split_k: int = 1,
+) -> torch.Tensor:
+    """W8A8 for at most 16 rows on FP8 tensor cores: ``(W @ x_fp8.T).T`` with the weight as the
+    MMA's 64-or-more-row operand (on sm90 only wgmma multiplies FP8, and it needs that), the
+    activation quantized per row first, float32 accumulation; ``split_k`` programs share each
+    column block's K and the last one to finish adds their partial sums (one launch).
+
+    Args:
+        x: [M, K] activations (M <= 16), the last dim contiguous.
+        weight: [N, K] FP8 weight, row-major.
+        weight_scale: [N] float32 per-channel scales.
+        bias: optional [N] bias.
+        block_n: output channels per program (the MMA's M: 64 or 128).
+        block_k: K step.
+        split_k: programs per column block.
+
+    Returns:
+        [M, N] in ``x``'s dtype.
+
+    Raises:
+        ValueError: more than 16 rows, a non-contiguous operand, or more column blocks than
+            the split-K counters cover.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > 16:
+        raise ValueError(f"fp8_swap_ab_gemm is for at most 16 rows, got {m}")
+    if x.stride(-1) != 1 or not weight.is_contiguous():
+        raise ValueError("fp8_swap_ab_gemm needs a K-contiguous x and a contiguous weight")
+    blocks = triton.cdiv(n, block_n)
+    if split_k > 1 and blocks > _LOCK_SLOTS:
+        raise ValueError(f"{blocks} column blocks exceed the {_LOCK_SLOTS} split-K counters")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    interpreted = runs_interpreted(x.device)
+    x_fp8, x_scale = quantize_per_token(x)
+    partial = torch.empty((split_k, n, 16) if split_k > 1 else (1,), dtype=torch.float32,
+                          device=x.device)  # fmt: skip
+    SWAP_AB_KERNEL.on(x.device)[(blocks, split_k)](
+        x_fp8, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
+        partial, _locks(x.device), m, n, k, x_fp8.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_M=16, BLOCK_K=block_k,
+        SPLIT_K=split_k, NUM_STAGES=1 if interpreted else 3, IEEE=interpreted, num_warps=4,
+    )  # fmt: skip
+    return out

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 TUNED_DIR = Path(__file__).with_name("tuned")
-KERNELS = ("cublas", "scaled_mm", "gemv", "dot", "dot_f16", "dot_fp8")
+KERNELS = ("cublas", "scaled_mm", "gemv", "dot", "dot_f16", "dot_fp8", "swap_ab")
 # Row counts a plan covers (decode at small batch); above, the layers' defaults always apply.
 MAX_TUNED_M = 16
 
@@ -42,8 +42,10 @@ class KernelChoice:
             ``torch._scaled_mm``), ``gemv`` (:mod:`radixlm.model.layers.gemv_triton`), ``dot`` /
             ``dot_f16`` / ``dot_fp8`` (the tensor-core small-M kernel of
             :mod:`radixlm.model.layers.fp8_triton`, on the activation's dtype / on fp16 / on
-            the activation quantized per row to FP8).
-        block_n / block_k / num_warps / widen: the Triton kernels' tile (0 where unused).
+            the activation quantized per row to FP8), ``swap_ab`` (W8A8 on FP8 tensor cores
+            with the weight as the MMA's wide side, ``fp8_triton.fp8_swap_ab_gemm``).
+        block_n / block_k / num_warps / widen / split_k: the Triton kernels' tile (0 where
+            unused).
     """
 
     kernel: str
@@ -51,6 +53,7 @@ class KernelChoice:
     block_k: int = 0
     num_warps: int = 4
     widen: str = "cvt"
+    split_k: int = 1
 
     @classmethod
     def from_dict(cls, entry: dict) -> KernelChoice:
@@ -65,6 +68,8 @@ class KernelChoice:
             out.update(block_n=self.block_n, block_k=self.block_k, num_warps=self.num_warps)
             if self.widen != "cvt":
                 out["widen"] = self.widen
+            if self.split_k != 1:
+                out["split_k"] = self.split_k
         return out
 
 

@@ -28,7 +28,11 @@ from radixlm.model.layers.fp8 import (
     fp8_linear_reference,
     quantize_rows,
 )
-from radixlm.model.layers.fp8_triton import fp8_small_m_gemm, quantize_per_token
+from radixlm.model.layers.fp8_triton import (
+    fp8_small_m_gemm,
+    fp8_swap_ab_gemm,
+    quantize_per_token,
+)
 from radixlm.model.loader import load_model
 from radixlm.model.quantization import checkpoint_quantization, resolve_quantization
 from radixlm.model.random_model import make_random_model_dir
@@ -145,6 +149,32 @@ def test_small_m_gemm_operand_modes_under_the_interpreter(operands):
     out = fp8_small_m_gemm(x, w_fp8, w_scale.view(-1), bias, operands=operands)
     ref = f64_product(x, w_fp8, w_scale.view(-1), bias, quantize_input=operands == "fp8")
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split_k"),
+    [(1, 70, 96, 1), (3, 130, 100, 2), (16, 64, 512, 4), (5, 200, 64, 3)],
+)
+def test_swap_ab_gemm_under_the_interpreter(m, n, k, split_k):
+    """W8A8 with split K: the programs' partial sums add up to the float64 product of the
+    per-row-quantized activation and the FP8 weight, and the split-K counters end at zero."""
+    from radixlm.model.layers.fp8_triton import _locks
+
+    gen = torch.Generator().manual_seed(m * n + k)
+    w_fp8, w_scale = quantize_rows(torch.randn(n, k, generator=gen) * 0.05)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    out = fp8_swap_ab_gemm(x, w_fp8, w_scale.view(-1), bias, block_n=64, block_k=32,
+                           split_k=split_k)  # fmt: skip
+    ref = f64_product(x, w_fp8, w_scale.view(-1), bias, quantize_input=True)
+    assert rel_err(out, ref) < 1e-6
+    assert not _locks(torch.device("cpu")).any()
+
+
+def test_swap_ab_gemm_refuses_more_than_16_rows():
+    w_fp8, w_scale = quantize_rows(torch.randn(64, 32))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fp8_swap_ab_gemm(torch.randn(17, 32), w_fp8, w_scale.view(-1))
 
 
 def test_small_m_gemm_refuses_large_m():
@@ -364,6 +394,38 @@ def test_gpu_small_m_gemm_operand_modes(operands, k, n):
         out = fp8_small_m_gemm(x, w_fp8, w_scale, None, block_n, block_k, operands)
         ref = f64_product(x.float(), w_fp8, w_scale, quantize_input=operands == "fp8").cpu()
         assert rel_err(out, ref) < 1e-2, (block_n, block_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize(("k", "n"), LLAMA3_8B_PROJECTIONS)
+def test_gpu_swap_ab_gemm_every_benchmarked_tile(m, k, n):
+    """Every tile ``bench fp8-gemm`` may pick (wgmma on FP8, split-K counters) against the
+    float64 W8A8 product; replayed from a CUDA graph twice, the counters reset each time."""
+    from radixlm.bench.fp8_gemm import DEFAULT_SWAP_AB_TILES, parse_swap_ab_tile
+
+    gen = torch.Generator().manual_seed(m + k + n)
+    w_fp8, w_scale = quantize_rows((torch.randn(n, k, generator=gen) * 0.02).cuda())
+    w_scale = w_scale.view(-1).contiguous()
+    x = torch.randn(m, k, generator=gen).cuda().bfloat16()
+    ref = f64_product(x.float(), w_fp8, w_scale, quantize_input=True).cpu()
+    for text in DEFAULT_SWAP_AB_TILES:
+        c = parse_swap_ab_tile(text)
+        run = lambda c=c: fp8_swap_ab_gemm(x, w_fp8, w_scale, None, c.block_n, c.block_k,  # noqa: E731
+                                           c.split_k)  # fmt: skip
+        assert rel_err(run(), ref) < 1e-2, text
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            out = run()
+        for _ in range(2):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert rel_err(out, ref) < 1e-2, text
 
 
 @pytest.mark.gpu
