@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from radixlm.bench.fp8_gemm import parse_gemv_tile, tuned_plan
+from radixlm.bench.fp8_gemm import parse_gemv_tile, parse_swap_ab_tile, tuned_plan
 from radixlm.model.layers.tuned import KernelChoice, choose, device_slug, load_plan
 
 
@@ -22,6 +22,11 @@ def test_bench_winners_round_trip_through_the_plan_file(tmp_path):
     results = [
         ({"proj": "qkv_proj", "n": 6144, "k": 4096, "m": 1}, KernelChoice("cublas"), gemv),
         ({"proj": "qkv_proj", "n": 6144, "k": 4096, "m": 4}, parse_gemv_tile("2x512/4"), dot),
+        (
+            {"proj": "qkv_proj", "n": 6144, "k": 4096, "m": 8},
+            KernelChoice("cublas"),
+            parse_swap_ab_tile("64x256/4"),
+        ),
         (
             {"proj": "qkv_proj", "n": 6144, "k": 4096, "m": 16},
             KernelChoice("cublas"),
@@ -40,6 +45,7 @@ def test_bench_winners_round_trip_through_the_plan_file(tmp_path):
     assert set(plan) == {("fp8", 6144, 4096), ("bf16", 6144, 4096)}
     assert choose(plan, "fp8", 6144, 4096, 1) == gemv
     assert choose(plan, "fp8", 6144, 4096, 2) == dot  # the next measured row count up
+    assert choose(plan, "fp8", 6144, 4096, 5) == KernelChoice("swap_ab", 64, 256, split_k=4)
     assert choose(plan, "fp8", 6144, 4096, 9) == KernelChoice("scaled_mm")
     assert choose(plan, "fp8", 6144, 4096, 17) is None
     assert choose(plan, "bf16", 6144, 4096, 3) == KernelChoice("gemv", 2, 512, 4)
