@@ -172,13 +172,7 @@ def fp8_small_m_gemm(
     Raises:
         ValueError: more than 64 rows or a non-contiguous operand.
     """
-    m, k = x.shape
-    n = weight.shape[0]
-    if m > 64:
-        raise ValueError(f"fp8_small_m_gemm is for at most 64 rows, got {m}")
-    if x.stride(-1) != 1 or not weight.is_contiguous():
-        raise ValueError("fp8_small_m_gemm needs a K-contiguous x and a contiguous weight")
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    m, k, n, out = _small_m_operands("fp8_small_m_gemm", x, weight, 64)
     if m == 0:
         return out
     interpreted = runs_interpreted(x.device)
@@ -205,6 +199,19 @@ def fp8_small_m_gemm(
     )  # fmt: skip
     return out
     return out
+
+
+def _small_m_operands(
+    name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int
+) -> tuple[int, int, int, torch.Tensor]:
+    """Check a small-M product's operands; returns (M, K, N, the empty [M, N] output)."""
+    m, k = x.shape
+    if m > max_rows:
+        raise ValueError(f"{name} is for at most {max_rows} rows, got {m}")
+    if x.stride(-1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"{name} needs a K-contiguous x and a contiguous weight")
+    n = weight.shape[0]
+    return m, k, n, torch.empty((m, n), dtype=x.dtype, device=x.device)
 
 
 @functools.cache
@@ -324,16 +331,10 @@ def fp8_swap_ab_gemm(
         ValueError: more than 16 rows, a non-contiguous operand, or more column blocks than
             the split-K counters cover.
     """
-    m, k = x.shape
-    n = weight.shape[0]
-    if m > 16:
-        raise ValueError(f"fp8_swap_ab_gemm is for at most 16 rows, got {m}")
-    if x.stride(-1) != 1 or not weight.is_contiguous():
-        raise ValueError("fp8_swap_ab_gemm needs a K-contiguous x and a contiguous weight")
+    m, k, n, out = _small_m_operands("fp8_swap_ab_gemm", x, weight, 16)
     blocks = triton.cdiv(n, block_n)
     if split_k > 1 and blocks > _LOCK_SLOTS:
         raise ValueError(f"{blocks} column blocks exceed the {_LOCK_SLOTS} split-K counters")
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     interpreted = runs_interpreted(x.device)
