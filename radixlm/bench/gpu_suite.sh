@@ -17,7 +17,8 @@
 #
 # Request counts are below the issue's (1000 x 1024/256; 64 x 16 shared prefix) to fit the
 # time: OFFLINE_N=500, PREFIX_GROUPS=16 by default; set OFFLINE_N=1000 PREFIX_GROUPS=64 for the
-# full workloads (about twice as long). SKIP_TESTS=1 skips step 1, SKIP_HF=1 the HF baseline.
+# full workloads (about twice as long). SKIP_TESTS=1 skips step 1, SKIP_HF=1 the HF baseline,
+# SKIP_TUNE=1 the small-M kernel tuning (TUNE_INSTALL=1 writes its plan into the tree).
 # PRESET/DTYPE/IN_LEN/OUT_LEN/OB_BS/OB_IN/OB_OUT/SYS_LEN shrink it for a smoke run on a CPU, e.g.
 #   SKIP_TESTS=1 SKIP_HF=1 PRESET=llama DTYPE=float32 OFFLINE_N=8 PREFIX_GROUPS=2 IN_LEN=32 \
 #   OUT_LEN=8 OB_BS="1 2" OB_IN=16 OB_OUT=8 SYS_LEN=64 bash radixlm/bench/gpu_suite.sh /tmp/s
@@ -82,6 +83,22 @@ run "${BENCH[@]}" one-batch "${MODEL[@]}" --batch-sizes $OB_BS --input-lens "$OB
 run "${BENCH[@]}" one-batch "${MODEL[@]}" --batch-sizes 1 ${OB_BS##* } --input-lens "$OB_IN" --output-len 32 \
     --profile --profile-steps 8 --out "$OUT/one_batch_profile.json"
 grep -A 14 "^top kernels" "$LOG" | tail -n 30 > "$OUT/top_kernels.txt"
+
+# Small-M kernels: time every candidate per projection shape (issues 13 and 16); with
+# TUNE_INSTALL=1 the winners replace this GPU's plan in the tree before the FP8 runs use it.
+TUNED="$OUT/tuned_plan.json"
+[ "${TUNE_INSTALL:-0}" = 1 ] && TUNED="radixlm/model/layers/tuned/$("$PY" -c \
+  "import torch; from radixlm.model.layers.tuned import device_slug; print(device_slug(torch.cuda.get_device_name()))").json"
+[ "${SKIP_TUNE:-0}" = 1 ] || run "${BENCH[@]}" fp8-gemm --random-model "$PRESET" --ms 1 2 4 8 16 \
+    --tune-out "$TUNED" --out "$OUT/fp8_gemm.json"
+run "${BENCH[@]}" one-batch "${MODEL[@]}" --batch-sizes 1 ${OB_BS##* } --input-lens "$OB_IN" \
+    --output-len "$OB_OUT" --quantization fp8 --out "$OUT/one_batch_fp8.json"
+
+# Constrained decoding against a matched unconstrained control (issue 12).
+SCHEMA='{"type":"object","properties":{"name":{"type":"string","maxLength":32},"age":{"type":"integer"},"tags":{"type":"array","items":{"type":"string","maxLength":16},"maxItems":5}},"required":["name","age","tags"],"additionalProperties":false}'
+CON=(--num-requests 256 --input-len 512 --output-len 128 --matched-control)
+run "${BENCH[@]}" offline "${MODEL[@]}" "${CON[@]}" --json-schema "$SCHEMA" --out "$OUT/constrained_json.json"
+run "${BENCH[@]}" offline "${MODEL[@]}" "${CON[@]}" --regex '[0-9a-f]{128}' --out "$OUT/constrained_regex.json"
 
 OFF=(--dataset random --num-requests "$OFFLINE_N" --input-len "$IN_LEN" --output-len "$OUT_LEN")
 run "${BENCH[@]}" offline "${MODEL[@]}" "${OFF[@]}" --out "$OUT/offline.json"
@@ -155,6 +172,21 @@ if prof:
                           f"{p['kernel_ms_per_step']:.2f} / {p['step_wall_ms']:.2f}",
                           fmt(100 * p["kernel_ms_per_step"] / p["step_wall_ms"], 1),
                           "kernel share of the step"))
+fp8 = load("one_batch_fp8.json")
+if fp8 and ob:
+    bf16 = {r["batch"]: r["decode_tok_s"] for r in ob["results"]}
+    for r in fp8["results"]:
+        if r["batch"] in bf16:
+            lines.append((f"one-batch FP8 bs{r['batch']} decode tok/s", fmt(r["decode_tok_s"]),
+                          fmt(r["decode_roof_pct"], 1),
+                          f"{r['decode_tok_s'] / bf16[r['batch']]:.2f}x bf16 (target bs1 >= 1.7x)"))
+for name, label in [("constrained_json.json", "JSON schema vs matched control"),
+                    ("constrained_regex.json", "regex vs matched control")]:
+    d = load(name)
+    if d and d.get("matched_control"):
+        c = d["matched_control"]
+        lines.append((label, f"{c['output_tok_s_ratio']:.3f}x", "",
+                      f"TTFT p50 {c['ttft_p50_ratio']:.3f}x (targets >= 0.9x, <= 1.2x)"))
 offline = {}
 for name, label in [("offline.json", "offline in-process"),
                     ("offline_engine.json", "offline --engine-process"),
