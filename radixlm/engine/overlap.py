@@ -158,7 +158,7 @@ class StepLoop:
         """Queue the launched step's sampling now when it has no bitmask; else start filling
         the bitmask on the mask thread (the sampling is queued by :meth:`_finish_mask`)."""
         if step.pending.bitmask is None:
-            return self._commit(step, None)
+            return self._commit(step)
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="mask-fill")
         try:  # the matchers are looked up here, on the scheduler's thread
@@ -181,12 +181,10 @@ class StepLoop:
             logger.error("mask filling failed:\n%s", traceback.format_exc())
             step.mask_error = f"internal error in constrained decoding: {exc}"
             step.pending.bitmask.fill_(-1)
-        return self._commit(step, None)
+        return self._commit(step)
 
-    def _commit(self, step: InFlightStep, fill: Future | None) -> list[TokenOutput]:
+    def _commit(self, step: InFlightStep) -> list[TokenOutput]:
         try:
-            if fill is not None:
-                fill.result()
             step.pending.commit_mask()
         except RunnerDeadError:
             raise
