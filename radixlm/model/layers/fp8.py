@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from radixlm.model.layers.gemv_triton import GemvTile, gemv
+from radixlm.model.layers.tuned import MAX_TUNED_M, KernelChoice, tuned_choice
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # Smallest amax a scale is derived from: an all-zero row must not divide by zero.
@@ -174,44 +177,46 @@ def fp8_linear(
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    n, k = weight.shape
-    small = x2.shape[0] <= config.triton_max_m
     if not fp8_gemm_supported(x.device):
         # Emulate the GPU path of this row count: W8A16 for small M, W8A8 above.
+        small = x2.shape[0] <= config.triton_max_m
         out = fp8_linear_reference(x2, weight, weight_scale, bias, not small, dequantized)
-    elif (choice := _tuned(x2, weight)) is not None:
-        out = run_fp8_choice(choice, x2, weight, weight_scale, bias)
-    elif x2.shape[0] <= config.gemv_max_m:
-        from radixlm.model.layers.gemv_triton import gemv
-
-        out = gemv(x2, weight, weight_scale, bias)
-    elif small:
-        from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
-
-        out = fp8_small_m_gemm(x2, weight, weight_scale, bias)
-    elif n % 16 or k % 16:
+    elif (choice := _choose(x2.shape[0], weight, x.device, config)) is None:
         # _scaled_mm wants 16-aligned K and N; odd shapes take the (slow, exact) reference.
         out = fp8_linear_reference(x2, weight, weight_scale, bias)
     else:
-        out = _scaled_mm_linear(x2, weight, weight_scale, bias)
+        out = run_fp8_choice(choice, x2, weight, weight_scale, bias)
     return out.reshape(*lead, weight.shape[0])
 
 
-def _tuned(x: torch.Tensor, weight: torch.Tensor):
-    """The tuned plan's kernel for this GPU, shape and row count (few rows only), or None."""
-    from radixlm.model.layers.tuned import MAX_TUNED_M, tuned_choice
-
-    if x.shape[0] > MAX_TUNED_M:
+def _choose(
+    m: int, weight: torch.Tensor, device: torch.device, config: Fp8LinearConfig
+) -> KernelChoice | None:
+    """The kernel for ``m`` rows on a GPU with FP8: this GPU's tuned plan where it has the
+    shape, else the defaults of the module doc; None for the reference (unaligned shapes)."""
+    n, k = weight.shape
+    if m <= MAX_TUNED_M and (tuned := tuned_choice(device, "fp8", n, k, m)) is not None:
+        return tuned
+    if m <= config.gemv_max_m:
+        return KernelChoice("gemv")
+    if m <= config.triton_max_m:
+        return KernelChoice("dot")
+    if n % 16 or k % 16:
         return None
-    return tuned_choice(x.device, "fp8", weight.shape[0], weight.shape[1], x.shape[0])
+    return KernelChoice("scaled_mm")
 
 
-def run_fp8_choice(choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequant(weight).T + bias`` through the kernel a tuned plan chose.
+def run_fp8_choice(
+    choice: KernelChoice,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x @ dequant(weight).T + bias`` through the chosen kernel (a tile of 0: its default).
 
     Args:
-        choice: a ``radixlm.model.layers.tuned.KernelChoice``.
+        choice: the kernel and tile.
         x: [M, K] activations.
         weight: [N, K] FP8 weight.
         weight_scale: [N] float32 per-channel scales.
@@ -221,21 +226,21 @@ def run_fp8_choice(choice, x: torch.Tensor, weight: torch.Tensor, weight_scale: 
         [M, N] in ``x``'s dtype.
     """
     if choice.kernel == "gemv":
-        from radixlm.model.layers.gemv_triton import GemvTile, gemv
-
-        tile = GemvTile(choice.block_n, choice.block_k, choice.num_warps, choice.widen)
+        tile = None
+        if choice.block_n:
+            tile = GemvTile(choice.block_n, choice.block_k, choice.num_warps, choice.widen)
         return gemv(x, weight, weight_scale, bias, tile)
     if choice.kernel == "swap_ab":
         from radixlm.model.layers.fp8_triton import fp8_swap_ab_gemm
 
         return fp8_swap_ab_gemm(x, weight, weight_scale, bias, choice.block_n, choice.block_k,
                                 choice.split_k)  # fmt: skip
-    if choice.kernel in ("dot", "dot_f16", "dot_fp8"):
+    if choice.kernel in ("dot", "dot_f16"):
         from radixlm.model.layers.fp8_triton import fp8_small_m_gemm
 
-        operands = {"dot": "input", "dot_f16": "float16", "dot_fp8": "fp8"}[choice.kernel]
-        return fp8_small_m_gemm(x, weight, weight_scale, bias, choice.block_n, choice.block_k,
-                                operands)  # fmt: skip
+        operands = "float16" if choice.kernel == "dot_f16" else "input"
+        return fp8_small_m_gemm(x, weight, weight_scale, bias, choice.block_n or None,
+                                choice.block_k or None, operands)  # fmt: skip
     return _scaled_mm_linear(x, weight, weight_scale, bias)
 
 
