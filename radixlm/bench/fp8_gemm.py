@@ -8,7 +8,7 @@ timed with CUDA events):
   (:mod:`radixlm.model.layers.gemv_triton`) at each ``--bf16-gemv-tiles`` tile;
 - FP8 weight: ``scaled_mm`` (per-token activation quantization + ``torch._scaled_mm``, the
   path above 16 rows), the tensor-core small-M kernel (``dot`` on the activation's dtype,
-  ``dot_f16`` on fp16, ``dot_fp8`` on the activation quantized to FP8) at each
+  ``dot_f16`` on fp16) at each
   ``--dot-tiles`` tile, the FP8 tensor-core swap-AB kernel (``swap_ab``: the weight as the
   wgmma's 64-row side, split-K) at each ``--swap-ab-tiles`` tile, and for M <= 8 the GEMV at
   each ``--fp8-gemv-tiles`` tile (``widen`` ``cvt`` or ``bits``).
@@ -211,7 +211,7 @@ def measure(
     if m <= MAX_TUNED_M:
         fp8 += [
             parse_dot_tile(t, kind)
-            for kind in ("dot", "dot_f16", "dot_fp8")
+            for kind in ("dot", "dot_f16")
             for t in args.dot_tiles
         ]
         fp8 += [parse_swap_ab_tile(t) for t in args.swap_ab_tiles]

@@ -90,7 +90,6 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _small_m_gemm_kernel(
     X,
-    XS,
     W,
     WS,
     B,
@@ -125,12 +124,8 @@ def _small_m_gemm_kernel(
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         elif OPERANDS == 1:  # the activation's dtype
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        elif OPERANDS == 2:  # float16: e4m3 -> f16 is one conversion per pair (bf16: via f32)
+        else:  # float16: e4m3 -> f16 is one conversion per pair (bf16: via f32)
             acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
-        else:  # FP8 x FP8 (x quantized per row): no conversion at all
-            acc += tl.dot(x, tl.trans(w))
-    if OPERANDS == 3:
-        acc = acc * tl.load(XS + rows, mask=row_ok, other=0.0)[:, None]
     scale = tl.load(WS + cols, mask=col_ok, other=0.0)
     acc = acc * scale[None, :]
     if HAS_BIAS:
@@ -160,11 +155,11 @@ def fp8_small_m_gemm(
         bias: optional [N] bias.
         block_n: output channels per program (default by device).
         block_k: K step (default by device).
-        operands: what the tensor cores multiply: ``"input"`` (the activation's dtype),
+        operands: what the tensor cores multiply: ``"input"`` (the activation's dtype) or
             ``"float16"`` (the activation rounded to fp16: cheaper to widen FP8 to, but only for
-            activations within fp16's range, 65504) or ``"fp8"`` (the activation quantized per
-            row first, W8A8 as ``torch._scaled_mm`` computes it, nothing widened). Under the
-            interpreter the products run in float32 (after that quantization for ``"fp8"``).
+            activations within fp16's range, 65504). Under the interpreter: float32 always.
+            (FP8 x FP8 at 16 rows is no option: sm90 multiplies FP8 only in wgmma, 64 rows and
+            up, which :func:`fp8_swap_ab_gemm` gets by putting the weight on that side.)
 
     Returns:
         [M, N] in ``x``'s dtype.
@@ -182,18 +177,13 @@ def fp8_small_m_gemm(
         block_n = 32 if wide_enough else 16
     block_k = block_k or (32 if interpreted else 256)
     grid = (triton.cdiv(n, block_n),)
-    x_in, x_scale = x, weight_scale  # x_scale: a placeholder unless the activation is FP8
-    if operands == "fp8":
-        x_in, x_scale = quantize_per_token(x)
-        if interpreted or x.dtype == torch.float32:  # float32 products: dequantized rows
-            x_in = x_in.float() * x_scale
     if interpreted or x.dtype == torch.float32:
         mode = 0
     else:
-        mode = {"input": 1, "float16": 2, "fp8": 3}[operands]
+        mode = {"input": 1, "float16": 2}[operands]
     SMALL_M_GEMM_KERNEL.on(x.device)[grid](
-        x_in, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
-        m, n, k, x_in.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        x, weight, weight_scale, bias if bias is not None else weight_scale, out,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
         BLOCK_M=max(16, next_pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
         NUM_STAGES=1 if interpreted else 4, OPERANDS=mode, num_warps=4,
     )  # fmt: skip

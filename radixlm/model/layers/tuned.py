@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 TUNED_DIR = Path(__file__).with_name("tuned")
-KERNELS = ("cublas", "scaled_mm", "gemv", "dot", "dot_f16", "dot_fp8", "swap_ab")
+KERNELS = ("cublas", "scaled_mm", "gemv", "dot", "dot_f16", "swap_ab")
 # Row counts a plan covers (decode at small batch); above, the layers' defaults always apply.
 MAX_TUNED_M = 16
 
@@ -40,9 +40,9 @@ class KernelChoice:
     Attributes:
         kernel: ``cublas`` (unquantized ``F.linear``), ``scaled_mm`` (per-token FP8 activation,
             ``torch._scaled_mm``), ``gemv`` (:mod:`radixlm.model.layers.gemv_triton`), ``dot`` /
-            ``dot_f16`` / ``dot_fp8`` (the tensor-core small-M kernel of
-            :mod:`radixlm.model.layers.fp8_triton`, on the activation's dtype / on fp16 / on
-            the activation quantized per row to FP8), ``swap_ab`` (W8A8 on FP8 tensor cores
+            ``dot_f16`` (the tensor-core small-M kernel of
+            :mod:`radixlm.model.layers.fp8_triton`, on the activation's dtype / on fp16),
+            ``swap_ab`` (W8A8 on FP8 tensor cores
             with the weight as the MMA's wide side, ``fp8_triton.fp8_swap_ab_gemm``).
         block_n / block_k / num_warps / widen / split_k: the Triton kernels' tile (0 where
             unused).
