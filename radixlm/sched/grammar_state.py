@@ -93,21 +93,16 @@ class GrammarState:
             else:
                 by_kind.setdefault(type(matcher), []).append((row, matcher))
         for kind, live in by_kind.items():
-            if kind.fills_batches_in_parallel:
+            threads = min(self.mask_threads, len(live) // MIN_ROWS_PER_THREAD)
+            if kind.fills_batches_in_parallel or threads <= 1:
                 kind.fill_bitmasks(bitmask, live)
-            else:
-                self._fill_over_threads(bitmask, live)
-
-    def _fill_over_threads(self, bitmask: torch.Tensor, live: list[tuple[int, object]]) -> None:
-        threads = min(self.mask_threads, len(live) // MIN_ROWS_PER_THREAD)
-        if threads <= 1:
-            _fill_rows(bitmask, live)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.mask_threads, thread_name_prefix="grammar-mask")
-        chunks = [live[i::threads] for i in range(threads)]
-        for done in [self._pool.submit(_fill_rows, bitmask, chunk) for chunk in chunks]:
-            done.result()
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.mask_threads,
+                                                thread_name_prefix="grammar-mask")  # fmt: skip
+            chunks = [live[i::threads] for i in range(threads)]
+            for done in [self._pool.submit(kind.fill_bitmasks, bitmask, c) for c in chunks]:
+                done.result()
 
     def accept(self, req: Request, token_id: int) -> FinishReason | None:
         """Feed the sampled token (already appended to ``req.output_ids``) to the matcher.
@@ -183,8 +178,3 @@ class GrammarState:
             req.grammar_future.cancel()
         req.grammar_future = None
         req.matcher = None
-
-
-def _fill_rows(bitmask: torch.Tensor, rows: list[tuple[int, object]]) -> None:
-    for row, matcher in rows:
-        matcher.fill_bitmask(bitmask, row)

@@ -12,7 +12,7 @@ the token the in-flight row samples. Each row carries the request's ``epoch``; f
 aborting or retracting a request bumps it, so a result for a row scheduled before is dropped.
 
 Constrained rows do not hold the next batch back: the batch's mask rows are assigned when it is
-scheduled and filled (:meth:`Scheduler.fill_bitmask`) after it is launched and the step before
+scheduled and filled (:meth:`Scheduler.bitmask_job`) after it is launched and the step before
 it is processed. A request whose grammar forces text samples one more token, sits out the step
 scheduled before that token is processed, then gets the forced text spliced in
 (:mod:`radixlm.sched.grammar_state`). Its next decode row then feeds all the spliced tokens.
@@ -185,21 +185,22 @@ class Scheduler:
                 self.grammar.assign_mask_rows(batch, self._by_rid(batch))
         return batch
 
-    def fill_bitmask(self, batch: ScheduledBatch, bitmask) -> None:
-        """Fill the masks of ``batch``'s constrained rows (``bitmask_row``) from the grammars'
+    def bitmask_job(self, batch: ScheduledBatch, bitmask) -> Callable[[], None]:
+        """The fill of ``batch``'s constrained rows' masks (``bitmask_row``) from the grammars'
         current states, which must have taken every token sampled before the batch's.
+
+        The rows' matchers are looked up now (from the scheduler's own lists); the returned
+        call fills the masks from them. It touches only those matchers and ``bitmask``, so it
+        may run on another thread while this one schedules, as long as no step is processed
+        before it returns.
 
         Args:
             batch: a launched batch with ``num_mask_rows``.
             bitmask: the step's int32 ``[num_mask_rows, W]`` host buffer.
-        """
-        self.bitmask_job(batch, bitmask)()
 
-    def bitmask_job(self, batch: ScheduledBatch, bitmask) -> Callable[[], None]:
-        """:meth:`fill_bitmask` in two halves: the rows' matchers are looked up now (from the
-        scheduler's own lists), and the returned call fills the masks from them. It touches
-        only those matchers and ``bitmask``, so it may run on another thread while this one
-        schedules, as long as no step is processed before it returns."""
+        Returns:
+            The call that fills ``bitmask``.
+        """
         index = self._active_by_rid()
         rows = []
         for seq in batch.seqs:
@@ -403,9 +404,9 @@ class Scheduler:
         rows = [self._decode_row(req, self._in_flight_row(req, future_rows)) for req in decoders]
         if not rows:
             return None
-        longest = max((len(row.new_tokens) for row in rows), default=1)
-        mode = ForwardMode.EXTEND if longest > MAX_DECODE_SPLICE_TOKENS else ForwardMode.DECODE
-        return ScheduledBatch(mode, rows)
+        too_long = any(self._new_token_count(r, future_rows) > MAX_DECODE_SPLICE_TOKENS
+                       for r in spliced)  # fmt: skip
+        return ScheduledBatch(ForwardMode.EXTEND if too_long else ForwardMode.DECODE, rows)
 
     def _new_token_count(self, req: Request, future_rows: dict[str, tuple[int, int, int]]
                          ) -> int:
