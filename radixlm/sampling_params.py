@@ -203,8 +203,15 @@ def ebnf_to_lark(text: str) -> str:
         raise SamplingParamsError(
             "ebnf", f"has {rules} rules; at most {MAX_EBNF_RULES} (use lark for more)"
         )
-    # llguidance ships the converter (pure Python, ~0.1 ms for a small grammar); imported here
-    # so that building SamplingParams without a grammar never loads the native library
+    return _converted(text)
+
+
+@lru_cache(maxsize=64)
+def _converted(text: str) -> str:
+    # Memoized: the server checks a grammar before the request is queued and validation then
+    # converts the same text (a refusal raises and is not kept). llguidance ships the converter
+    # (pure Python, ~0.1 ms for a small grammar, 0.2 s at the limits); imported here so that
+    # building SamplingParams without a grammar never loads the native library.
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
     try:
