@@ -50,40 +50,40 @@ _LLAMA3_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+# What every Llama 3 size shares: the tokenizer (vocabulary, BOS/EOS), GQA with 8 KV heads,
+# RoPE base and norm epsilon.
+_LLAMA3_COMMON = {
+    "model_type": "llama",
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
 # Real model shapes (weights random). Names say which public model each one mirrors.
 PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": {  # Meta-Llama-3-8B
-        "model_type": "llama",
+        **_LLAMA3_COMMON,
         "hidden_size": 4096,
         "num_hidden_layers": 32,
         "num_attention_heads": 32,
-        "num_key_value_heads": 8,
         "head_dim": 128,
         "intermediate_size": 14336,
-        "vocab_size": 128256,
         "max_position_embeddings": 8192,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
     },
     "llama3-1b": {  # Llama-3.2-1B
-        "model_type": "llama",
+        **_LLAMA3_COMMON,
         "hidden_size": 2048,
         "num_hidden_layers": 16,
         "num_attention_heads": 32,
-        "num_key_value_heads": 8,
         "head_dim": 64,
         "intermediate_size": 8192,
-        "vocab_size": 128256,
         "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
         "rope_scaling": _LLAMA3_ROPE,
-        "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
     },
     "qwen2-0.5b": {  # Qwen2.5-0.5B
         "model_type": "qwen2",
@@ -118,20 +118,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 151645,
     },
     "llama3-70b": {  # Meta-Llama-3-70B (~141 GB in bf16: more than one H200 holds)
-        "model_type": "llama",
+        **_LLAMA3_COMMON,
         "hidden_size": 8192,
         "num_hidden_layers": 80,
         "num_attention_heads": 64,
-        "num_key_value_heads": 8,
         "head_dim": 128,
         "intermediate_size": 28672,
-        "vocab_size": 128256,
         "max_position_embeddings": 8192,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
     },
     "mistral-7b": {  # Mistral-7B-v0.3
         "model_type": "mistral",
